@@ -1,0 +1,31 @@
+"""``AttentionContext``: where in the denoising run an attention call happens.
+
+Set by hooks (never by globals) and handed to a method's ``attention``. Methods read
+what they need; unknown values stay ``None``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["AttentionContext"]
+
+
+@dataclass
+class AttentionContext:
+    """Per-call state for a sparse-attention method.
+
+    Args:
+        step_index: denoising step, 0-based (None outside a pipeline run).
+        num_steps: total denoising steps of the run, when known.
+        layer_index: transformer block index of this attention module.
+        branch: ``"cond"``, ``"uncond"`` or ``"batched"`` (CFG in one call), when known.
+        extras: anything else a method needs (e.g. a per-run cache).
+    """
+
+    step_index: int | None = None
+    num_steps: int | None = None
+    layer_index: int | None = None
+    branch: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,209 @@
+"""Token permutations for methods that reorder video tokens before blocking.
+
+A sparse method sees attention blocks of consecutive tokens; reordering the video
+tokens first decides what a block *is*: a tile of neighbouring tokens, a run along
+another axis, or a stretch of a space-filling curve. Each order here is a
+:class:`TokenPermutation` with an exact inverse.
+
+* :func:`tile_order` – contiguous 2-D/3-D tiles (raster order of tiles, raster inside
+  a tile); ragged edges padded so every tile is full, or left short (``pad=False``).
+* :func:`axis_order` – any order of the axes (e.g. ``"hwt"``: time varies fastest).
+* :func:`hilbert_order` – 2-D/3-D Hilbert curve order.
+
+All work on the video grid; :meth:`TokenPermutation.with_text` extends one to a whole
+sequence whose text tokens stay in place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .layout import TokenLayout
+
+__all__ = ["TokenPermutation", "tile_order", "axis_order", "hilbert_order"]
+
+
+@dataclass(frozen=True, eq=False)
+class TokenPermutation:
+    """A reordering of ``n_in`` tokens into ``n_out >= n_in`` slots.
+
+    Args:
+        index: long ``(n_out,)``; slot ``i`` holds source token ``index[i]``, or
+            padding when ``index[i] == -1``.
+        n_in: number of source tokens; each appears in exactly one slot.
+    """
+
+    index: torch.Tensor
+    n_in: int
+
+    def __post_init__(self) -> None:
+        idx = self.index
+        if idx.dim() != 1 or idx.dtype != torch.long:
+            raise ValueError("TokenPermutation.index must be a 1-D long tensor.")
+        real = idx[idx >= 0]
+        if real.numel() != self.n_in or not torch.equal(
+            torch.sort(real).values, torch.arange(self.n_in, device=idx.device)
+        ):
+            raise ValueError("TokenPermutation.index must hold each of 0..n_in-1 exactly once (and -1 for padding).")
+
+    @property
+    def n_out(self) -> int:
+        return self.index.numel()
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """Bool ``(n_out,)``: False at padding slots."""
+        return self.index >= 0
+
+    @property
+    def inverse(self) -> torch.Tensor:
+        """Long ``(n_in,)``: the slot each source token lands in."""
+        inv = torch.empty(self.n_in, dtype=torch.long, device=self.index.device)
+        slots = torch.arange(self.n_out, device=self.index.device)
+        inv[self.index[self.valid]] = slots[self.valid]
+        return inv
+
+    def apply(self, x: torch.Tensor, dim: int = -2) -> torch.Tensor:
+        """Reorder ``x`` along ``dim`` (size ``n_in``) into ``n_out`` slots; padding slots are 0."""
+        if x.shape[dim] != self.n_in:
+            raise ValueError(f"x has {x.shape[dim]} tokens along dim {dim}, the permutation expects {self.n_in}.")
+        idx = self.index.to(x.device)
+        out = x.index_select(dim, idx.clamp(min=0))
+        if self.n_out != self.n_in:
+            shape = [1] * x.dim()
+            shape[dim] = self.n_out
+            out = out * (idx >= 0).view(shape).to(out.dtype)
+        return out
+
+    def invert(self, y: torch.Tensor, dim: int = -2) -> torch.Tensor:
+        """Undo :meth:`apply`: ``(.., n_out, ..) -> (.., n_in, ..)`` (padding dropped)."""
+        if y.shape[dim] != self.n_out:
+            raise ValueError(f"y has {y.shape[dim]} tokens along dim {dim}, the permutation gives {self.n_out}.")
+        return y.index_select(dim, self.inverse.to(y.device))
+
+    def with_text(self, layout: TokenLayout) -> TokenPermutation:
+        """Extend a permutation of ``layout``'s video tokens to its whole sequence; text
+        tokens keep their place (first or last) and are never padded."""
+        if self.n_in != layout.video_len:
+            raise ValueError(f"permutation covers {self.n_in} tokens but the layout has {layout.video_len} video tokens.")
+        if layout.text_len == 0:
+            return self
+        text = torch.arange(layout.text_len, device=self.index.device)
+        vid = torch.where(self.valid, self.index + layout.video_slice.start, self.index)
+        if layout.text_first:
+            idx = torch.cat([text, vid])
+        else:
+            idx = torch.cat([vid, text + layout.video_len])
+        return TokenPermutation(idx, layout.seq_len)
+
+
+def _check_grid(grid, name: str = "grid") -> tuple[int, ...]:
+    grid = tuple(grid)
+    if len(grid) not in (2, 3) or any(isinstance(g, bool) or not isinstance(g, int) or g <= 0 for g in grid):
+        raise ValueError(f"{name} must be 2 or 3 positive ints ((h, w) or (t, h, w)), got {grid!r}.")
+    return grid
+
+
+def tile_order(grid, tile, pad: bool = True) -> TokenPermutation:
+    """Contiguous tiles: tiles in raster order, tokens in raster order inside each tile.
+
+    Args:
+        grid: ``(t, h, w)`` or ``(h, w)`` token grid (raster order, last axis fastest).
+        tile: tile size per axis, same length as ``grid``.
+        pad: when a size does not divide, pad the grid so every tile is full (padding
+            slots have ``index == -1``; the sequence becomes a whole number of tiles).
+            With ``pad=False`` the edge tiles are shorter and nothing is padded.
+    """
+    grid = _check_grid(grid)
+    tile = _check_grid(tile, "tile")
+    if len(tile) != len(grid):
+        raise ValueError(f"tile {tile} must have one size per grid axis {grid}.")
+    n_tiles = [math.ceil(g / t) for g, t in zip(grid, tile)]
+    padded = [n * t for n, t in zip(n_tiles, tile)]
+    src = torch.full(padded, -1, dtype=torch.long)
+    src[tuple(slice(0, g) for g in grid)] = torch.arange(math.prod(grid)).reshape(grid)
+    split = []
+    for n, t in zip(n_tiles, tile):
+        split += [n, t]
+    nd = len(grid)
+    perm = [2 * i for i in range(nd)] + [2 * i + 1 for i in range(nd)]
+    index = src.reshape(split).permute(perm).flatten()
+    if not pad:
+        index = index[index >= 0]
+    return TokenPermutation(index.contiguous(), math.prod(grid))
+
+
+def axis_order(grid, order: str) -> TokenPermutation:
+    """Raster order over a permutation of the axes.
+
+    Args:
+        grid: ``(t, h, w)`` (axes named ``"thw"``) or ``(h, w)`` (``"hw"``).
+        order: the axes from slowest to fastest, e.g. ``"hwt"`` puts the frames of one
+            spatial position next to each other; ``"thw"`` is the identity.
+    """
+    grid = _check_grid(grid)
+    names = "thw" if len(grid) == 3 else "hw"
+    if sorted(order) != sorted(names):
+        raise ValueError(f"order must be a permutation of {names!r} for a {len(grid)}-D grid, got {order!r}.")
+    perm = [names.index(c) for c in order]
+    index = torch.arange(math.prod(grid)).reshape(grid).permute(perm).flatten()
+    return TokenPermutation(index.contiguous(), math.prod(grid))
+
+
+def _hilbert_index(coords: torch.Tensor, bits: int) -> torch.Tensor:
+    """Hilbert curve index of integer points ``coords (N, n)`` in a ``2**bits`` cube.
+
+    Skilling's transform ("Programming the Hilbert curve", AIP Conf. Proc. 707, 2004):
+    undo the excess work of the reflected Gray code axis by axis, Gray-encode, then
+    interleave the bits of the transposed coordinates (axis 0 most significant).
+    Vectorised over points.
+    """
+    x = [coords[:, i].clone() for i in range(coords.shape[1])]
+    n = len(x)
+    q = 1 << (bits - 1)
+    while q > 1:
+        p = q - 1
+        for i in range(n):
+            hit = (x[i] & q) != 0
+            flip = torch.where(hit, x[0] ^ p, x[0])
+            t = (flip ^ x[i]) & p
+            swap = ~hit
+            x0_new = torch.where(swap, flip ^ t, flip)
+            xi_new = torch.where(swap, x[i] ^ t, x[i])
+            x[0] = x0_new
+            if i:
+                x[i] = xi_new
+        q >>= 1
+    for i in range(1, n):
+        x[i] = x[i] ^ x[i - 1]
+    t = torch.zeros_like(x[0])
+    q = 1 << (bits - 1)
+    while q > 1:
+        t = torch.where((x[n - 1] & q) != 0, t ^ (q - 1), t)
+        q >>= 1
+    x = [xi ^ t for xi in x]
+    h = torch.zeros_like(x[0])
+    for b in range(bits - 1, -1, -1):
+        for i in range(n):
+            h = (h << 1) | ((x[i] >> b) & 1)
+    return h
+
+
+def hilbert_order(grid) -> TokenPermutation:
+    """Hilbert curve order of a 2-D ``(h, w)`` or 3-D ``(t, h, w)`` grid of any size.
+
+    Tokens are sorted by their index on the Hilbert curve of the smallest power-of-two
+    cube that holds the grid. On a power-of-two cube, consecutive tokens are grid
+    neighbours; on other sizes the curve leaves the grid and comes back, so a few
+    consecutive tokens are further apart, while runs stay compact (blocks of the order
+    are spatio-temporally local). No padding: ``n_out == n_in``.
+    """
+    grid = _check_grid(grid)
+    bits = max(1, math.ceil(math.log2(max(grid))))
+    axes = torch.meshgrid(*[torch.arange(g) for g in grid], indexing="ij")
+    coords = torch.stack([a.flatten() for a in axes], dim=1)
+    index = torch.argsort(_hilbert_index(coords, bits), stable=True)
+    return TokenPermutation(index.contiguous(), math.prod(grid))
