@@ -184,6 +184,34 @@ class BlockPlan:
         mask = torch.ones(nq, nk, dtype=torch.bool, device=device)
         return cls.from_block_mask(mask, block_m, block_n, q_len, kv_len)
 
+    @classmethod
+    def random(
+        cls,
+        q_len: int,
+        kv_len: int | None = None,
+        density: float = 0.25,
+        *,
+        batch: int = 1,
+        heads: int = 1,
+        block_m: int = 128,
+        block_n: int = 64,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> BlockPlan:
+        """Random plan for tests and benchmarks: every query block visits the same number
+        of key blocks, ``round(density * n_kv_blocks)``, chosen uniformly per (batch, head,
+        query block). ``density=0`` gives a plan that visits nothing."""
+        kv_len = q_len if kv_len is None else kv_len
+        if not 0.0 <= float(density) <= 1.0:
+            raise ValueError(f"density must lie in [0, 1], got {density}.")
+        nq, nk = math.ceil(q_len / block_m), math.ceil(kv_len / block_n)
+        visits = min(nk, round(density * nk))
+        scores = torch.rand(batch, heads, nq, nk, generator=generator)
+        mask = torch.zeros(batch, heads, nq, nk, dtype=torch.bool)
+        if visits:
+            mask.scatter_(-1, scores.topk(visits, dim=-1).indices, True)
+        return cls.from_block_mask(mask.to(device), block_m, block_n, q_len, kv_len)
+
     # -- conversions -------------------------------------------------------------
     def to(self, device: torch.device | str) -> BlockPlan:
         """The same plan on another device."""

@@ -5,15 +5,38 @@ Public API so far: the core types and block-sparse attention.
     >>> import gen
     >>> plan = gen.BlockPlan.dense(q_len=1000, block_m=64, block_n=64)
     >>> out = gen.block_sparse_attention(q, k, v, plan)   # (B, H, S, D)
+
+Names are resolved on first use, so ``import gen`` (and the ``gen`` command) stays
+light and does not import torch or triton before they are needed.
 """
 
-from gen.attention import (
-    AttentionContext,
-    BlockPlan,
-    TokenLayout,
-    block_sparse_attention,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = ["AttentionContext", "BlockPlan", "TokenLayout", "block_sparse_attention", "__version__"]
+_LAZY = {
+    "AttentionContext": "gen.attention",
+    "BlockPlan": "gen.attention",
+    "TokenLayout": "gen.attention",
+    "block_sparse_attention": "gen.attention",
+}
+
+__all__ = [*_LAZY, "__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gen.attention import AttentionContext, BlockPlan, TokenLayout, block_sparse_attention  # noqa: F401
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gen' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -176,11 +176,17 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 
+def _interpreter_ready() -> bool:
+    # Triton builds its own library functions (tl.zeros, tl.sum, ...) for the
+    # interpreter only when TRITON_INTERPRET is set before triton is first imported.
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.zeros, InterpretedFunction)
+
+
 @functools.cache
 def _kernel(interpret: bool):
-    # Built on first use, not at import: Triton decides between compiling and
-    # interpreting when a function is decorated, so TRITON_INTERPRET set after
-    # `import gen` still takes effect.
+    # Built on first use: the autotuner is only wanted for compiled (CUDA) runs.
     jitted = triton.jit(_block_sparse_fwd_kernel)
     if interpret:
         return jitted
@@ -196,6 +202,11 @@ def triton_available_for(device: torch.device) -> tuple[bool, str]:
     if device.type == "cuda":
         return True, "CUDA device"
     if _interpreting():
+        if not _interpreter_ready():
+            return False, (
+                "TRITON_INTERPRET=1 was set after triton was imported; set it before the first "
+                "`import triton` / `import gen` (e.g. in the shell), or use backend='torch'."
+            )
         return True, "TRITON_INTERPRET=1 (interpreter, slow: for testing)"
     return False, (
         f"Triton kernels need a CUDA device, got {device.type}; set TRITON_INTERPRET=1 to run "

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``gen bench …``. Speed is measured here, never in unit tests."""

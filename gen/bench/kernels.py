@@ -1,0 +1,309 @@
+"""``gen bench kernels``: block-sparse attention vs dense SDPA, in one run.
+
+For each plan (dense and random plans at the asked densities) at one of the native
+attention shapes below, time our kernel and torch's ``scaled_dot_product_attention``
+(every SDPA backend that runs on the device), and report:
+
+* ``time_ms``: median wall time of one forward call;
+* ``tflops``: useful work, ``4 * B * H * Sq * Skv * D * density`` FLOPs per call;
+* ``speedup``: best dense SDPA time / our time;
+* ``pct_ideal``: speedup / (1 / density) in percent (100 % = time scales with density);
+* ``rel_err``: ``||out - ref|| / ||ref||`` against the PyTorch reference in fp64 on the
+  same plan (a correctness check riding along, not a benchmark figure).
+
+On the CPU the numbers only show the harness works; speed claims come from a GPU run
+recorded in BENCHMARKS.md. ``--quick`` shrinks the shape so the whole run takes
+seconds on a laptop CPU (used in CI).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+__all__ = ["AttentionShape", "SHAPES", "QUICK_SHAPE", "KernelBenchRow", "run_kernel_bench"]
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """One attention call's shape: ``(batch, heads, seq_len, head_dim)`` in tokens.
+
+    ``text_len`` tokens are part of ``seq_len`` (joint attention); plans here treat all
+    tokens alike, so it is informational.
+    """
+
+    name: str
+    batch: int
+    heads: int
+    seq_len: int
+    head_dim: int
+    text_len: int = 0
+
+
+# Native shapes of the supported models (self-attention of one transformer block).
+SHAPES: dict[str, AttentionShape] = {
+    s.name: s
+    for s in (
+        AttentionShape("wan2.1-1.3b-480p", 1, 12, 32760, 128),  # 21 x 30 x 52 latent tokens
+        AttentionShape("wan2.1-14b-720p", 1, 40, 75600, 128),  # 21 x 45 x 80
+        AttentionShape("hunyuan-720p-129f", 1, 24, 118800 + 256, 128, text_len=256),  # 33 x 45 x 80 + text
+        AttentionShape("flux-1024", 1, 24, 4096 + 512, 128, text_len=512),
+        AttentionShape("flux-4096", 1, 24, 65536 + 512, 128, text_len=512),
+    )
+}
+QUICK_SHAPE = AttentionShape("quick", 1, 2, 1000, 64)
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class KernelBenchRow:
+    """One timed configuration (see the module docstring for the columns)."""
+
+    impl: str
+    plan: str
+    density: float
+    time_ms: float
+    tflops: float
+    speedup: float | None = None
+    pct_ideal: float | None = None
+    rel_err: float | None = None
+    note: str = ""
+
+
+@dataclass
+class KernelBenchResult:
+    meta: dict
+    rows: list[KernelBenchRow] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps({"meta": self.meta, "rows": [asdict(r) for r in self.rows]}, indent=2)
+
+    def to_markdown(self) -> str:
+        m = self.meta
+        lines = [
+            f"`{m['command']}` — {m['device']}, {m['shape']['name']} "
+            f"(B={m['shape']['batch']}, H={m['shape']['heads']}, S={m['shape']['seq_len']}, "
+            f"D={m['shape']['head_dim']}), {m['dtype']}, torch {m['torch']}, triton {m['triton']}, "
+            f"commit {m['commit']}, {m['date']}",
+            "",
+            "| impl | plan | density | time (ms) | TFLOP/s | speedup vs best SDPA | % of ideal | rel. err |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+
+        def f(x, fmt):
+            return "–" if x is None else format(x, fmt)
+
+        for r in self.rows:
+            lines.append(
+                f"| {r.impl} | {r.plan} | {r.density:.3f} | {r.time_ms:.3f} | {r.tflops:.2f} | "
+                f"{f(r.speedup, '.2f')} | {f(r.pct_ideal, '.0f')} | {f(r.rel_err, '.1e')} |"
+            )
+        return "\n".join(lines)
+
+
+def _time_ms(fn, device: torch.device, reps: int) -> float:
+    """Median milliseconds of ``fn()``; CUDA timed by Triton's ``do_bench`` (L2 flushed)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _sdpa_backends(device: torch.device):
+    """(name, context manager factory) for each SDPA backend worth timing on ``device``."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if device.type != "cuda":
+        return [("sdpa", contextlib.nullcontext)]  # torch picks its CPU kernel
+    out = []
+    for name, be in (
+        ("sdpa-flash", SDPBackend.FLASH_ATTENTION),
+        ("sdpa-cudnn", getattr(SDPBackend, "CUDNN_ATTENTION", None)),
+        ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION),
+    ):
+        if be is not None:
+            out.append((name, lambda be=be: sdpa_kernel([be])))
+    return out
+
+
+def _commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        ).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def run_kernel_bench(
+    shape: AttentionShape,
+    densities: list[float],
+    *,
+    dtype: str = "bf16",
+    device: str | None = None,
+    backends: list[str] | None = None,
+    block_m: int = 128,
+    block_n: int = 64,
+    reps: int = 5,
+    seed: int = 0,
+    check: bool = True,
+    command: str | None = None,
+    progress=None,
+) -> KernelBenchResult:
+    """Run the kernel benchmark and return its rows (see the module docstring).
+
+    Args:
+        shape: attention shape to time.
+        densities: plan densities; 1.0 is the dense plan, others are random plans with
+            a fixed number of key blocks per query block.
+        dtype: "bf16", "fp16" or "fp32".
+        device: "cuda", "cpu" or None (CUDA when available).
+        backends: our backends to time ("triton", "torch"); default: triton on CUDA,
+            torch on CPU.
+        block_m, block_n: plan block sizes in tokens.
+        reps: timed repetitions on the CPU (CUDA uses do_bench's own).
+        seed: seed for inputs and random plans.
+        check: also compute ``rel_err`` against the fp64 PyTorch reference.
+        progress: optional callable(str) told what runs next.
+    """
+    from gen.attention import BlockPlan, block_sparse_attention
+    from gen.attention import reference as ref_mod
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for but torch sees no CUDA device; use --device cpu.")
+    backends = backends or (["triton"] if dev.type == "cuda" else ["torch"])
+    gen_ = torch.Generator().manual_seed(seed)
+    b, h, s, d = shape.batch, shape.heads, shape.seq_len, shape.head_dim
+    tdtype = _DTYPES[dtype]
+    q, k, v = (torch.randn(b, h, s, d, generator=gen_).to(dev, tdtype) for _ in range(3))
+    flops_dense = 4.0 * b * h * s * s * d
+    say = progress or (lambda msg: None)
+
+    result = KernelBenchResult(
+        meta={
+            "device": _device_name(dev),
+            "torch": torch.__version__,
+            "triton": _triton_version(),
+            "python": sys.version.split()[0],
+            "commit": _commit(),
+            "command": command or "run_kernel_bench(...)",
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "dtype": dtype,
+            "shape": asdict(shape),
+            "block_m": block_m,
+            "block_n": block_n,
+            "seed": seed,
+        }
+    )
+
+    best_sdpa = math.inf
+    for name, ctx in _sdpa_backends(dev):
+        say(f"timing {name}")
+        try:
+            with ctx():
+                fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                fn()
+                t = _time_ms(fn, dev, reps)
+        except RuntimeError as err:  # backend not available for this dtype/shape/device
+            result.rows.append(KernelBenchRow(name, "dense", 1.0, math.nan, math.nan, note=f"unavailable: {str(err).splitlines()[0][:80]}"))
+            continue
+        best_sdpa = min(best_sdpa, t)
+        result.rows.append(KernelBenchRow(name, "dense", 1.0, t, flops_dense / t / 1e9))
+
+    for density in densities:
+        if density >= 1.0:
+            plan, label = BlockPlan.dense(s, s, block_m, block_n, device=dev), "dense"
+        else:
+            plan = BlockPlan.random(s, s, density, batch=1, heads=h, block_m=block_m, block_n=block_n,
+                                    generator=gen_, device=dev)
+            label = "random"
+        dens = plan.density()
+        ref_out = None
+        if check:
+            say(f"reference for {label}")
+            ref_out = ref_mod.block_sparse_attention(q.double(), k.double(), v.double(), plan)
+        for be in backends:
+            interp = be == "triton" and dev.type != "cuda"
+            say(f"timing {be} on {label}")
+            fn = lambda be=be: block_sparse_attention(q, k, v, plan, backend=be)
+            out = fn()
+            t = _time_ms(fn, dev, 1 if interp else reps)
+            speed = best_sdpa / t if math.isfinite(best_sdpa) else None
+            err = None
+            if ref_out is not None:
+                err = float((out.double() - ref_out).norm() / ref_out.norm().clamp_min(1e-300))
+            result.rows.append(KernelBenchRow(
+                be, label, dens, t, flops_dense * dens / t / 1e9, speed,
+                None if speed is None or dens == 0 else 100.0 * speed * dens, err,
+                note="Triton interpreter on the CPU: checks correctness; its time means nothing" if interp else "",
+            ))
+    return result
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:  # pragma: no cover - triton is a dependency
+        return "missing"
+
+
+def save_plot(result: KernelBenchResult, path: Path) -> Path:
+    """PNG of speedup over the best dense SDPA vs plan density, with the ideal 1/density."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    impls = sorted({r.impl for r in result.rows if r.speedup is not None})
+    for impl in impls:
+        pts = sorted((r.density, r.speedup) for r in result.rows if r.impl == impl and r.speedup and r.density > 0)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=impl)
+    dens = sorted({r.density for r in result.rows if r.density > 0})
+    if dens:
+        ax.plot(dens, [1 / x for x in dens], "k--", label="ideal 1/density")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("plan density")
+    ax.set_ylabel("speedup vs best dense SDPA")
+    shape = result.meta["shape"]
+    ax.set_title(f"{shape['name']} on {result.meta['device']} ({result.meta['dtype']})", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,183 @@
+"""The ``gen`` command line.
+
+    gen info                       versions, devices and the attention backend gen would pick
+    gen bench kernels [--quick]    block-sparse kernel vs dense SDPA (time, TFLOP/s, speedup)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+app = typer.Typer(
+    help="gen: fast and long video/image diffusion for diffusers pipelines.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+bench_app = typer.Typer(help="Benchmarks: kernels vs dense baselines.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+console = Console()
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
+        force=True,
+    )
+    logging.getLogger("gen").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _parse_floats(text: str, what: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{what} must be comma-separated numbers, got {text!r}") from None
+    if not vals or any(not 0.0 <= x <= 1.0 for x in vals):
+        raise typer.BadParameter(f"{what} must be numbers in [0, 1], got {text!r}")
+    return vals
+
+
+@app.command()
+def info() -> None:
+    """Print versions, devices and the block-sparse attention backend that would be used."""
+    import torch
+
+    import gen
+    from gen.attention import select_backend
+
+    table = Table(show_header=False)
+    table.add_row("gen", gen.__version__)
+    table.add_row("python", sys.version.split()[0])
+    table.add_row("torch", torch.__version__)
+    try:
+        import triton
+
+        table.add_row("triton", triton.__version__)
+    except ImportError:
+        table.add_row("triton", "not installed")
+    cuda = torch.cuda.is_available()
+    table.add_row("CUDA", torch.cuda.get_device_name(0) if cuda else "no CUDA device")
+    dev = torch.device("cuda" if cuda else "cpu")
+    table.add_row("attention backend", f"{select_backend(dev)} on {dev.type}")
+    table.add_row("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "unset"))
+    console.print(table)
+
+
+@bench_app.command("kernels")
+def bench_kernels(
+    shape: str = typer.Option("wan2.1-1.3b-480p", help="attention shape: one of the names `gen bench kernels --list` prints"),
+    quick: bool = typer.Option(False, "--quick", help="tiny shape (B=1, H=2, S=1000, D=64): runs in seconds on a CPU"),
+    density: str = typer.Option("1,0.5,0.25,0.1", help="plan densities, comma-separated (1 = dense plan)"),
+    dtype: str = typer.Option(None, help="bf16 | fp16 | fp32 (default bf16 on CUDA, fp32 on CPU)"),
+    device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)"),
+    backend: str = typer.Option(None, help="our backends to time, comma-separated: triton,torch"),
+    block_m: int = typer.Option(128, help="plan query block (tokens)"),
+    block_n: int = typer.Option(64, help="plan key block (tokens)"),
+    reps: int = typer.Option(5, help="timed repetitions on CPU (CUDA uses triton.testing.do_bench)"),
+    seed: int = typer.Option(0, help="seed for inputs and random plans"),
+    check: bool = typer.Option(True, help="also report the error against the PyTorch reference"),
+    json_out: Path = typer.Option(None, "--json", help="write results as JSON here"),
+    markdown: Path = typer.Option(None, help="write a markdown table here"),
+    plot: Path = typer.Option(None, help="write a PNG of speedup vs density here"),
+    list_shapes: bool = typer.Option(False, "--list", help="list the named shapes and exit"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logs (backend choice, …)"),
+) -> None:
+    """Time block-sparse attention against dense torch SDPA at a model's native shape.
+
+    Prints time, TFLOP/s, speedup over the best dense SDPA backend, percent of the ideal
+    1/density, and the error against the PyTorch reference.
+    """
+    import torch
+
+    from gen._io import atomic_write_text
+    from gen.bench.kernels import QUICK_SHAPE, SHAPES, run_kernel_bench, save_plot
+
+    _setup_logging(verbose)
+    log = logging.getLogger("gen.bench")
+    if list_shapes:
+        for s in SHAPES.values():
+            console.print(f"{s.name:20s} B={s.batch} H={s.heads} S={s.seq_len} D={s.head_dim}")
+        return
+    if quick:
+        the_shape = QUICK_SHAPE
+    elif shape in SHAPES:
+        the_shape = SHAPES[shape]
+    else:
+        raise typer.BadParameter(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)} (or --quick)")
+    on_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    dtype = dtype or ("bf16" if on_cuda else "fp32")
+    backends = [b.strip() for b in backend.split(",")] if backend else None
+    if backends is None and quick and not on_cuda:
+        backends = ["torch", "triton"]  # show the Triton kernel too, through the interpreter
+    if backends and "triton" in backends and not on_cuda:
+        log.info("no CUDA: the Triton kernel runs through the interpreter (correctness only, timing meaningless)")
+    if not on_cuda and not quick:
+        log.warning("full-size shape on the CPU: this is slow and says nothing about GPU speed; try --quick")
+
+    command = "gen " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    with console.status("benchmarking…") as status:
+        try:
+            result = run_kernel_bench(
+                the_shape, _parse_floats(density, "--density"), dtype=dtype, device=device,
+                backends=backends, block_m=block_m, block_n=block_n, reps=reps, seed=seed,
+                check=check, command=command, progress=lambda m: status.update(m),
+            )
+        except ValueError as err:
+            console.print(f"[red]error:[/red] {err}")
+            raise typer.Exit(2) from None
+
+    m = result.meta
+    table = Table(title=f"{the_shape.name}: B={the_shape.batch} H={the_shape.heads} S={the_shape.seq_len} "
+                        f"D={the_shape.head_dim} {dtype} on {m['device']}")
+    for col in ("impl", "plan", "density", "ms", "TFLOP/s", "speedup", "% ideal", "rel err"):
+        table.add_column(col, justify="left" if col in ("impl", "plan") else "right", no_wrap=True)
+    notes = []
+    for r in result.rows:
+        impl = r.impl
+        if r.note:
+            notes.append(r.note)
+            impl += "*" * len(set(notes[: notes.index(r.note) + 1]))
+        table.add_row(
+            impl, r.plan, f"{r.density:.3f}", f"{r.time_ms:.2f}", f"{r.tflops:.3f}",
+            "–" if r.speedup is None else f"{r.speedup:.2f}x",
+            "–" if r.pct_ideal is None else f"{r.pct_ideal:.0f}%",
+            "–" if r.rel_err is None else f"{r.rel_err:.1e}",
+        )
+    console.print(table)
+    for i, note in enumerate(dict.fromkeys(notes), 1):
+        console.print(f"[dim]{'*' * i} {note}[/dim]")
+    if not on_cuda:
+        console.print("[dim]CPU run: numbers show the harness works; GPU figures live in BENCHMARKS.md.[/dim]")
+    if json_out:
+        console.print(f"wrote {atomic_write_text(json_out, result.to_json())}")
+    if markdown:
+        console.print(f"wrote {atomic_write_text(markdown, result.to_markdown() + chr(10))}")
+    if plot:
+        console.print(f"wrote {save_plot(result, plot)}")
+
+
+def main() -> None:  # console-script entry point
+    # Without CUDA, Triton kernels can only run through the interpreter, and Triton reads
+    # TRITON_INTERPRET when it is first imported: decide before anything imports it.
+    # The automatic backend is still the PyTorch reference on the CPU.
+    if "TRITON_INTERPRET" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+    app()
+
+
+if __name__ == "__main__":
+    main()
