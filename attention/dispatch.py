@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 
 import torch
-
 from gen.kernels import block_sparse_attention as _triton_bsa
 from gen.kernels import triton_available_for
 

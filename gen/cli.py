@@ -38,6 +38,22 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("gen").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
+def _command_line(ctx: typer.Context) -> str:
+    """The command as a user would retype it: ``gen <sub> <options given>`` (for result files)."""
+    parts = ["gen", *ctx.command_path.split()[1:]]
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name)
+        if getattr(source, "name", "DEFAULT") == "DEFAULT":
+            continue
+        value = ctx.params[param.name]
+        flag = param.opts[0]
+        if getattr(param, "is_flag", False):
+            parts.append(flag if value else (param.secondary_opts or [flag])[0])
+        else:
+            parts += [flag, shlex.quote(str(value))]
+    return " ".join(parts)
+
+
 def _parse_floats(text: str, what: str) -> list[float]:
     try:
         vals = [float(x) for x in text.split(",") if x.strip()]
@@ -76,6 +92,7 @@ def info() -> None:
 
 @bench_app.command("kernels")
 def bench_kernels(
+    ctx: typer.Context,
     shape: str = typer.Option("wan2.1-1.3b-480p", help="attention shape: one of the names `gen bench kernels --list` prints"),
     quick: bool = typer.Option(False, "--quick", help="tiny shape (B=1, H=2, S=1000, D=64): runs in seconds on a CPU"),
     density: str = typer.Option("1,0.5,0.25,0.1", help="plan densities, comma-separated (1 = dense plan)"),
@@ -125,7 +142,7 @@ def bench_kernels(
     if not on_cuda and not quick:
         log.warning("full-size shape on the CPU: this is slow and says nothing about GPU speed; try --quick")
 
-    command = "gen " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = _command_line(ctx)
     with console.status("benchmarking…") as status:
         try:
             result = run_kernel_bench(

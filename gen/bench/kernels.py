@@ -253,7 +253,7 @@ def run_kernel_bench(
         for be in backends:
             interp = be == "triton" and dev.type != "cuda"
             say(f"timing {be} on {label}")
-            fn = lambda be=be: block_sparse_attention(q, k, v, plan, backend=be)
+            fn = lambda be=be, plan=plan: block_sparse_attention(q, k, v, plan, backend=be)
             out = fn()
             t = _time_ms(fn, dev, 1 if interp else reps)
             speed = best_sdpa / t if math.isfinite(best_sdpa) else None
