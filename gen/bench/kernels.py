@@ -97,8 +97,8 @@ class KernelBenchResult:
             f"D={m['shape']['head_dim']}), {m['dtype']}, torch {m['torch']}, triton {m['triton']}, "
             f"commit {m['commit']}, {m['date']}",
             "",
-            "| impl | plan | density | time (ms) | TFLOP/s | speedup vs best SDPA | % of ideal | rel. err |",
-            "|---|---|---|---|---|---|---|---|",
+            "| impl | plan | density | time (ms) | TFLOP/s | speedup vs best SDPA | % of ideal | rel. err | note |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
 
         def f(x, fmt):
@@ -107,7 +107,7 @@ class KernelBenchResult:
         for r in self.rows:
             lines.append(
                 f"| {r.impl} | {r.plan} | {r.density:.3f} | {r.time_ms:.3f} | {r.tflops:.2f} | "
-                f"{f(r.speedup, '.2f')} | {f(r.pct_ideal, '.0f')} | {f(r.rel_err, '.1e')} |"
+                f"{f(r.speedup, '.2f')} | {f(r.pct_ideal, '.0f')} | {f(r.rel_err, '.1e')} | {r.note} |"
             )
         return "\n".join(lines)
 
