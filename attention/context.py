@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 __all__ = ["AttentionContext"]
 
 
@@ -20,7 +22,9 @@ class AttentionContext:
         step_index: denoising step, 0-based (None outside a pipeline run).
         num_steps: total denoising steps of the run, when known.
         layer_index: transformer block index of this attention module.
-        branch: ``"cond"``, ``"uncond"`` or ``"batched"`` (CFG in one call), when known.
+        branch: the pipeline's name for the call (``"cond"``/``"uncond"``), when known.
+        kv_valid: optional int ``(B,)``, valid keys per sample (padding at the end of the
+            sequence, e.g. HunyuanVideo's short prompts).
         extras: anything else a method needs (e.g. a per-run cache).
     """
 
@@ -28,4 +32,5 @@ class AttentionContext:
     num_steps: int | None = None
     layer_index: int | None = None
     branch: str | None = None
+    kv_valid: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)

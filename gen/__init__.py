@@ -1,8 +1,11 @@
 """gen: fast and long video/image diffusion for diffusers pipelines.
 
-Public API so far: the core types and block-sparse attention.
+Public API so far: the one-line attention swap for diffusers pipelines, the core types
+and block-sparse attention.
 
     >>> import gen
+    >>> handle = gen.sparsify(pipe, "dense")            # Wan, HunyuanVideo, FLUX pipelines
+    >>> gen.restore(pipe)
     >>> plan = gen.BlockPlan.dense(q_len=1000, block_m=64, block_n=64)
     >>> out = gen.block_sparse_attention(q, k, v, plan)   # (B, H, S, D)
 
@@ -22,12 +25,20 @@ _LAZY = {
     "BlockPlan": "gen.attention",
     "TokenLayout": "gen.attention",
     "block_sparse_attention": "gen.attention",
+    "get_method": "gen.attention.methods",
+    "list_methods": "gen.attention.methods",
+    "SparseHandle": "gen.api",
+    "sparsify": "gen.api",
+    "restore": "gen.api",
+    "sparse": "gen.api",
 }
 
 __all__ = [*_LAZY, "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from gen.api import SparseHandle, restore, sparse, sparsify  # noqa: F401
     from gen.attention import AttentionContext, BlockPlan, TokenLayout, block_sparse_attention  # noqa: F401
+    from gen.attention.methods import get_method, list_methods  # noqa: F401
 
 
 def __getattr__(name: str):

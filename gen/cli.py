@@ -1,5 +1,8 @@
 """The ``gen`` command line.
 
+    gen render PROMPT [--model M] [--attention A] [--set k=v]   render a clip (mp4) or image (png)
+    gen models                     models gen knows, and which have weights here
+    gen methods                    attention methods, their parameters and presets
     gen info                       versions, devices and the attention backend gen would pick
     gen bench kernels [--quick]    block-sparse kernel vs dense SDPA (time, TFLOP/s, speedup)
 """
@@ -88,6 +91,95 @@ def info() -> None:
     table.add_row("attention backend", f"{select_backend(dev)} on {dev.type}")
     table.add_row("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "unset"))
     console.print(table)
+
+
+@app.command()
+def render(
+    prompt: str = typer.Argument(..., help="text prompt"),
+    model: str = typer.Option("tiny-wan", "--model", "-m", help="model name (see `gen models`)"),
+    attention: str = typer.Option("dense", "--attention", "-a", help="attention method (see `gen methods`)"),
+    set_: list[str] = typer.Option(None, "--set", help="method parameter override key=value (repeatable)"),
+    steps: int = typer.Option(None, help="denoising steps (default: the model's)"),
+    frames: int = typer.Option(None, help="frames of video (default: the model's)"),
+    height: int = typer.Option(None, help="height in pixels (default: the model's)"),
+    width: int = typer.Option(None, help="width in pixels (default: the model's)"),
+    seed: int = typer.Option(0, help="random seed"),
+    random_seed: bool = typer.Option(False, "--random-seed", help="draw a random seed (printed)"),
+    guidance: float = typer.Option(None, help="guidance scale (default: the model's)"),
+    negative_prompt: str = typer.Option(None, help="negative prompt"),
+    image: Path = typer.Option(None, help="input image for image-to-video models"),
+    out: Path = typer.Option(None, "--out", "-o", help="output file (.mp4 video, .png image); default: a unique name in outputs/"),
+    device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)"),
+    dtype: str = typer.Option(None, help="bf16 | fp16 | fp32 (default: the model's)"),
+    model_path: Path = typer.Option(None, help="local folder with the model's diffusers-format weights"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logs"),
+) -> None:
+    """Render PROMPT to a video (mp4) or image (png) with a sparse attention method."""
+    import secrets
+
+    from gen.attention.methods import parse_overrides
+    from gen.render import render as do_render
+
+    _setup_logging(verbose)
+    if random_seed:
+        seed = secrets.randbelow(2**31)
+    if dtype is not None and dtype not in ("bf16", "fp16", "fp32"):
+        raise typer.BadParameter(f"--dtype must be bf16, fp16 or fp32, got {dtype!r}")
+    try:
+        overrides = parse_overrides(attention, set_ or [])
+        result = do_render(
+            prompt, model=model, attention=attention, overrides=overrides, steps=steps, frames=frames,
+            height=height, width=width, seed=seed, guidance=guidance, negative_prompt=negative_prompt,
+            image=image, out=out, device=device, dtype=dtype, model_path=model_path,
+        )
+    except ValueError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    table = Table(show_header=False, title=f"wrote {result.path}")
+    table.add_row("model / attention", f"{model} / {attention}")
+    table.add_row("seed", str(result.seed))
+    table.add_row("frames", str(result.frames))
+    table.add_row("time", f"{result.seconds:.2f} s generate + {result.load_seconds:.2f} s load")
+    for t in result.attention.get("transformers", []):
+        dens = ", ".join(f"{k}: {v:.3f}" if v is not None else f"{k}: n/a" for k, v in t["density"].items())
+        table.add_row(f"{t['family']} attention", f"{t['sparse_calls']} sparse / {t['dense_calls']} dense calls "
+                      f"over {t['layers']} layers")
+        table.add_row("density", dens or "n/a")
+        if t["dense_layers"]:
+            table.add_row("ran dense", f"layers {t['dense_layers']} (schedule)")
+    console.print(table)
+
+
+@app.command()
+def models() -> None:
+    """List the models gen knows and whether their weights are available here."""
+    from gen.pipelines import list_models
+
+    table = Table(title="models")
+    for col in ("name", "task", "family", "default size", "weights", "source"):
+        table.add_column(col)
+    for spec, available, where in list_models():
+        size = f"{spec.width}x{spec.height}" + (f"x{spec.frames}f" if spec.frames > 1 else "")
+        table.add_row(spec.name, spec.task, spec.family, size,
+                      "[green]yes[/green]" if available else "[dim]no[/dim]", where)
+    console.print(table)
+
+
+@app.command()
+def methods() -> None:
+    """List the attention methods, their parameters (with defaults) and presets per model."""
+    import dataclasses
+
+    from gen.attention.methods import PRESETS, list_methods, method_class
+
+    for name in list_methods():
+        cls = method_class(name)
+        console.print(f"[bold]{name}[/bold] — {cls.summary}  [dim](models: {', '.join(cls.families)})[/dim]")
+        for f in dataclasses.fields(cls.config_cls):
+            default = f.default if f.default is not dataclasses.MISSING else "required"
+            console.print(f"    {f.name} = {default!r}")
+        for key, values in PRESETS.get(name, {}).items():
+            console.print(f"    preset [cyan]{key}[/cyan]: {values}")
 
 
 @bench_app.command("kernels")

@@ -1,0 +1,217 @@
+"""What every sparse-attention method shares: the schedule and the joint text rule.
+
+A method turns ``q, k, v (B, H, S, D)`` of one attention call into its output. It is
+built from a frozen config dataclass (a subclass of :class:`MethodConfig`) and plugs
+into every processor through :meth:`SparseMethod.attention`.
+
+Joint text rule (DESIGN.md): video queries attend their sparse video keys plus all
+valid text keys; text queries attend all valid keys. Text is never approximated. A
+method only decides :meth:`SparseMethod.video_attention` (video queries against video
+keys); the text parts run dense and are merged by log-sum-exp (``gen.attention.merge``).
+
+Schedule: ``dense_steps`` (the first N denoising steps) and ``dense_layers`` run the
+stock dense attention of the model instead of the method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import torch
+
+from ..context import AttentionContext
+from ..dispatch import block_sparse_attention
+from ..layout import TokenLayout
+from ..merge import merge_attention
+from ..plan import BlockPlan
+from ..token_order import TokenPermutation
+
+__all__ = ["MethodConfig", "SparseMethod"]
+
+FAMILIES = ("wan", "hunyuan", "flux")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Fields every method config has.
+
+    Args:
+        dense_steps: the first ``dense_steps`` denoising steps run the model's stock
+            dense attention (0 = none). Needs a step index (set by the pipeline's
+            ``cache_context`` or inferred from the timestep).
+        dense_layers: attention layers that run stock dense attention: an int ``N`` means
+            the first ``N`` layers, a tuple lists layer indices (0-based, in forward order:
+            Wan blocks; HunyuanVideo/FLUX dual blocks, then single blocks).
+        backend: kernel backend, ``None`` (Triton on CUDA, PyTorch on CPU), ``"triton"``
+            or ``"torch"``.
+    """
+
+    dense_steps: int = 0
+    dense_layers: int | tuple[int, ...] = 0
+    backend: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dense_steps, bool) or not isinstance(self.dense_steps, int) or self.dense_steps < 0:
+            raise ValueError(f"dense_steps must be an int >= 0, got {self.dense_steps!r}.")
+        dl = self.dense_layers
+        if isinstance(dl, list):
+            object.__setattr__(self, "dense_layers", tuple(dl))
+            dl = self.dense_layers
+        ok = (isinstance(dl, int) and not isinstance(dl, bool) and dl >= 0) or (
+            isinstance(dl, tuple) and all(isinstance(i, int) and i >= 0 for i in dl)
+        )
+        if not ok:
+            raise ValueError(f"dense_layers must be an int >= 0 or a tuple of layer indices, got {dl!r}.")
+        if self.backend not in (None, "triton", "torch"):
+            raise ValueError(f"backend must be None, 'triton' or 'torch', got {self.backend!r}.")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+class SparseMethod:
+    """Base class of the methods. Subclasses set ``name``, ``config_cls``, and either
+    implement :meth:`plan` (block-plan methods) or override :meth:`video_attention`.
+
+    Shapes: ``q, k, v`` are ``(B, H, S, D)`` over all tokens of the call in the
+    original order (``S = layout.seq_len``).
+    """
+
+    name: ClassVar[str] = "base"
+    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    #: model families the method supports ("wan", "hunyuan", "flux")
+    families: ClassVar[tuple[str, ...]] = FAMILIES
+    #: True when the pattern depends only on the layout (then token_mask is exact)
+    static: ClassVar[bool] = True
+    #: one-line description for `gen methods`
+    summary: ClassVar[str] = ""
+
+    def __init__(self, config: MethodConfig | None = None) -> None:
+        config = self.config_cls() if config is None else config
+        if not isinstance(config, self.config_cls):
+            raise ValueError(f"{type(self).__name__} takes a {self.config_cls.__name__}, got {type(config).__name__}.")
+        self.config = config
+        self._plans: dict = {}
+        self._dense_plans: dict = {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+    # -- schedule --------------------------------------------------------------------
+    @property
+    def needs_step(self) -> bool:
+        """Whether the method reads the step index (processors only fetch it then, so a
+        compiled model is not specialised on the step when nothing needs it)."""
+        return self.config.dense_steps > 0
+
+    def is_dense_layer(self, layer_index: int | None) -> bool:
+        dl = self.config.dense_layers
+        if layer_index is None:
+            return False
+        return layer_index < dl if isinstance(dl, int) else layer_index in dl
+
+    def is_dense(self, ctx: AttentionContext) -> bool:
+        """True when this call runs the stock dense attention (schedule)."""
+        if self.is_dense_layer(ctx.layer_index):
+            return True
+        steps = self.config.dense_steps
+        return bool(steps) and ctx.step_index is not None and ctx.step_index < steps
+
+    # -- attention ---------------------------------------------------------------------
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
+                  ctx: AttentionContext) -> torch.Tensor:
+        """Attention of one call in the original token order, ``(B, H, S, D)``, with the
+        joint text rule. ``ctx.kv_valid`` (optional int ``(B,)``) is the number of valid
+        keys per sample; padding is at the end of the sequence (HunyuanVideo's text)."""
+        if q.shape[2] != layout.seq_len:
+            raise ValueError(
+                f"q has {q.shape[2]} tokens but the layout {layout} has {layout.seq_len}; the "
+                "layout was inferred for another input."
+            )
+        kv_valid = ctx.kv_valid
+        if layout.text_len == 0:
+            out, _ = self.video_attention(q, k, v, layout, ctx)
+            return out
+        if kv_valid is not None and layout.text_first:
+            raise ValueError("per-sample key padding is only supported with text after the video.")
+        vs, ts = layout.video_slice, layout.text_slice
+        qv, kv_, vv = q[:, :, vs], k[:, :, vs], v[:, :, vs]
+        kt, vt = k[:, :, ts], v[:, :, ts]
+        backend = self.config.backend
+        # video queries: sparse over video keys, dense over the valid text keys
+        out_vv, lse_vv = self.video_attention(qv, kv_, vv, layout, ctx)
+        text_valid = None if kv_valid is None else (kv_valid - layout.video_len).clamp(min=0)
+        out_vt, lse_vt = block_sparse_attention(
+            qv, kt, vt, self._dense_plan(layout.video_len, layout.text_len, q.device),
+            kv_valid=text_valid, return_lse=True, backend=backend,
+        )
+        out_v, _ = merge_attention(out_vv, lse_vv, out_vt, lse_vt)
+        # text queries: dense over all valid keys
+        out_t = block_sparse_attention(
+            q[:, :, ts], k, v, self._dense_plan(layout.text_len, layout.seq_len, q.device),
+            kv_valid=kv_valid, backend=backend,
+        )
+        parts = [out_t, out_v] if layout.text_first else [out_v, out_t]
+        return torch.cat(parts, dim=2)
+
+    def video_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
+                        ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Video queries against video keys, ``(B, H, Sv, D)`` each, in frame-major order.
+        Returns ``(out, lse)``; the default walks :meth:`plan` with the block-sparse kernel,
+        in the method's :meth:`token_order` when it has one."""
+        perm = self.token_order(layout)
+        if perm is not None:
+            q, k, v = (perm.apply(x, dim=2) for x in (q, k, v))
+        plan = self.plan(layout, q.shape[1], ctx, q=q, k=k)
+        out, lse = block_sparse_attention(q, k, v, plan, return_lse=True, backend=self.config.backend)
+        if perm is not None:
+            out, lse = perm.invert(out, dim=2), perm.invert(lse.unsqueeze(-1), dim=2).squeeze(-1)
+        return out, lse
+
+    def token_order(self, layout: TokenLayout) -> TokenPermutation | None:
+        """Permutation of the video tokens the plan is expressed in (None: frame-major)."""
+        return None
+
+    def plan(self, layout: TokenLayout, num_heads: int, ctx: AttentionContext | None = None, *,
+             q: torch.Tensor | None = None, k: torch.Tensor | None = None) -> BlockPlan:
+        """Block plan over the video tokens (in :meth:`token_order`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no block plan")
+
+    def _dense_plan(self, q_len: int, kv_len: int, device: torch.device) -> BlockPlan:
+        key = (q_len, kv_len, str(device))
+        plan = self._dense_plans.get(key)
+        if plan is None:
+            plan = self._dense_plans[key] = BlockPlan.dense(q_len, kv_len, 64, 64, device=device)
+        return plan
+
+    # -- for tests and pictures ----------------------------------------------------------
+    def video_token_mask(self, layout: TokenLayout, num_heads: int, ctx: AttentionContext | None = None) -> torch.Tensor:
+        """Bool ``(H|1, Sv, Sv)``: which video keys each video query sees, frame-major order."""
+        plan = self.plan(layout, num_heads, ctx or AttentionContext())
+        mask = plan.to_token_mask()[0]
+        perm = self.token_order(layout)
+        if perm is not None:
+            inv = perm.inverse.to(mask.device)
+            mask = mask[:, inv][:, :, inv]
+        return mask
+
+    def token_mask(self, layout: TokenLayout, num_heads: int, ctx: AttentionContext | None = None) -> torch.Tensor:
+        """The exact effective mask over all ``S`` tokens of the call (text included) in
+        the original order: bool ``(H|1, S, S)``. O(S²) memory: small layouts only."""
+        video = self.video_token_mask(layout, num_heads, ctx)
+        if layout.text_len == 0:
+            return video
+        s = layout.seq_len
+        mask = torch.ones(video.shape[0], s, s, dtype=torch.bool, device=video.device)
+        vs = layout.video_slice
+        mask[:, vs, vs] = video
+        return mask
+
+    def density(self, layout: TokenLayout, num_heads: int, ctx: AttentionContext | None = None) -> float:
+        """Fraction of the call's (query, key) pairs computed, text included."""
+        plan = self.plan(layout, num_heads, ctx or AttentionContext())
+        video_pairs = plan.density() * layout.video_len**2
+        dense_pairs = layout.seq_len**2 - layout.video_len**2
+        return (video_pairs + dense_pairs) / layout.seq_len**2

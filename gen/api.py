@@ -1,0 +1,173 @@
+"""The one-line attention swap: ``gen.sparsify``, ``gen.restore`` and ``gen.sparse``.
+
+    pipe = WanPipeline.from_pretrained(...)
+    handle = gen.sparsify(pipe, "dense")          # or a config object, or "mask" + pattern=...
+    video = pipe(prompt).frames[0]
+    print(handle.summary())
+    gen.restore(pipe)                             # the exact original processors and forward
+
+    with gen.sparse(pipe, "mask", pattern=fn):   # restored on exit, even on error
+        video = pipe(prompt).frames[0]
+
+Only the DiT's self/joint attention changes (``transformer`` and, when a pipeline has
+one, ``transformer_2``); VAEs, text encoders and cross-attention are untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from gen.attention.methods import SparseMethod, get_method
+from gen.attention.processors import TransformerPatch, family_of, install
+
+__all__ = ["SparseHandle", "sparsify", "restore", "sparse"]
+
+_HANDLE_ATTR = "_gen_sparse_handle"
+
+
+class SparseHandle:
+    """What ``gen.sparsify`` did; ``restore()`` undoes it, ``summary()`` says what ran.
+
+    Attributes:
+        method: the method instance (its ``config`` holds the resolved settings).
+        patches: one ``TransformerPatch`` per sparsified transformer.
+    """
+
+    def __init__(self, target, method: SparseMethod, patches: list[TransformerPatch]) -> None:
+        self.target = target
+        self.method = method
+        self.patches = patches
+
+    def __repr__(self) -> str:
+        layers = sum(p.num_layers for p in self.patches)
+        return f"SparseHandle(method={self.method.name!r}, transformers={len(self.patches)}, layers={layers})"
+
+    @property
+    def active(self) -> bool:
+        return bool(self.patches)
+
+    def reset(self) -> None:
+        """Start step counting and statistics afresh (e.g. before calling a transformer by hand)."""
+        for p in self.patches:
+            p.run.reset()
+
+    def restore(self) -> None:
+        """Put the original processors and forward back; idempotent."""
+        for p in self.patches:
+            p.remove()
+        self.patches = []
+        if self.target.__dict__.get(_HANDLE_ATTR) is self:
+            del self.target.__dict__[_HANDLE_ATTR]
+
+    def summary(self) -> dict:
+        """Attention calls that ran sparse and dense (per schedule), the layouts seen and
+        the method's density at each layout (fraction of query-key pairs computed)."""
+        out = {"method": self.method.name, "config": repr(self.method.config), "transformers": []}
+        for p in self.patches:
+            stats = p.run.stats
+            heads = p.transformer.config.num_attention_heads
+            densities = {}
+            for layout in sorted(stats.layouts, key=str):
+                try:
+                    densities[str(layout)] = self.method.density(layout, heads)
+                except NotImplementedError:
+                    densities[str(layout)] = None
+            out["transformers"].append({
+                "family": p.family,
+                "layers": p.num_layers,
+                "sparse_calls": sum(stats.sparse_calls.values()),
+                "dense_calls": sum(stats.dense_calls.values()),
+                "dense_layers": sorted(stats.dense_calls),
+                "density": densities,
+            })
+        return out
+
+    def __enter__(self) -> SparseHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+def _transformers(target) -> list[torch.nn.Module]:
+    if isinstance(target, torch.nn.Module) and not hasattr(target, "components"):
+        family_of(target)  # raises with the supported classes
+        return [target]
+    components = getattr(target, "components", None)
+    if not isinstance(components, dict):
+        raise ValueError(
+            f"gen.sparsify takes a diffusers pipeline or transformer, got {type(target).__name__}."
+        )
+    found = [components[name] for name in ("transformer", "transformer_2") if components.get(name) is not None]
+    if not found:
+        raise ValueError(f"{type(target).__name__} has no `transformer`; gen sparsifies DiT pipelines "
+                         "(Wan, HunyuanVideo, FLUX).")
+    for t in found:
+        family_of(t)
+    return found
+
+
+def sparsify(target, method="dense", *, model: str | None = None, **overrides) -> SparseHandle:
+    """Swap the DiT attention of a pipeline (or one transformer) for a gen method.
+
+    Args:
+        target: a diffusers pipeline (``WanPipeline``, ``WanImageToVideoPipeline``,
+            ``HunyuanVideoPipeline``, ``FluxPipeline``, …) or its transformer.
+        method: a method name (``"dense"``, ``"mask"``, …; see ``gen methods``), a config
+            object, or a method instance.
+        model: registry model name whose preset to use (default: the name the pipeline
+            was loaded under by ``gen.pipelines.load``, else the model family's preset).
+        **overrides: config fields, e.g. ``dense_steps=2`` or ``pattern=fn``.
+
+    Returns:
+        A :class:`SparseHandle` (also a context manager that restores on exit).
+
+    Raises:
+        ValueError: unknown method or field, a method that does not support the model,
+            an unsupported pipeline, or a target that is already sparsified.
+    """
+    if getattr(target, _HANDLE_ATTR, None) is not None:
+        raise ValueError("this pipeline is already sparsified; call gen.restore(pipe) first.")
+    transformers = _transformers(target)
+    family = family_of(transformers[0])
+    model = model or getattr(target, "_gen_model_name", None)
+    method_obj = get_method(method, model=model, family=family, **overrides)
+    patches: list[TransformerPatch] = []
+    try:
+        for t in transformers:
+            patches.append(install(t, method_obj))
+    except BaseException:
+        for p in patches:
+            p.remove()
+        raise
+    handle = SparseHandle(target, method_obj, patches)
+    target.__dict__[_HANDLE_ATTR] = handle
+    return handle
+
+
+def restore(target):
+    """Undo ``gen.sparsify`` on ``target`` (pipeline or transformer); returns ``target``.
+    A target that was never sparsified is returned unchanged."""
+    handle = getattr(target, _HANDLE_ATTR, None)
+    if handle is not None:
+        handle.restore()
+    else:
+        for t in _transformers(target):
+            patch = getattr(t, "_gen_sparse_patch", None)
+            if patch is not None:
+                patch.remove()
+    return target
+
+
+@contextlib.contextmanager
+def sparse(target, method="dense", *, model: str | None = None, **overrides) -> Iterator[SparseHandle]:
+    """``with gen.sparse(pipe, method, **overrides) as handle: ...``: sparsified inside,
+    restored on exit (also on error)."""
+    handle = sparsify(target, method, model=model, **overrides)
+    try:
+        yield handle
+    finally:
+        handle.restore()
