@@ -38,7 +38,7 @@ def select_backend(device: torch.device, backend: str | None = None) -> str:
     choice = "triton" if device.type == "cuda" and ok else "torch"
     reason = why if choice == "triton" else f"{device.type} tensors: the PyTorch reference is the CPU path"
     key = (device.type, choice)
-    if key not in _logged:  # once per device type, not once per attention call
+    if key not in _logged and not torch.compiler.is_compiling():  # once per device type
         _logged.add(key)
         logger.debug("block-sparse attention backend: %s (%s)", choice, reason)
     return choice

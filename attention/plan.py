@@ -62,6 +62,9 @@ class BlockPlan:
     check_values: InitVar[bool] = True
 
     def __post_init__(self, check_values: bool) -> None:
+        if torch.compiler.is_compiling():
+            # only PlanCache rebuilds plans inside a graph, from a plan checked eagerly
+            return
         for name in ("block_m", "block_n", "q_len", "kv_len"):
             _pos_int(name, getattr(self, name))
         idx, cnt = self.kv_indices, self.kv_counts
@@ -72,7 +75,7 @@ class BlockPlan:
                 f"kv_indices/kv_counts must be int32, got {idx.dtype}/{cnt.dtype}; "
                 "call .to(torch.int32) or use BlockPlan.from_block_mask."
             )
-        if idx.dim() != 4 or cnt.dim() != 3 or idx.shape[:3] != cnt.shape:
+        if idx.dim() != 4 or cnt.dim() != 3 or tuple(idx.shape[:3]) != tuple(cnt.shape):
             raise ValueError(
                 "kv_indices must be [B|1, H|1, n_q_blocks, max_visits] and kv_counts "
                 f"[B|1, H|1, n_q_blocks]; got {tuple(idx.shape)} and {tuple(cnt.shape)}."

@@ -107,7 +107,7 @@ def check_plan(plan: BlockPlanLike, q: torch.Tensor, k: torch.Tensor) -> None:
             f"[B|1, H|1, n_q_blocks]; got {_shape(idx)} and {_shape(cnt)}."
         )
     n_qb = math.ceil(plan.q_len / plan.block_m)
-    if idx.shape[:3] != cnt.shape or cnt.shape[2] != n_qb:
+    if tuple(idx.shape[:3]) != tuple(cnt.shape) or cnt.shape[2] != n_qb:
         raise ValueError(
             f"plan.kv_indices {_shape(idx)} and kv_counts {_shape(cnt)} do not agree with "
             f"{n_qb} query blocks of {plan.block_m}."

@@ -9,9 +9,6 @@ import dataclasses
 
 import pytest
 import torch
-from tiny_transformers import FAMILIES, hunyuan_inputs, tiny_hunyuan, tiny_wan, wan_inputs
-
-import gen
 from gen.attention import AttentionContext, TokenLayout
 from gen.attention.methods import DenseConfig, MaskConfig, get_method
 from gen.attention.processors import (
@@ -19,6 +16,9 @@ from gen.attention.processors import (
     HunyuanVideoSparseAttnProcessor,
     WanSparseAttnProcessor,
 )
+from tiny_transformers import FAMILIES, hunyuan_inputs, tiny_hunyuan, tiny_wan, wan_inputs
+
+import gen
 
 PROCESSOR = {"wan": WanSparseAttnProcessor, "hunyuan": HunyuanVideoSparseAttnProcessor,
              "flux": FluxSparseAttnProcessor}

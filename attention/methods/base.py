@@ -25,6 +25,7 @@ from ..dispatch import block_sparse_attention
 from ..layout import TokenLayout
 from ..merge import merge_attention
 from ..plan import BlockPlan
+from ..plan_cache import PlanCache
 from ..token_order import TokenPermutation
 
 __all__ = ["MethodConfig", "SparseMethod"]
@@ -93,8 +94,9 @@ class SparseMethod:
         if not isinstance(config, self.config_cls):
             raise ValueError(f"{type(self).__name__} takes a {self.config_cls.__name__}, got {type(config).__name__}.")
         self.config = config
-        self._plans: dict = {}
-        self._dense_plans: dict = {}
+        # plans per (layout, heads, device) key; see plan_key / build_plan
+        self._plans = PlanCache(self.build_plan)
+        self._dense_plans = PlanCache(lambda key: BlockPlan.dense(key[0], key[1], 64, 64, device=key[2]))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
@@ -176,15 +178,30 @@ class SparseMethod:
 
     def plan(self, layout: TokenLayout, num_heads: int, ctx: AttentionContext | None = None, *,
              q: torch.Tensor | None = None, k: torch.Tensor | None = None) -> BlockPlan:
-        """Block plan over the video tokens (in :meth:`token_order`)."""
+        """Block plan over the video tokens (in :meth:`token_order`). Static methods get it
+        from their cache (built once per layout, heads and device by :meth:`build_plan`);
+        dynamic methods override this and use ``q``/``k``."""
+        device = q.device if q is not None else torch.device("cpu")
+        return self._plans.get(self.plan_key(layout, num_heads, device))
+
+    @staticmethod
+    def plan_key(layout: TokenLayout, num_heads: int, device: torch.device) -> tuple:
+        """Cache key of a static plan: plain Python values (constants under torch.compile)."""
+        return (layout.frames, layout.height, layout.width, layout.text_len, layout.text_first,
+                num_heads, str(device))
+
+    @staticmethod
+    def key_layout(key: tuple) -> tuple[TokenLayout, int, torch.device]:
+        """Inverse of :meth:`plan_key`."""
+        f, h, w, text_len, text_first, heads, device = key
+        return TokenLayout(f, h, w, text_len, text_first), heads, torch.device(device)
+
+    def build_plan(self, key: tuple) -> BlockPlan:
+        """Build the static plan for a :meth:`plan_key` (called once per key)."""
         raise NotImplementedError(f"{type(self).__name__} has no block plan")
 
     def _dense_plan(self, q_len: int, kv_len: int, device: torch.device) -> BlockPlan:
-        key = (q_len, kv_len, str(device))
-        plan = self._dense_plans.get(key)
-        if plan is None:
-            plan = self._dense_plans[key] = BlockPlan.dense(q_len, kv_len, 64, 64, device=device)
-        return plan
+        return self._dense_plans.get((q_len, kv_len, str(device)))
 
     # -- for tests and pictures ----------------------------------------------------------
     def video_token_mask(self, layout: TokenLayout, num_heads: int, ctx: AttentionContext | None = None) -> torch.Tensor:

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..context import AttentionContext
 from ..layout import TokenLayout
 from ..plan import BlockPlan
 from .base import MethodConfig, SparseMethod
@@ -63,14 +62,9 @@ class MaskAttention(SparseMethod):
     config_cls = MaskConfig
     summary = "your own pattern: a function of token coordinates or a block mask"
 
-    def plan(self, layout: TokenLayout, num_heads: int, ctx: AttentionContext | None = None, *,
-             q: torch.Tensor | None = None, k: torch.Tensor | None = None) -> BlockPlan:
-        device = q.device if q is not None else torch.device("cpu")
-        key = (layout, num_heads, str(device))
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plans[key] = self._build(layout, num_heads).to(device)
-        return plan
+    def build_plan(self, key: tuple) -> BlockPlan:
+        layout, num_heads, device = self.key_layout(key)
+        return self._build(layout, num_heads).to(device)
 
     def _build(self, layout: TokenLayout, num_heads: int) -> BlockPlan:
         cfg = self.config
