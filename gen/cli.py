@@ -18,6 +18,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -133,7 +134,7 @@ def render(
             image=image, out=out, device=device, dtype=dtype, model_path=model_path,
         )
     except ValueError as err:
-        console.print(f"[red]error:[/red] {err}")
+        console.print(f"[red]error:[/red] {escape(str(err))}")
         raise typer.Exit(2) from None
     table = Table(show_header=False, title=f"wrote {result.path}")
     table.add_row("model / attention", f"{model} / {attention}")
@@ -243,7 +244,7 @@ def bench_kernels(
                 check=check, command=command, progress=lambda m: status.update(m),
             )
         except ValueError as err:
-            console.print(f"[red]error:[/red] {err}")
+            console.print(f"[red]error:[/red] {escape(str(err))}")
             raise typer.Exit(2) from None
 
     m = result.meta

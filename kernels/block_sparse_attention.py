@@ -247,17 +247,35 @@ def block_sparse_attention(
     """
     bsz, heads, q_len, kv_len, head_dim = check_qkv(q, k, v)
     check_plan(plan, q, k)
-    check_kv_valid(kv_valid, bsz, kv_len, q.device)
     sm_scale = check_scale(scale, head_dim)
     check_triton_limits(head_dim, plan)
+    if not torch.compiler.is_compiling():
+        # value checks sync with the device; inside a compiled graph the op checks at run time
+        check_kv_valid(kv_valid, bsz, kv_len, q.device)
+        ok, why = triton_available_for(q.device)
+        if not ok:
+            raise ValueError(why)
+    out, lse = _block_sparse_attn_fwd(q, k, v, plan.kv_indices, plan.kv_counts, kv_valid,
+                                      plan.block_m, plan.block_n, sm_scale, return_lse)
+    return (out, lse) if return_lse else out
+
+
+# The launch is a custom op so torch.compile treats it as one opaque call (no tracing into
+# the launcher's Python or the autotuner) with shapes given by the fake implementation.
+@torch.library.custom_op("gen::block_sparse_attn_fwd", mutates_args=())
+def _block_sparse_attn_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor, kv_counts: torch.Tensor,
+    kv_valid: torch.Tensor | None, block_m: int, block_n: int, sm_scale: float, return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     ok, why = triton_available_for(q.device)
     if not ok:
         raise ValueError(why)
-
+    bsz, heads, q_len, head_dim = q.shape
+    kv_len = k.shape[2]
     interpret = _interpreting()
     out = torch.empty((bsz, heads, q_len, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((bsz, heads, q_len) if return_lse else (1,), dtype=torch.float32, device=q.device)
-    idx, cnt = plan.kv_indices, plan.kv_counts
+    idx, cnt = kv_indices, kv_counts
     if kv_valid is not None:
         kv_valid = kv_valid.to(torch.int32)
 
@@ -276,8 +294,8 @@ def block_sparse_attention(
     meta = dict(
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
-        PLAN_BM=plan.block_m,
-        PLAN_BN=plan.block_n,
+        PLAN_BM=block_m,
+        PLAN_BN=block_n,
         HAS_KV_VALID=kv_valid is not None,
         RETURN_LSE=return_lse,
         UPCAST=interpret and q.dtype == torch.bfloat16,
@@ -285,11 +303,18 @@ def block_sparse_attention(
     )
     kernel = _kernel(interpret)
     if interpret:
-        block_m, block_n = min(64, plan.block_m), min(64, plan.block_n)
-        grid = (math.ceil(q_len / block_m), bsz * heads)
-        kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
+        bm, bn = min(64, block_m), min(64, block_n)
+        kernel[(math.ceil(q_len / bm), bsz * heads)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn)
     else:
         grid = lambda m: (triton.cdiv(q_len, m["BLOCK_M"]), bsz * heads)
         with torch.cuda.device(q.device):
             kernel[grid](*args, **meta)
-    return (out, lse) if return_lse else out
+    return out, lse
+
+
+@_block_sparse_attn_fwd.register_fake
+def _(q, k, v, kv_indices, kv_counts, kv_valid, block_m, block_n, sm_scale, return_lse):
+    bsz, heads, q_len, head_dim = q.shape
+    out = q.new_empty((bsz, heads, q_len, head_dim))
+    lse = q.new_empty((bsz, heads, q_len) if return_lse else (1,), dtype=torch.float32)
+    return out, lse

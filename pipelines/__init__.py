@@ -1,5 +1,29 @@
 """Model registry and loading, offline tiny models, presets and the long-video runner
 (``gen.pipelines``). May import ``gen.attention``, diffusers and transformers.
 
-Empty until the diffusers-integration work lands; see README.md in this folder.
+Today: ``MODELS`` / ``ModelSpec`` (what each model is and can take), ``load`` (offline
+loading with clear errors when weights are missing), ``list_models`` and the tiny
+random-weight pipelines of ``build_tiny_pipeline``; see README.md in this folder.
 """
+
+from .registry import (
+    MODELS,
+    ModelNotAvailableError,
+    ModelSpec,
+    check_geometry,
+    get_spec,
+    list_models,
+    load,
+)
+from .tiny import build_tiny_pipeline
+
+__all__ = [
+    "MODELS",
+    "ModelNotAvailableError",
+    "ModelSpec",
+    "build_tiny_pipeline",
+    "check_geometry",
+    "get_spec",
+    "list_models",
+    "load",
+]

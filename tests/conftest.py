@@ -1,7 +1,8 @@
 """Test setup: Triton runs through its interpreter on the CPU, inputs are fresh random.
 
 TRITON_INTERPRET must be set before triton is first imported (it decides then), hence
-here, before anything imports gen. Set TRITON_INTERPRET=0 yourself to run the compiled
+here, before anything imports gen. HF_HUB_OFFLINE=1 makes any stray hub call fail fast,
+and GEN_CACHE_DIR points the tiny-model cache at a temporary folder. Set TRITON_INTERPRET=0 yourself to run the compiled
 kernels on a GPU.
 
 Every test that draws random numbers takes the ``seed`` fixture: a new seed each run
@@ -11,6 +12,7 @@ Every test that draws random numbers takes the ``seed`` fixture: a new seed each
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach a model hub
 
 import random  # noqa: E402
 
@@ -25,6 +27,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _gen_cache_dir(tmp_path_factory):
+    """Tiny models are built once per session into a temporary cache, never into ~/.cache."""
+    before = os.environ.get("GEN_CACHE_DIR")
+    os.environ["GEN_CACHE_DIR"] = str(tmp_path_factory.mktemp("gen-cache"))
+    yield
+    if before is None:
+        os.environ.pop("GEN_CACHE_DIR", None)
+    else:
+        os.environ["GEN_CACHE_DIR"] = before
 
 
 @pytest.fixture

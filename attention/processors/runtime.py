@@ -69,15 +69,16 @@ class RunState:
         self._last_t: float | None = None
         self._flux_layouts: dict[int, tuple[int, int]] = {}
 
-    def reset(self) -> None:
-        """Forget the step (a new run starts at step 0) and the statistics."""
+    def reset(self, stats: bool = True) -> None:
+        """Forget the step (a new run starts at step 0) and, with ``stats``, the statistics."""
         self.layout = None
         self.step_index = self.num_steps = self.branch = None
         self._counts.clear()
         self._explicit_step = False
         self._in_context = False
         self._last_t = None
-        self.stats.clear()
+        if stats:
+            self.stats.clear()
 
     # called by diffusers' cache_context, outside any compiled region
     def on_cache_context(self, context) -> None:
@@ -187,7 +188,9 @@ class _GeometryHook(ModelHook):
         return args, kwargs
 
     def reset_state(self, module):
-        self.run.reset()
+        # diffusers resets stateful hooks when a pipeline call ends: keep the statistics
+        # of the run for the caller's summary
+        self.run.reset(stats=False)
         return module
 
 
