@@ -52,6 +52,7 @@ def block_sparse_attention(
     *,
     scale: float | None = None,
     kv_valid: torch.Tensor | None = None,
+    kv_mask: torch.Tensor | None = None,
     return_lse: bool = False,
     backend: str | None = None,
 ):
@@ -63,4 +64,4 @@ def block_sparse_attention(
     if not isinstance(q, torch.Tensor):
         raise ValueError(f"q must be a torch.Tensor, got {type(q).__name__}.")
     fn = _triton_bsa if select_backend(q.device, backend) == "triton" else reference.block_sparse_attention
-    return fn(q, k, v, plan, scale=scale, kv_valid=kv_valid, return_lse=return_lse)
+    return fn(q, k, v, plan, scale=scale, kv_valid=kv_valid, kv_mask=kv_mask, return_lse=return_lse)

@@ -10,7 +10,7 @@ keys/values of one chunk stay under ``score_budget`` elements.
 from __future__ import annotations
 
 import torch
-from gen.kernels._checks import check_kv_valid, check_plan, check_qkv, check_scale
+from gen.kernels._checks import check_kv_mask, check_kv_valid, check_plan, check_qkv, check_scale
 
 __all__ = ["block_sparse_attention"]
 
@@ -27,6 +27,7 @@ def block_sparse_attention(
     *,
     scale: float | None = None,
     kv_valid: torch.Tensor | None = None,
+    kv_mask: torch.Tensor | None = None,
     return_lse: bool = False,
     score_budget: int = _SCORE_BUDGET,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -38,6 +39,7 @@ def block_sparse_attention(
         plan: ``gen.attention.BlockPlan`` for ``q_len=Sq, kv_len=Skv``.
         scale: softmax scale, default ``1/sqrt(D)``.
         kv_valid: optional int ``(B,)`` number of valid keys per sample.
+        kv_mask: optional bool ``(Skv,)`` or ``(B, Skv)``; keys flagged False are ignored.
         return_lse: also return the natural-log log-sum-exp, fp32 ``(B, H, Sq)``.
         score_budget: most score + gathered k/v elements held at once (memory knob).
 
@@ -50,6 +52,7 @@ def block_sparse_attention(
     )
     check_plan(plan, q, k)
     check_kv_valid(kv_valid, bsz, kv_len, q.device)
+    check_kv_mask(kv_mask, bsz, kv_len, q.device)
     sm_scale = check_scale(scale, head_dim)
 
     bm, bn = plan.block_m, plan.block_n
@@ -73,6 +76,8 @@ def block_sparse_attention(
     bi = torch.arange(bsz, device=dev).view(bsz, 1, 1, 1)
     hi = torch.arange(heads, device=dev).view(1, heads, 1, 1)
     offs = torch.arange(bn, device=dev)
+    if kv_mask is not None:  # (B, nk * bn), False past the end
+        key_ok = torch.nn.functional.pad(kv_mask.expand(bsz, kv_len), (0, nk * bn - kv_len))
 
     out = torch.empty(bsz, heads, nq, bm, head_dim, dtype=cdtype, device=dev)
     lse = torch.empty(bsz, heads, nq, bm, dtype=cdtype, device=dev)
@@ -86,6 +91,8 @@ def block_sparse_attention(
         used = torch.arange(max_visits, device=dev) < cnt[:, :, sl, None]  # (B, H, c, V)
         pos = ci[..., None] * bn + offs  # (B, H, c, V, bn)
         ok = used[..., None] & (pos < limit.view(bsz, 1, 1, 1, 1))
+        if kv_mask is not None:
+            ok = ok & key_ok[bi.unsqueeze(-1), pos]
         s = torch.einsum("bhcmd,bhcvnd->bhcmvn", qb[:, :, sl], kg) * sm_scale
         s = s.masked_fill(~ok[:, :, :, None], float("-inf")).flatten(-2)  # (B, H, c, bm, V*bn)
         row_lse = torch.logsumexp(s, dim=-1)  # -inf where a row sees nothing

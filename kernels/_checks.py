@@ -173,6 +173,21 @@ def check_kv_valid(kv_valid: torch.Tensor | None, batch: int, kv_len: int, devic
         raise ValueError(f"kv_valid values must lie in [0, {kv_len}]; got {kv_valid.tolist()}.")
 
 
+def check_kv_mask(kv_mask: torch.Tensor | None, batch: int, kv_len: int, device: torch.device) -> None:
+    """``kv_mask``: bool ``(Skv,)`` (shared) or ``(B, Skv)``; False keys are ignored."""
+    if kv_mask is None:
+        return
+    if not isinstance(kv_mask, torch.Tensor) or kv_mask.dtype != torch.bool:
+        raise ValueError(f"kv_mask must be a bool tensor of shape ({kv_len},) or ({batch}, {kv_len}).")
+    if tuple(kv_mask.shape) not in ((kv_len,), (batch, kv_len)):
+        raise ValueError(
+            f"kv_mask has shape {tuple(kv_mask.shape)}; expected ({kv_len},) or ({batch}, {kv_len}) "
+            "(one flag per key: True = attend to it)."
+        )
+    if kv_mask.device != device:
+        raise ValueError(f"kv_mask lives on {kv_mask.device} but q on {device}; move it.")
+
+
 def check_scale(scale: float | None, head_dim: int) -> float:
     """Return the softmax scale: ``scale`` or ``1/sqrt(head_dim)``."""
     if scale is None:

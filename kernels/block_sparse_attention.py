@@ -11,6 +11,8 @@ Contract (shared with ``gen.attention.reference.block_sparse_attention``):
   (the ragged last blocks are masked in the kernel); ``D`` a multiple of 16 up to 256
   (non powers of two are padded in registers).
 * ``kv_valid (B,)``: keys at positions ``>= kv_valid[b]`` are ignored (padding).
+* ``kv_mask`` bool ``(Skv,)`` or ``(B, Skv)``: keys flagged False are ignored anywhere in
+  the sequence (padding slots inside a permuted token order).
 * A row that sees no valid key returns zeros and ``lse = -inf``.
 * ``lse`` is the natural-log log-sum-exp of the scaled scores, fp32 ``(B, H, Sq)``.
 
@@ -38,6 +40,7 @@ import triton.language as tl
 
 from ._checks import (
     BlockPlanLike,
+    check_kv_mask,
     check_kv_valid,
     check_plan,
     check_qkv,
@@ -52,7 +55,7 @@ LN2 = 0.6931471805599453
 
 
 def _block_sparse_fwd_kernel(
-    Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid,  #
+    Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid, KvMask,  #
     qk_scale,  #
     stride_qb, stride_qh, stride_qm, stride_qd,  #
     stride_kb, stride_kh, stride_kn, stride_kd,  #
@@ -60,11 +63,12 @@ def _block_sparse_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,  #
     stride_ib, stride_ih, stride_im, stride_iv,  #
     stride_cb, stride_ch, stride_cm,  #
+    stride_mb,  #
     H, Q_LEN, KV_LEN,  #
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,  #
     PLAN_BM: tl.constexpr, PLAN_BN: tl.constexpr,  #
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
-    HAS_KV_VALID: tl.constexpr, RETURN_LSE: tl.constexpr,  #
+    HAS_KV_VALID: tl.constexpr, HAS_KV_MASK: tl.constexpr, RETURN_LSE: tl.constexpr,  #
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,  #
 ):
     pid_m = tl.program_id(0)
@@ -103,6 +107,8 @@ def _block_sparse_fwd_kernel(
         for j in tl.static_range(PLAN_BN // BLOCK_N):
             offs_n = kb * PLAN_BN + j * BLOCK_N + tl.arange(0, BLOCK_N)
             n_ok = offs_n < kv_limit
+            if HAS_KV_MASK:
+                n_ok = n_ok & (tl.load(KvMask + b * stride_mb + offs_n, mask=n_ok, other=0) != 0)
             # k is loaded transposed (D, BLOCK_N) so q @ k needs no permute
             kt = tl.load(
                 k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
@@ -192,7 +198,7 @@ def _kernel(interpret: bool):
         return jitted
     return triton.autotune(
         configs=HOPPER_CONFIGS,
-        key=["HEAD_DIM", "PLAN_BM", "PLAN_BN", "HAS_KV_VALID"],
+        key=["HEAD_DIM", "PLAN_BM", "PLAN_BN", "HAS_KV_VALID", "HAS_KV_MASK"],
         prune_configs_by={"early_config_prune": _prune},
     )(jitted)
 
@@ -222,6 +228,7 @@ def block_sparse_attention(
     *,
     scale: float | None = None,
     kv_valid: torch.Tensor | None = None,
+    kv_mask: torch.Tensor | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention forward with the Triton kernel.
@@ -234,6 +241,7 @@ def block_sparse_attention(
         scale: softmax scale; default ``1/sqrt(D)``.
         kv_valid: optional int tensor ``(B,)``, the number of valid keys per sample;
             keys at positions ``>= kv_valid[b]`` are ignored.
+        kv_mask: optional bool ``(Skv,)`` or ``(B, Skv)``; keys flagged False are ignored.
         return_lse: also return the natural-log log-sum-exp, fp32 ``(B, H, Sq)``.
 
     Returns:
@@ -252,10 +260,11 @@ def block_sparse_attention(
     if not torch.compiler.is_compiling():
         # value checks sync with the device; inside a compiled graph the op checks at run time
         check_kv_valid(kv_valid, bsz, kv_len, q.device)
+        check_kv_mask(kv_mask, bsz, kv_len, q.device)
         ok, why = triton_available_for(q.device)
         if not ok:
             raise ValueError(why)
-    out, lse = _block_sparse_attn_fwd(q, k, v, plan.kv_indices, plan.kv_counts, kv_valid,
+    out, lse = _block_sparse_attn_fwd(q, k, v, plan.kv_indices, plan.kv_counts, kv_valid, kv_mask,
                                       plan.block_m, plan.block_n, sm_scale, return_lse)
     return (out, lse) if return_lse else out
 
@@ -265,7 +274,8 @@ def block_sparse_attention(
 @torch.library.custom_op("gen::block_sparse_attn_fwd", mutates_args=())
 def _block_sparse_attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor, kv_counts: torch.Tensor,
-    kv_valid: torch.Tensor | None, block_m: int, block_n: int, sm_scale: float, return_lse: bool,
+    kv_valid: torch.Tensor | None, kv_mask: torch.Tensor | None, block_m: int, block_n: int,
+    sm_scale: float, return_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     ok, why = triton_available_for(q.device)
     if not ok:
@@ -278,6 +288,8 @@ def _block_sparse_attn_fwd(
     idx, cnt = kv_indices, kv_counts
     if kv_valid is not None:
         kv_valid = kv_valid.to(torch.int32)
+    if kv_mask is not None:
+        kv_mask = kv_mask.to(torch.uint8).contiguous()
 
     def bstride(t: torch.Tensor, dim: int) -> int:
         # broadcast dims (size 1) read the same plan row for every batch/head
@@ -285,10 +297,12 @@ def _block_sparse_attn_fwd(
 
     args = (
         q, k, v, out, lse, idx, cnt, kv_valid if kv_valid is not None else cnt,
+        kv_mask if kv_mask is not None else cnt,
         sm_scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         bstride(idx, 0), bstride(idx, 1), idx.stride(2), idx.stride(3),
         bstride(cnt, 0), bstride(cnt, 1), cnt.stride(2),
+        kv_mask.stride(0) if kv_mask is not None and kv_mask.dim() == 2 else 0,
         heads, q_len, kv_len,
     )
     meta = dict(
@@ -297,6 +311,7 @@ def _block_sparse_attn_fwd(
         PLAN_BM=block_m,
         PLAN_BN=block_n,
         HAS_KV_VALID=kv_valid is not None,
+        HAS_KV_MASK=kv_mask is not None,
         RETURN_LSE=return_lse,
         UPCAST=interpret and q.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -313,7 +328,7 @@ def _block_sparse_attn_fwd(
 
 
 @_block_sparse_attn_fwd.register_fake
-def _(q, k, v, kv_indices, kv_counts, kv_valid, block_m, block_n, sm_scale, return_lse):
+def _(q, k, v, kv_indices, kv_counts, kv_valid, kv_mask, block_m, block_n, sm_scale, return_lse):
     bsz, heads, q_len, head_dim = q.shape
     out = q.new_empty((bsz, heads, q_len, head_dim))
     lse = q.new_empty((bsz, heads, q_len) if return_lse else (1,), dtype=torch.float32)

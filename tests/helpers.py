@@ -3,7 +3,7 @@
 import torch
 
 
-def dense_masked_attention(q, k, v, token_mask, *, scale=None, kv_valid=None, dtype=torch.float64):
+def dense_masked_attention(q, k, v, token_mask, *, scale=None, kv_valid=None, kv_mask=None, dtype=torch.float64):
     """Plain softmax attention over an explicit token mask, computed in ``dtype``.
 
     ``token_mask`` bool broadcastable to ``(B, H, Sq, Skv)``. Rows with no allowed key
@@ -18,6 +18,8 @@ def dense_masked_attention(q, k, v, token_mask, *, scale=None, kv_valid=None, dt
     if kv_valid is not None:
         pos = torch.arange(k.shape[2], device=k.device)
         mask = mask & (pos < kv_valid.view(-1, 1, 1, 1))
+    if kv_mask is not None:
+        mask = mask & kv_mask.view(-1, 1, 1, k.shape[2])
     s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))

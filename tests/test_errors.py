@@ -76,6 +76,9 @@ def test_kv_valid_and_scale_errors(backend):
     _raises(r"shape \(2,\)", q, k, v, plan, kv_valid=torch.tensor([5]), backend=backend)
     _raises(r"shape \(2,\)", q, k, v, plan, kv_valid=torch.tensor([5.0, 6.0]), backend=backend)
     _raises(r"lie in \[0, 100\]", q, k, v, plan, kv_valid=torch.tensor([5, 101]), backend=backend)
+    _raises("kv_mask must be a bool", q, k, v, plan, kv_mask=torch.ones(100), backend=backend)
+    _raises(r"kv_mask has shape \(3, 100\)", q, k, v, plan, kv_mask=torch.ones(3, 100, dtype=torch.bool),
+            backend=backend)
     _raises("finite positive", q, k, v, plan, scale=float("nan"), backend=backend)
     _raises("finite positive", q, k, v, plan, scale=-1.0, backend=backend)
 

@@ -24,10 +24,10 @@ def _inputs(b, h, sq, skv, d, dtype):
     return q, k, v
 
 
-def _check(out, lse, q, k, v, plan, *, kv_valid=None, scale=None):
+def _check(out, lse, q, k, v, plan, *, kv_valid=None, kv_mask=None, scale=None):
     mask = plan.to_token_mask()
-    ref, ref_lse = dense_masked_attention(q, k, v, mask, kv_valid=kv_valid, scale=scale)
-    low, _ = dense_masked_attention(q, k, v, mask, kv_valid=kv_valid, scale=scale, dtype=q.dtype)
+    ref, ref_lse = dense_masked_attention(q, k, v, mask, kv_valid=kv_valid, kv_mask=kv_mask, scale=scale)
+    low, _ = dense_masked_attention(q, k, v, mask, kv_valid=kv_valid, kv_mask=kv_mask, scale=scale, dtype=q.dtype)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert torch.isfinite(out).all()
     bound = 2 * rel_err(low, ref) + 1e-6
@@ -71,6 +71,21 @@ def test_broadcast_plan_and_padded_keys(seed, backend, dtype):
     out, lse = block_sparse_attention(q, k, v, plan, kv_valid=kv_valid, return_lse=True, backend=backend)
     _check(out, lse, q, k, v, plan, kv_valid=kv_valid)
     assert (out[2] == 0).all() and torch.isneginf(lse[2]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shared", [True, False])
+def test_key_mask_anywhere_in_the_sequence(seed, backend, shared):
+    """kv_mask drops keys anywhere (padding slots of a permuted order), with kv_valid too."""
+    b, h, s, d = 2, 2, 333, 64
+    q, k, v = _inputs(b, h, s, s, d, torch.float16)
+    plan = BlockPlan.random(s, s, 0.6, batch=b, heads=h, block_m=64, block_n=64)
+    kv_mask = torch.rand(s) < 0.7 if shared else torch.rand(b, s) < 0.7
+    kv_mask[..., :64] = False  # a whole key block masked
+    kv_valid = torch.tensor([s, 200])
+    out, lse = block_sparse_attention(q, k, v, plan, kv_valid=kv_valid, kv_mask=kv_mask, return_lse=True,
+                                      backend=backend)
+    _check(out, lse, q, k, v, plan, kv_valid=kv_valid, kv_mask=kv_mask)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

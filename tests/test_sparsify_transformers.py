@@ -204,3 +204,32 @@ def test_block_mask_pattern_and_wrong_size():
     with gen.sparse(t, "mask", pattern=torch.ones(2, 2, dtype=torch.bool)):
         with pytest.raises(ValueError, match=r"block mask is \(2, 2\) but this call has 192 video tokens"):
             _run(t, x)
+
+
+def test_padded_token_order_masks_padding_slots(seed):
+    """A method whose plan lives in a padded tile order (tiles that do not divide the
+    grid) equals masked dense attention with its token_mask: padding slots never count."""
+    from gen.attention import BlockPlan, tile_order
+    from gen.attention.methods import MaskAttention
+    from helpers import dense_masked_attention, rel_err
+
+    class TiledRandom(MaskAttention):
+        name = "tiled-random-test"
+
+        def token_order(self, layout):
+            return tile_order(layout.grid, (2, 4, 4), pad=True)
+
+        def build_plan(self, key):
+            layout, _, _ = self.key_layout(key)
+            n = self.token_order(layout).n_out
+            nb = -(-n // 32)
+            mask = (torch.rand(nb, nb) < 0.5) | torch.eye(nb, dtype=torch.bool)
+            return BlockPlan.from_block_mask(mask, 32, 32, n, n)
+
+    method = TiledRandom(MaskConfig(pattern=torch.ones(1, 1, dtype=torch.bool)))
+    layout = TokenLayout(3, 5, 7, text_len=4)  # 105 video tokens -> 128 padded slots
+    assert method.token_order(layout).n_out > layout.video_len
+    q, k, v = (torch.randn(2, 2, layout.seq_len, 16) for _ in range(3))
+    out = method.attention(q, k, v, layout, AttentionContext())
+    ref, _ = dense_masked_attention(q, k, v, method.token_mask(layout, 2))
+    assert rel_err(out, ref) < 1e-5

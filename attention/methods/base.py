@@ -97,6 +97,7 @@ class SparseMethod:
         # plans per (layout, heads, device) key; see plan_key / build_plan
         self._plans = PlanCache(self.build_plan)
         self._dense_plans = PlanCache(lambda key: BlockPlan.dense(key[0], key[1], 64, 64, device=key[2]))
+        self._orders: dict[TokenLayout, TokenPermutation | None] = {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
@@ -162,18 +163,33 @@ class SparseMethod:
                         ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Video queries against video keys, ``(B, H, Sv, D)`` each, in frame-major order.
         Returns ``(out, lse)``; the default walks :meth:`plan` with the block-sparse kernel,
-        in the method's :meth:`token_order` when it has one."""
-        perm = self.token_order(layout)
+        in the method's :meth:`token_order` when it has one (padding slots of a padded
+        order are masked out as keys and dropped from the output)."""
+        perm = self._order(layout)
+        kv_mask = None
         if perm is not None:
             q, k, v = (perm.apply(x, dim=2) for x in (q, k, v))
+            if perm.n_out != perm.n_in:
+                kv_mask = perm.valid.to(q.device)
         plan = self.plan(layout, q.shape[1], ctx, q=q, k=k)
-        out, lse = block_sparse_attention(q, k, v, plan, return_lse=True, backend=self.config.backend)
+        out, lse = block_sparse_attention(q, k, v, plan, kv_mask=kv_mask, return_lse=True,
+                                          backend=self.config.backend)
         if perm is not None:
             out, lse = perm.invert(out, dim=2), perm.invert(lse.unsqueeze(-1), dim=2).squeeze(-1)
         return out, lse
 
+    def _order(self, layout: TokenLayout) -> TokenPermutation | None:
+        # cached in eager mode; inside a compiled graph the (data-independent) index is traced
+        if torch.compiler.is_compiling():
+            return self.token_order(layout)
+        if layout not in self._orders:
+            self._orders[layout] = self.token_order(layout)
+        return self._orders[layout]
+
     def token_order(self, layout: TokenLayout) -> TokenPermutation | None:
-        """Permutation of the video tokens the plan is expressed in (None: frame-major)."""
+        """Permutation of the video tokens the plan is expressed in (None: frame-major).
+        It may pad (``n_out > n_in``, e.g. tiles that do not divide the grid): the plan
+        then covers ``n_out`` slots and padding slots are never attended to."""
         return None
 
     def plan(self, layout: TokenLayout, num_heads: int, ctx: AttentionContext | None = None, *,
@@ -208,7 +224,7 @@ class SparseMethod:
         """Bool ``(H|1, Sv, Sv)``: which video keys each video query sees, frame-major order."""
         plan = self.plan(layout, num_heads, ctx or AttentionContext())
         mask = plan.to_token_mask()[0]
-        perm = self.token_order(layout)
+        perm = self._order(layout)
         if perm is not None:
             inv = perm.inverse.to(mask.device)
             mask = mask[:, inv][:, :, inv]

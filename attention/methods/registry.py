@@ -13,8 +13,6 @@ import types
 import typing
 
 from .base import MethodConfig, SparseMethod
-from .dense import DenseAttention
-from .mask import MaskAttention
 from .presets import preset_for
 
 __all__ = ["register_method", "list_methods", "method_class", "get_method", "parse_overrides"]
@@ -28,8 +26,24 @@ def register_method(cls: type[SparseMethod]) -> type[SparseMethod]:
     return cls
 
 
-for _cls in (DenseAttention, MaskAttention):
-    register_method(_cls)
+def _discover() -> None:
+    """Register every method class defined in this package's modules: a new method is
+    one new file (``attention/methods/<name>.py``) and nothing else to edit."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    package = __name__.rsplit(".", 1)[0]
+    for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
+        if info.name in ("base", "registry", "presets") or info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{package}.{info.name}")
+        for _, obj in inspect.getmembers(module, inspect.isclass):
+            if issubclass(obj, SparseMethod) and obj.__module__ == module.__name__ and obj.name != "base":
+                register_method(obj)
+
+
+_discover()
 
 
 def list_methods() -> list[str]:
