@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 import torch
+
 from gen.kernels import block_sparse_attention as _triton_bsa
 from gen.kernels import triton_available_for
 

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import InitVar, dataclass, field
 
 import torch
+
 from gen.kernels._checks import check_plan_values
 
 __all__ = ["BlockPlan"]

@@ -76,7 +76,10 @@ def save_plan_png(plan, path, batch: int = 0, head: int = 0, title: str | None =
     ax.imshow(grid.numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
     ax.set_xlabel(f"key block ({plan.block_n} tokens)")
     ax.set_ylabel(f"query block ({plan.block_m} tokens)")
-    ax.set_title(title or f"batch {batch}, head {head}: density {_density_of(plan, batch, head):.3f}")
+    import textwrap
+
+    title = title or f"batch {batch}, head {head}: density {_density_of(plan, batch, head):.3f}"
+    ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

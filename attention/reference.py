@@ -10,6 +10,7 @@ keys/values of one chunk stay under ``score_budget`` elements.
 from __future__ import annotations
 
 import torch
+
 from gen.kernels._checks import check_kv_mask, check_kv_valid, check_plan, check_qkv, check_scale
 
 __all__ = ["block_sparse_attention"]

@@ -166,6 +166,25 @@ def models() -> None:
     console.print(table)
 
 
+def _preset_density(method: str, key: str) -> str:
+    """``, density 0.339 at 21x30x52`` for a preset keyed by a model name (its native
+    geometry), empty for family presets and methods without a static plan."""
+    from gen.masks import layout_for_model
+    from gen.pipelines import MODELS
+
+    spec = MODELS.get(key)
+    if spec is None:
+        return ""
+    try:
+        from gen.attention.methods import get_method
+
+        layout = layout_for_model(spec)
+        d = get_method(method, model=key, family=spec.family).plan(layout, spec.heads).density()
+    except (NotImplementedError, ValueError):
+        return ""
+    return f"  [green]density {d:.3f}[/green] at {layout.frames}x{layout.height}x{layout.width}"
+
+
 @app.command()
 def methods() -> None:
     """List the attention methods, their parameters (with defaults) and presets per model."""
@@ -180,7 +199,35 @@ def methods() -> None:
             default = f.default if f.default is not dataclasses.MISSING else "required"
             console.print(f"    {f.name} = {default!r}")
         for key, values in PRESETS.get(name, {}).items():
-            console.print(f"    preset [cyan]{key}[/cyan]: {values}")
+            console.print(f"    preset [cyan]{key}[/cyan]: {values}{_preset_density(name, key)}")
+
+
+@app.command()
+def masks(
+    method: str = typer.Option(..., "--method", help="attention method (see `gen methods`)"),
+    model: str = typer.Option("tiny-wan", "--model", "-m", help="model whose geometry and preset to use"),
+    height: int = typer.Option(None, help="height in pixels (default: the model's)"),
+    width: int = typer.Option(None, help="width in pixels (default: the model's)"),
+    frames: int = typer.Option(None, help="frames (default: the model's)"),
+    layer: int = typer.Option(0, help="layer index"),
+    head: int = typer.Option(0, help="head index"),
+    step: int = typer.Option(0, help="denoising step"),
+    set_: list[str] = typer.Option(None, "--set", help="method parameter override key=value (repeatable)"),
+    out: Path = typer.Option(Path("mask.png"), "--out", "-o", help="PNG to write"),
+) -> None:
+    """Draw a method's block mask (and token mask for small layouts) at a model's geometry."""
+    from gen.attention.methods import parse_overrides
+    from gen.masks import mask_picture
+
+    _setup_logging(False)
+    try:
+        pic = mask_picture(method, model, out=out, height=height, width=width, frames=frames, layer=layer,
+                           head=head, step=step, overrides=parse_overrides(method, set_ or []))
+    except ValueError as err:
+        console.print(f"[red]error:[/red] {escape(str(err))}")
+        raise typer.Exit(2) from None
+    console.print(f"{pic.layout}: video density {pic.video_density:.3f}, call density {pic.density:.3f}")
+    console.print(f"wrote {pic.block_png}" + (f" and {pic.token_png}" if pic.token_png else ""))
 
 
 @bench_app.command("kernels")

@@ -88,6 +88,7 @@ class ModelSpec:
             downsampling (8) times the transformer's patch size (2).
         temporal_multiple: frames must be ``temporal_multiple * k + 1`` (the VAE's
             temporal compression); 0 for image models, which take exactly 1 frame.
+        heads: attention heads of the transformer (for per-head mask pictures).
         text_tokens: text tokens per attention call at the pipeline's default
             ``max_sequence_length`` (Wan: cross-attention only; HunyuanVideo: joint, after
             the video; FLUX: joint, before the image).
@@ -111,6 +112,7 @@ class ModelSpec:
     spatial_multiple: int = 16
     temporal_multiple: int = 4
     text_tokens: int = 512
+    heads: int = 2
     description: str = ""
 
     @property
@@ -178,45 +180,45 @@ _SPECS: tuple[ModelSpec, ...] = (
     ModelSpec(
         name="wan2.1-t2v-1.3b", task="t2v", pipeline_class="WanPipeline",
         repo_id="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", height=480, width=832,
-        fp32_components=("vae",), **_WAN_REAL,
+        fp32_components=("vae",), heads=12, **_WAN_REAL,
         description="Wan 2.1 text-to-video 1.3B, 480p (12 heads x 128, 30 layers)",
     ),
     ModelSpec(
         name="wan2.1-t2v-14b", task="t2v", pipeline_class="WanPipeline",
         repo_id="Wan-AI/Wan2.1-T2V-14B-Diffusers", height=720, width=1280,
-        fp32_components=("vae",), **_WAN_REAL,
+        fp32_components=("vae",), heads=40, **_WAN_REAL,
         description="Wan 2.1 text-to-video 14B, 720p (40 heads x 128, 40 layers)",
     ),
     ModelSpec(
         name="wan2.1-i2v-14b-480p", task="i2v", pipeline_class="WanImageToVideoPipeline",
         repo_id="Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", height=480, width=832,
-        fp32_components=("vae", "image_encoder"), **_WAN_REAL,
+        fp32_components=("vae", "image_encoder"), heads=40, **_WAN_REAL,
         description="Wan 2.1 image-to-video 14B, 480p (CLIP image context + first-frame latent)",
     ),
     ModelSpec(
         name="wan2.1-i2v-14b-720p", task="i2v", pipeline_class="WanImageToVideoPipeline",
         repo_id="Wan-AI/Wan2.1-I2V-14B-720P-Diffusers", height=720, width=1280,
-        fp32_components=("vae", "image_encoder"), **_WAN_REAL,
+        fp32_components=("vae", "image_encoder"), heads=40, **_WAN_REAL,
         description="Wan 2.1 image-to-video 14B, 720p (CLIP image context + first-frame latent)",
     ),
     ModelSpec(
         name="hunyuanvideo", family="hunyuan", task="t2v", pipeline_class="HunyuanVideoPipeline",
         repo_id="hunyuanvideo-community/HunyuanVideo", height=720, width=1280, frames=129,
-        steps=50, guidance=6.0, guidance_embedded=True, fps=24, dtype="bfloat16", text_tokens=256,
+        steps=50, guidance=6.0, guidance_embedded=True, fps=24, dtype="bfloat16", text_tokens=256, heads=24,
         description="HunyuanVideo 13B text-to-video, 720p (24 heads x 128, 20 dual + 40 single blocks)",
     ),
     ModelSpec(
         name="flux.1-dev", family="flux", task="t2i", pipeline_class="FluxPipeline",
         repo_id="black-forest-labs/FLUX.1-dev", height=1024, width=1024, frames=1, steps=28,
         guidance=3.5, guidance_embedded=True, fps=0, dtype="bfloat16", temporal_multiple=0,
-        text_tokens=512,
+        text_tokens=512, heads=24,
         description="FLUX.1 [dev] 12B text-to-image, guidance-distilled (gated repository)",
     ),
     ModelSpec(
         name="flux.1-schnell", family="flux", task="t2i", pipeline_class="FluxPipeline",
         repo_id="black-forest-labs/FLUX.1-schnell", height=1024, width=1024, frames=1, steps=4,
         guidance=0.0, guidance_embedded=False, fps=0, dtype="bfloat16", temporal_multiple=0,
-        text_tokens=512,
+        text_tokens=512, heads=24,
         description="FLUX.1 [schnell] 12B text-to-image, 4-step timestep-distilled (no guidance)",
     ),
 )

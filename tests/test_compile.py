@@ -2,9 +2,10 @@
 two denoising steps with one graph (no recompile). CPU inductor takes ~30 s here."""
 
 import pytest
-from tiny_transformers import tiny_wan, wan_inputs
 
 import gen
+
+from tiny_transformers import tiny_wan, wan_inputs
 
 
 @pytest.mark.slow

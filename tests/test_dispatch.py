@@ -3,6 +3,7 @@
 import logging
 
 import torch
+
 from gen.attention import BlockPlan, block_sparse_attention, dispatch, select_backend
 
 

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
 from gen.attention import BlockPlan, block_sparse_attention
 
 BACKENDS = ["triton", "torch"]

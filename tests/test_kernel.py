@@ -10,7 +10,9 @@ import math
 
 import pytest
 import torch
+
 from gen.attention import BlockPlan, block_sparse_attention
+
 from helpers import dense_masked_attention, rel_err
 
 BACKENDS = ["triton", "torch"]

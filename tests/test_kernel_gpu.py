@@ -9,8 +9,10 @@ import os
 
 import pytest
 import torch
+
 from gen.attention import BlockPlan, reference
 from gen.kernels import block_sparse_attention
+
 from helpers import rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from gen.attention import TokenLayout
 
 

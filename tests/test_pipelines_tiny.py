@@ -10,11 +10,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
 from gen.pipelines import build_tiny_pipeline, get_spec, load  # noqa: E402
 from gen.pipelines.registry import tiny_cache_folder  # noqa: E402
 from gen.pipelines.tiny import TINY_NAMES  # noqa: E402
 from gen.pipelines.tokenizers import VOCAB_SIZE, build_tokenizer  # noqa: E402
-from PIL import Image  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)

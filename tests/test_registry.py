@@ -12,6 +12,7 @@ import shutil  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
 from gen.pipelines import (  # noqa: E402
     MODELS,
     ModelNotAvailableError,

@@ -5,11 +5,11 @@ The stock pipeline's output is the reference."""
 import numpy as np
 import pytest
 import torch
-from gen.attention.methods import DenseConfig
-from gen.pipelines import get_spec, load
 from PIL import Image
 
 import gen
+from gen.attention.methods import DenseConfig
+from gen.pipelines import get_spec, load
 
 NAMES = ["tiny-wan", "tiny-wan-i2v", "tiny-hunyuan", "tiny-flux"]
 ALL_BLOCKS = lambda qt, qh, qw, kt, kh, kw: torch.ones((), dtype=torch.bool)

@@ -9,6 +9,8 @@ import dataclasses
 
 import pytest
 import torch
+
+import gen
 from gen.attention import AttentionContext, TokenLayout
 from gen.attention.methods import DenseConfig, MaskConfig, get_method
 from gen.attention.processors import (
@@ -16,9 +18,8 @@ from gen.attention.processors import (
     HunyuanVideoSparseAttnProcessor,
     WanSparseAttnProcessor,
 )
-from tiny_transformers import FAMILIES, hunyuan_inputs, tiny_hunyuan, tiny_wan, wan_inputs
 
-import gen
+from tiny_transformers import FAMILIES, hunyuan_inputs, tiny_hunyuan, tiny_wan, wan_inputs
 
 PROCESSOR = {"wan": WanSparseAttnProcessor, "hunyuan": HunyuanVideoSparseAttnProcessor,
              "flux": FluxSparseAttnProcessor}
@@ -211,6 +212,7 @@ def test_padded_token_order_masks_padding_slots(seed):
     grid) equals masked dense attention with its token_mask: padding slots never count."""
     from gen.attention import BlockPlan, tile_order
     from gen.attention.methods import MaskAttention
+
     from helpers import dense_masked_attention, rel_err
 
     class TiledRandom(MaskAttention):

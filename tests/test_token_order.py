@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+
 from gen.attention import TokenLayout, TokenPermutation, axis_order, hilbert_order, tile_order
 
 ODD_GRIDS = [(3, 5, 7), (1, 9, 11), (5, 3, 1), (7, 13), (1, 1, 1)]
