@@ -169,6 +169,7 @@ def models() -> None:
 def _preset_density(method: str, key: str) -> str:
     """``, density 0.339 at 21x30x52`` for a preset keyed by a model name (its native
     geometry), empty for family presets and methods without a static plan."""
+    from gen.attention import TokenLayout
     from gen.masks import layout_for_model
     from gen.pipelines import MODELS
 
@@ -179,7 +180,8 @@ def _preset_density(method: str, key: str) -> str:
         from gen.attention.methods import get_method
 
         layout = layout_for_model(spec)
-        d = get_method(method, model=key, family=spec.family).plan(layout, spec.heads).density()
+        video = TokenLayout(layout.frames, layout.height, layout.width)
+        d = get_method(method, model=key, family=spec.family).density(video, spec.heads)
     except (NotImplementedError, ValueError):
         return ""
     return f"  [green]density {d:.3f}[/green] at {layout.frames}x{layout.height}x{layout.width}"
@@ -322,6 +324,86 @@ def bench_kernels(
         console.print(f"wrote {atomic_write_text(markdown, result.to_markdown() + chr(10))}")
     if plot:
         console.print(f"wrote {save_plot(result, plot)}")
+
+
+calibrate_app = typer.Typer(help="Offline searches that write plan files for per-head methods.", no_args_is_help=True)
+app.add_typer(calibrate_app, name="calibrate")
+
+
+@calibrate_app.command("sparse-vdit")
+def calibrate_sparse_vdit(
+    model: str = typer.Option(..., "--model", "-m", help="model name (see `gen models`); the plan is for it only"),
+    prompts: Path = typer.Option(..., "--prompts", help="text file with one prompt per line (# comments skipped)"),
+    out: Path = typer.Option(..., "--out", "-o", help="plan file to write (safetensors)"),
+    steps: int = typer.Option(None, help="denoising steps (default: the model's); the plan is for exactly these"),
+    height: int = typer.Option(None, help="height in pixels (default: the model's)"),
+    width: int = typer.Option(None, help="width in pixels (default: the model's)"),
+    frames: int = typer.Option(None, help="frames of video (default: the model's)"),
+    lam: float = typer.Option(None, help="cost weight: loss = error + lam * (1 - sparsity) (default 0.5)"),
+    eps: float = typer.Option(None, help="a head stays full when every loss exceeds eps (default 1; larger is sparser)"),
+    seed: int = typer.Option(0, help="random seed of every prompt's run"),
+    guidance: float = typer.Option(None, help="guidance scale (default: the model's)"),
+    negative_prompt: str = typer.Option(None, help="negative prompt"),
+    image: Path = typer.Option(None, help="input image for image-to-video models"),
+    set_: list[str] = typer.Option(None, "--set", help="search parameter key=value: block_size, window, diagonal, "
+                                   "stripes, dense_steps, dense_layers, backend (repeatable)"),
+    device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)"),
+    dtype: str = typer.Option(None, help="bf16 | fp16 | fp32 (default: the model's)"),
+    model_path: Path = typer.Option(None, help="local folder with the model's diffusers-format weights"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logs"),
+) -> None:
+    """Search Sparse-vDiT's per-head attention modes on real runs of MODEL; write a plan."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from gen.attention.methods import parse_overrides
+    from gen.calibrate import calibrate, plan_summary, read_prompts
+
+    _setup_logging(verbose)
+    if dtype is not None and dtype not in ("bf16", "fp16", "fp32"):
+        raise typer.BadParameter(f"--dtype must be bf16, fp16 or fp32, got {dtype!r}")
+    try:
+        texts = read_prompts(prompts)
+        overrides = parse_overrides("sparse-vdit", set_ or [])
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console) as bar:
+            task = bar.add_task("loading the model", total=None)
+            result = calibrate(
+                model, texts, out=out, steps=steps, height=height, width=width, frames=frames, lam=lam,
+                eps=eps, seed=seed, guidance=guidance, negative_prompt=negative_prompt, image=image,
+                overrides=overrides, device=device, dtype=dtype, model_path=model_path,
+                progress=lambda done, total, what: bar.update(task, completed=done, total=total,
+                                                              description=escape(what)),
+            )
+    except ValueError as err:
+        console.print(f"[red]error:[/red] {escape(str(err))}")
+        raise typer.Exit(2) from None
+    meta, summary = result.plan.meta, plan_summary(result.plan)
+    table = Table(show_header=False, title=f"wrote {result.path}")
+    table.add_row("model", f"{meta.model} at {meta.geometry()}, {meta.steps} steps")
+    table.add_row("search", f"{len(texts)} prompt(s), lam {meta.lam}, eps {meta.eps}, {result.seconds:.1f} s")
+    table.add_row("mode parameters", f"blocks of {meta.block_size} tokens; window ±{meta.window}, diagonal "
+                  f"±{meta.diagonal}, {meta.stripes} stripe(s) (blocks)")
+    table.add_row("modes", ", ".join(f"{k} {v:.0%}" for k, v in summary["shares"].items()))
+    table.add_row("density", f"video x video {summary['video_density']:.3f}, whole call {summary['call_density']:.3f}")
+    console.print(table)
+    console.print(escape(f"use it: gen render PROMPT --model {meta.model} --steps {meta.steps} "
+                         f"--attention sparse-vdit --set plan={result.path}"))
+
+
+@app.command()
+def demo(
+    host: str = typer.Option("127.0.0.1", help="address to bind: 127.0.0.1 is this machine only; 0.0.0.0 opens it to your network"),
+    port: int = typer.Option(7860, help="port to serve on"),
+    share: bool = typer.Option(False, "--share", help="also open a public gradio.live link (off unless asked)"),
+    outputs: Path = typer.Option(Path("outputs/demo"), help="folder for generated files: the only folder the demo serves"),
+    device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logs"),
+) -> None:
+    """Start the Gradio demo: generate, compare dense vs sparse attention, look at block masks."""
+    from gen.demos.app import serve
+
+    _setup_logging(verbose)
+    serve(host=host, port=port, share=share, outputs_dir=outputs, device=device)
 
 
 def main() -> None:  # console-script entry point

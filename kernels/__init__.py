@@ -4,7 +4,14 @@ May import torch and triton only. Kernels consume plans (``kv_indices``/``kv_cou
 and never decide a sparsity pattern.
 """
 
-from ._checks import BlockPlanLike
-from .block_sparse_attention import block_sparse_attention, triton_available_for
+if __name__ != "gen.kernels":
+    # Imported as a top-level ``kernels`` because the repository root is on sys.path
+    # (``python -m ...`` run from it): transformers probes for the Hugging Face `kernels`
+    # package by importing that name. Stay inert: importing the launchers twice would
+    # register the custom ops twice, and the stale registration crashed the process.
+    __all__: list[str] = []
+else:
+    from ._checks import BlockPlanLike
+    from .block_sparse_attention import block_sparse_attention, triton_available_for
 
-__all__ = ["BlockPlanLike", "block_sparse_attention", "triton_available_for"]
+    __all__ = ["BlockPlanLike", "block_sparse_attention", "triton_available_for"]

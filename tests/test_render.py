@@ -58,7 +58,7 @@ def test_render_image_to_video(tmp_path):
     (["--model", "tiny-wann"], "unknown model"),
     (["--frames", "10"], "4k+1"),
     (["--height", "100"], "multiple"),
-    (["--attention", "radiall"], "available: dense, mask"),
+    (["--attention", "radiall"], "available: dense,"),
     (["--set", "decay=1"], "has no field 'decay'"),
     (["--set", "dense_steps=two"], "dense_steps"),
     (["--out", "x.png"], ".mp4"),

@@ -159,7 +159,7 @@ def test_dense_layers_schedule_runs_stock_attention():
 
 def test_errors_say_what_to_do():
     t = tiny_wan()
-    with pytest.raises(ValueError, match="unknown attention method 'radiall'.*available: dense, mask"):
+    with pytest.raises(ValueError, match="unknown attention method 'radiall'; available: dense, .*Did you mean 'radial'"):
         gen.sparsify(t, "radiall")
     with pytest.raises(ValueError, match="has no field 'decay'"):
         gen.sparsify(t, "dense", decay=0.5)

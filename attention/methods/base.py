@@ -89,8 +89,11 @@ class SparseMethod:
     #: one-line description for `gen methods`
     summary: ClassVar[str] = ""
 
-    def __init__(self, config: MethodConfig | None = None) -> None:
+    def __init__(self, config: MethodConfig | None = None, *, model: str | None = None) -> None:
         config = self.config_cls() if config is None else config
+        #: registry name of the model the method was built for (None when unknown); methods
+        #: whose data belong to one model (calibrated plans) check it
+        self.model = model
         if not isinstance(config, self.config_cls):
             raise ValueError(f"{type(self).__name__} takes a {self.config_cls.__name__}, got {type(config).__name__}.")
         self.config = config
@@ -243,8 +246,10 @@ class SparseMethod:
         return mask
 
     def density(self, layout: TokenLayout, num_heads: int, ctx: AttentionContext | None = None) -> float:
-        """Fraction of the call's (query, key) pairs computed, text included."""
+        """Query-key pairs the method computes for one call, as a fraction of dense
+        attention's (text included; padding slots of a padded order count)."""
         plan = self.plan(layout, num_heads, ctx or AttentionContext())
-        video_pairs = plan.density() * layout.video_len**2
+        # computed pairs: padding slots of a padded token order cost like tokens
+        video_pairs = plan.density() * plan.q_len * plan.kv_len
         dense_pairs = layout.seq_len**2 - layout.video_len**2
         return (video_pairs + dense_pairs) / layout.seq_len**2

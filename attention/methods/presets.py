@@ -32,6 +32,35 @@ PRESETS: dict[str, dict[str, dict]] = {
         "tiny-wan-i2v": dict(decay=0.2, block_size=16, sink=True),
         "tiny-hunyuan": dict(decay=0.95, block_size=16, sink=False),
     },
+    # GNA: all fully block-sparse at the native grid (no partial tile pairs, so no PyTorch
+    # correction). "density" = allowed token pairs (NATTEN's FLOP bound); "compute" = tile
+    # pairs run, padding included, over dense. An axis whose extent the tile does not
+    # divide (33, 45, 21, 30) can only be block-aligned with tile 1 or a full window (-1),
+    # so T gets tile 1 and H a full window; W carries the window and stride.
+    # NATTEN's own 18x24x24 / 16x8x8 / (2,8,8) has 15% partial pairs at 33x45x80.
+    # Dense steps/layers for GNA are unverified in the notes: none by default.
+    "gna": {
+        # 33x45x80: ±5 frames, all rows, 24 columns: density 0.100, compute 0.114
+        "hunyuanvideo": dict(window=(11, -1, 24), stride=(1, 1, 8), tile=(1, 16, 8)),
+        # 21x30x52 (1.3B is sensitive to sparsity): density 0.198, compute 0.225
+        "wan2.1-t2v-1.3b": dict(window=(9, -1, 24), stride=(1, 1, 8), tile=(1, 32, 4)),
+        # 21x30x52: density 0.154, compute 0.175
+        "wan2.1-i2v-14b-480p": dict(window=(7, -1, 24), stride=(1, 1, 8), tile=(1, 32, 4)),
+        # 21x45x80: density 0.100, compute 0.114
+        "wan2.1-t2v-14b": dict(window=(7, -1, 24), stride=(1, 1, 8), tile=(1, 16, 8)),
+        "wan2.1-i2v-14b-720p": dict(window=(7, -1, 24), stride=(1, 1, 8), tile=(1, 16, 8)),
+        # 64x64 (1024 px): 24x24 window, stride 8: density = compute 0.141
+        "flux.1-dev": dict(window=(24, 24), stride=(8, 8), tile=(8, 8)),
+        "flux.1-schnell": dict(window=(24, 24), stride=(8, 8), tile=(8, 8)),
+        "flux": dict(window=(24, 24), stride=(8, 8), tile=(8, 8)),
+        "wan": dict(window=(9, -1, 24), stride=(1, 1, 8), tile=(1, 32, 4)),
+        "hunyuan": dict(window=(11, -1, 24), stride=(1, 1, 8), tile=(1, 16, 8)),
+        # tiny models, 5x8x8 (16-token tiles): density 0.150; 16x16: density 0.5625
+        "tiny-wan": dict(window=(3, 4, 4), stride=(1, 4, 4), tile=(1, 4, 4)),
+        "tiny-wan-i2v": dict(window=(3, 4, 4), stride=(1, 4, 4), tile=(1, 4, 4)),
+        "tiny-hunyuan": dict(window=(3, 4, 4), stride=(1, 4, 4), tile=(1, 4, 4)),
+        "tiny-flux": dict(window=(12, 12), stride=(4, 4), tile=(4, 4)),
+    },
 }
 
 

@@ -100,7 +100,7 @@ def get_method(method, *, model: str | None = None, family: str | None = None, *
         raise ValueError(
             f"method {cls.name!r} does not support {family} models; it supports: {', '.join(cls.families)}."
         )
-    return cls(config)
+    return cls(config, model=model)
 
 
 def _convert(text: str, annotation, key: str):

@@ -1,0 +1,923 @@
+"""``sparse-vdit``: Sparse-vDiT, one of five attention modes per (step, layer, head),
+chosen offline by a search over a real denoising run.
+
+Sparse-vDiT (Chen et al., 2025; no code released) observes that each head of a video
+DiT keeps one of a few attention shapes along the trajectory, so it picks per head the
+cheapest shape that approximates full attention well enough, once, offline, and runs
+that choice at inference. This file holds the modes, the plan file and the method that
+runs a plan; the search itself runs a pipeline and lives in ``gen.calibrate``
+(``gen calibrate sparse-vdit``).
+
+Modes (ids as stored in plans, over the video tokens of a call, ``b``-token blocks):
+
+===  =========  ==============================================================================
+id   name       query block ``i`` visits key block ``j`` when ...
+===  =========  ==============================================================================
+0    full       always (dense attention)
+1    skip       never: the head's output on the video queries is exactly zero
+2    window     ``|i - j| <= window`` in frame-major order (``t*H*W + h*W + w``): a band around
+               the diagonal, i.e. the query's own neighbourhood inside its frame
+3    diagonal   ``|i - j| <= diagonal`` in the time-major order ``"hwt"``
+               (``(h*W + w)*T + t``): the same spatial position in every frame, which in
+               frame-major order is a set of diagonals ``frame_len`` apart
+4    stripe     ``j`` is one of the head's ``stripes`` calibrated key blocks (the same
+               columns for every query: vertical stripes)
+===  =========  ==============================================================================
+
+Heads of one layer that share a mode run in one kernel call (gathered heads, the
+mode's plan broadcast over them, or per head ``[1, H_group, nq, n]`` for stripes);
+multi-diagonal heads are permuted to ``"hwt"`` order and back around their call.
+
+Where the paper is silent, gen decides (numbers measured on the tiny offline models,
+``gen.pipelines`` names ``tiny-wan``/``tiny-hunyuan``, and from the geometry of the
+real ones):
+
+* **Block size** ``b``: 64 tokens (kernel block 64 x 64). The kernel takes any power of
+  two in [16, 256]; 64 is the CPU reference's fastest tile (see ``dense.py``) and keeps
+  the band and stripe masks fine-grained (Wan 2.1 480p: 512 blocks of 64). Full heads
+  run with 128 x 64 tiles on CUDA, as ``dense`` does.
+* **Window**: half-width ``window`` blocks, default ``frame_len // (2 b)``: the band is one
+  frame wide, which is the intra-frame locality of the paper's "diagonal" heads
+  (Wan 480p: 12 blocks, density 25/512 = 4.8 %; HunyuanVideo 720p: 28 blocks, 3.0 %;
+  tiny models at b = 64: 0, the query's own frame, density 0.20).
+* **Multi-diagonal**: half-width ``diagonal`` blocks of the ``"hwt"`` order, default
+  ``ceil((T - 1) / b)`` (1 for up to 65 latent frames): the smallest band that always
+  holds every frame of the query's own spatial position, plus ``~b/T`` neighbouring
+  positions along the row (Wan 480p: density 3/512 = 0.6 %; tiny at b = 64: 0.52).
+* **Vertical stripes**: ``stripes`` key blocks per head, default ``ceil(n_blocks / 16)``
+  (6.25 % of the keys, about the window's cost on Wan 480p, so the search picks between
+  the two by error, not by cost). The columns are calibrated, not fixed: per (step,
+  layer, head) the key blocks that receive the most attention probability under full
+  attention (summed over queries, averaged over prompts), stored in the plan.
+* **Text (HunyuanVideo)**: the joint rule of every gen method: video queries attend
+  their mode's video keys plus all valid text keys, text queries attend all valid keys,
+  in every mode. Modes and their sparsity are about video x video blocks only.
+* **Skip with text**: a skipped head gives zero on its video queries (no text keys
+  either, as the paper's skipped head outputs zeros), while its text queries still
+  attend all keys (text is never approximated; they are ``text_len / seq_len`` of the
+  rows, 256 / 119 056 on HunyuanVideo 720p). Measured on tiny-hunyuan (2 prompts x 3
+  steps): zero has mean normalised error 1.00 against full attention; the alternative,
+  video queries attending only the text keys, 10.3 (a few valid text tokens dominate).
+* **Families**: Wan and HunyuanVideo. FLUX has one frame, where the multi-diagonal
+  mode is undefined and the paper's premise (frame structure) does not apply.
+
+The search (``gen.calibrate``) and its loss are documented there; ``select_modes``
+below is the rule it applies: per head, ``L_i = err_i + lam * (1 - S_i)`` over the four
+sparse modes, ``full`` when every ``L_i > eps``, else ``argmin_i L_i`` (ties to the lower
+id), with ``err_i = ||O_i - O_0||^2 / mean_h ||O_0,h||^2`` over the video queries of the
+call (the MSE in units of the layer's mean head energy, so skipping an average head
+costs exactly 1 = the default ``eps``).
+
+Plan file (``SparseVDiTPlan.save``/``load``): safetensors (no pickle; loads without
+running code) with the tensors
+
+* ``modes`` int8 ``[steps, layers, heads]`` (ids above),
+* ``stripes`` int32 ``[steps, layers, heads, n_stripes]``, ascending key-block indices
+  (the calibrated columns of every head, also of heads that chose another mode),
+* ``errors`` float32 ``[steps, layers, heads, 5]``, the normalised error of each mode
+  (NaN where the search did not run: scheduled dense steps/layers),
+
+and the header metadata ``format`` (``"gen.sparse-vdit"``), ``meta`` (JSON of
+:class:`PlanMeta`: model, family, pixels and frames, steps, token grid, text length,
+layers, heads, head dim, block size, mode parameters, ``lam``/``eps``, prompts, seed,
+format and gen versions) and ``sha256`` (of the tensor bytes, so any corruption is
+caught, not only truncation). Loading refuses a file that is truncated, corrupt, not a
+plan or of a newer format; a run refuses a plan made for another model, geometry or
+number of steps, each with a message that says what to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..context import AttentionContext
+from ..dispatch import block_sparse_attention
+from ..layout import TokenLayout
+from ..plan import BlockPlan
+from ..plan_cache import PlanCache
+from ..token_order import TokenPermutation, axis_order
+from .base import MethodConfig, SparseMethod
+
+__all__ = [
+    "DIAGONAL",
+    "FULL",
+    "MODE_NAMES",
+    "ModeParams",
+    "PlanMeta",
+    "SKIP",
+    "STRIPE",
+    "SparseVDiTAttention",
+    "SparseVDiTConfig",
+    "SparseVDiTPlan",
+    "WINDOW",
+    "key_block_mass",
+    "load_plan",
+    "resolve_params",
+    "select_modes",
+    "top_stripes",
+]
+
+FULL, SKIP, WINDOW, DIAGONAL, STRIPE = range(5)
+MODE_NAMES = ("full", "skip", "window", "diagonal", "stripe")
+#: the modes the search compares (``full`` is the fallback, not a candidate)
+CANDIDATES = (SKIP, WINDOW, DIAGONAL, STRIPE)
+
+FORMAT = "gen.sparse-vdit"
+FORMAT_VERSION = 1
+DEFAULT_BLOCK = 64
+_EXTRAS_KEY = "sparse_vdit_assignment"
+_CALIBRATE_HINT = "gen calibrate sparse-vdit --model MODEL --prompts FILE --out PLAN"
+
+
+def _is_int(value, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _check_block(b) -> None:
+    if not _is_int(b, 16) or b > 256 or b & (b - 1):
+        raise ValueError(f"block_size must be a power of two in [16, 256] (tokens), got {b!r}.")
+
+
+# -- mode parameters --------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModeParams:
+    """Resolved mode parameters of one geometry (see the module docstring).
+
+    Args:
+        block_size: block edge in tokens (query and key blocks alike).
+        window: band half-width in blocks, frame-major order.
+        diagonal: band half-width in blocks, ``"hwt"`` order.
+        stripes: key blocks per stripe head.
+    """
+
+    block_size: int
+    window: int
+    diagonal: int
+    stripes: int
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def resolve_params(layout: TokenLayout, block_size: int | None = None, window: int | None = None,
+                   diagonal: int | None = None, stripes: int | None = None) -> ModeParams:
+    """Fill the ``None`` parameters with the geometry defaults of the module docstring.
+
+    Raises:
+        ValueError: a value out of range for this geometry (e.g. more stripes than blocks).
+    """
+    b = DEFAULT_BLOCK if block_size is None else block_size
+    _check_block(b)
+    nb = -(-layout.video_len // b)
+    w = layout.frame_len // (2 * b) if window is None else window
+    d = max(1, -(-(layout.frames - 1) // b)) if diagonal is None else diagonal
+    n = max(1, -(-nb // 16)) if stripes is None else stripes
+    if not _is_int(w) or not _is_int(d):
+        raise ValueError(f"window and diagonal must be ints >= 0 (blocks), got {w!r} and {d!r}.")
+    if not _is_int(n, 1) or n > nb:
+        raise ValueError(
+            f"stripes must be an int in [1, {nb}]: this geometry ({layout}) has {nb} key blocks of "
+            f"{b} tokens; got {n!r}."
+        )
+    return ModeParams(b, w, d, n)
+
+
+def _band_mask(nb: int, half: int) -> torch.Tensor:
+    idx = torch.arange(nb)
+    return (idx[:, None] - idx[None, :]).abs() <= half
+
+
+def _block_lengths(n: int, b: int) -> torch.Tensor:
+    """Tokens per block, float64 ``(ceil(n / b),)``: all ``b`` but a ragged last one."""
+    nb = -(-n // b)
+    lens = torch.full((nb,), float(b), dtype=torch.float64)
+    lens[-1] = n - b * (nb - 1)
+    return lens
+
+
+def hwt_order(layout: TokenLayout) -> TokenPermutation:
+    """The multi-diagonal heads' token order: time fastest (``(h*W + w)*T + t``)."""
+    return axis_order(layout.grid, "hwt")
+
+
+def mode_sparsity(params: ModeParams, layout: TokenLayout, stripes: torch.Tensor) -> torch.Tensor:
+    """``S_i``: fraction of the video x video token pairs a mode skips, float32
+    ``[..., 5]`` for stripe sets ``stripes`` int ``[..., n]`` (ragged last blocks count
+    with their true size). Full 0, skip 1."""
+    n, b = layout.video_len, params.block_size
+    lens = _block_lengths(n, b)
+    nb = lens.numel()
+    w_density = BlockPlan.from_block_mask(_band_mask(nb, params.window), b, b, n, n).density()
+    d_density = BlockPlan.from_block_mask(_band_mask(nb, params.diagonal), b, b, n, n).density()
+    stripe_density = lens[stripes.long()].sum(-1) / n
+    out = torch.empty(*stripes.shape[:-1], 5, dtype=torch.float64)
+    out[..., FULL] = 0.0
+    out[..., SKIP] = 1.0
+    out[..., WINDOW] = 1.0 - w_density
+    out[..., DIAGONAL] = 1.0 - d_density
+    out[..., STRIPE] = 1.0 - stripe_density
+    return out.float()
+
+
+def select_modes(errors: torch.Tensor, sparsity: torch.Tensor, lam: float, eps: float) -> torch.Tensor:
+    """Algorithm 1's choice, vectorised: int8 modes ``[...]`` from ``errors`` and
+    ``sparsity`` ``[..., 5]``. Per entry ``L_i = errors_i + lam * (1 - sparsity_i)`` over
+    the sparse modes; ``full`` when every ``L_i > eps`` (or none was measured: NaN),
+    else the argmin (ties to the lower mode id)."""
+    cand = torch.tensor(CANDIDATES)
+    err = errors.float()[..., cand]
+    loss = err + lam * (1.0 - sparsity.float()[..., cand])
+    loss = torch.where(torch.isnan(loss), torch.full_like(loss, math.inf), loss)
+    best, arg = loss.min(dim=-1)
+    return torch.where(best <= eps, cand[arg], torch.full_like(arg, FULL)).to(torch.int8)
+
+
+def top_stripes(mass: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n`` key blocks with the most attention mass, ascending: int32 ``[..., n]``
+    from ``mass [..., n_blocks]`` (ties to the lower block index)."""
+    order = torch.sort(mass, dim=-1, descending=True, stable=True).indices[..., :n]
+    return order.sort(dim=-1).values.to(torch.int32)
+
+
+def key_block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, *, budget: int = 1 << 24) -> torch.Tensor:
+    """Attention probability each key block receives under full attention, averaged over
+    queries (and batch): float32 ``(H, n_blocks)``, each row sums to 1.
+
+    Args:
+        q, k: ``(B, H, S, D)`` video queries and keys (softmax over these keys only).
+        block_size: key block size in tokens.
+        budget: most score elements held at once (query chunks; never ``S x S`` per head
+            unless it fits).
+    """
+    bsz, heads, s, d = q.shape
+    scale = d**-0.5
+    mass = torch.zeros(heads, s, dtype=torch.float32, device=q.device)
+    chunk = max(1, budget // max(1, bsz * heads * s))
+    kt = k.float().transpose(-1, -2)
+    for start in range(0, s, chunk):
+        scores = (q[:, :, start : start + chunk].float() @ kt) * scale
+        mass += torch.softmax(scores, dim=-1).sum(dim=(0, 2))
+    mass /= bsz * s
+    nb = -(-s // block_size)
+    mass = torch.nn.functional.pad(mass, (0, nb * block_size - s))
+    return mass.reshape(heads, nb, block_size).sum(-1).cpu()
+
+
+# -- plans ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlanMeta:
+    """What a plan was made for and with (the header of a plan file).
+
+    Args:
+        model: registry name of the model (``"custom"`` for hand-made plans).
+        family: ``"wan"`` or ``"hunyuan"``.
+        grid: ``(frames, height, width)`` video tokens per attention call.
+        text_len: text tokens in the same call (0 for Wan self-attention).
+        text_first: text before the video (never for the supported families).
+        steps, layers, heads: the plan's ``[steps, layers, heads]``.
+        head_dim: channels per head (None: not checked).
+        block_size, window, diagonal, stripes: the mode parameters (:class:`ModeParams`).
+        lam, eps: the search's cost weight and threshold.
+        height, width, frames: pixels and frames of the pipeline call (None if unknown).
+        prompts: the calibration prompts.
+        seed, guidance: of the calibration runs.
+        gen_version: gen's version that wrote the plan.
+        format_version: plan file format version.
+    """
+
+    model: str
+    family: str
+    grid: tuple[int, int, int]
+    text_len: int
+    text_first: bool
+    steps: int
+    layers: int
+    heads: int
+    head_dim: int | None
+    block_size: int
+    window: int
+    diagonal: int
+    stripes: int
+    lam: float = 0.5
+    eps: float = 1.0
+    height: int | None = None
+    width: int | None = None
+    frames: int | None = None
+    prompts: tuple[str, ...] = ()
+    seed: int | None = None
+    guidance: float | None = None
+    gen_version: str = ""
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def layout(self) -> TokenLayout:
+        return TokenLayout(*self.grid, text_len=self.text_len, text_first=self.text_first)
+
+    @property
+    def params(self) -> ModeParams:
+        return ModeParams(self.block_size, self.window, self.diagonal, self.stripes)
+
+    def geometry(self) -> str:
+        """``"128x128 pixels, 17 frames (5x8x8 tokens)"`` for messages."""
+        t, h, w = self.grid
+        tokens = f"{t}x{h}x{w} tokens" + (f" + {self.text_len} text" if self.text_len else "")
+        if self.height is None:
+            return tokens
+        return f"{self.width}x{self.height} pixels, {self.frames} frames ({tokens})"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> PlanMeta:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("the meta header is not a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}
+        data["grid"] = tuple(data["grid"])
+        data["prompts"] = tuple(data.get("prompts", ()))
+        return cls(**data)
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in ("modes", "stripes", "errors"):
+        t = tensors[name].contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True, eq=False)
+class SparseVDiTPlan:
+    """A Sparse-vDiT plan: the mode of every (step, layer, head) and what it was made for.
+
+    Args:
+        modes: int8 ``[steps, layers, heads]``, mode ids (``FULL`` ... ``STRIPE``).
+        stripes: int32 ``[steps, layers, heads, n_stripes]``, ascending key-block indices.
+        errors: float32 ``[steps, layers, heads, 5]``, the search's normalised error per
+            mode (NaN: not measured).
+        meta: :class:`PlanMeta`.
+        source: where it was loaded from (for messages; not saved).
+
+    Build one with ``gen.calibrate`` (the search), :meth:`load`, or :meth:`from_modes`
+    (by hand, e.g. in tests). Equality is identity.
+    """
+
+    modes: torch.Tensor
+    stripes: torch.Tensor
+    errors: torch.Tensor
+    meta: PlanMeta
+    source: str = field(default="<in-memory plan>")
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def from_modes(cls, modes, layout: TokenLayout, *, stripes=None, model: str = "custom",
+                   family: str | None = None, head_dim: int | None = None, block_size: int | None = None,
+                   window: int | None = None, diagonal: int | None = None, n_stripes: int | None = None,
+                   **meta) -> SparseVDiTPlan:
+        """A plan from a mode array ``[steps, layers, heads]`` (ints or mode names are
+        fine as nested lists) for calls of ``layout``.
+
+        ``stripes`` int ``[steps, layers, heads, n]`` gives the stripe columns (default:
+        the first ``n`` key blocks); the mode parameters default as in
+        :func:`resolve_params`. Extra keywords go to :class:`PlanMeta`.
+        """
+        if isinstance(modes, torch.Tensor):
+            m = modes.to(torch.int8)
+        else:
+            def ids(x):
+                if isinstance(x, (list, tuple)):
+                    return [ids(y) for y in x]
+                return MODE_NAMES.index(x) if isinstance(x, str) else int(x)
+
+            m = torch.tensor(ids(modes), dtype=torch.int8)
+        if m.dim() != 3:
+            raise ValueError(f"modes must be [steps, layers, heads], got shape {tuple(m.shape)}.")
+        if stripes is not None:
+            n_stripes = torch.as_tensor(stripes).shape[-1]
+        p = resolve_params(layout, block_size, window, diagonal, n_stripes)
+        if stripes is None:
+            stripes = torch.arange(p.stripes, dtype=torch.int32).expand(*m.shape, p.stripes)
+        stripes = torch.as_tensor(stripes).to(torch.int32).contiguous()
+        family = family or ("wan" if layout.text_len == 0 else "hunyuan")
+        errors = torch.full((*m.shape, 5), float("nan"), dtype=torch.float32)
+        meta_obj = PlanMeta(model=model, family=family, grid=layout.grid, text_len=layout.text_len,
+                            text_first=layout.text_first, steps=m.shape[0], layers=m.shape[1],
+                            heads=m.shape[2], head_dim=head_dim, **p.as_dict(), **meta)
+        return cls(m.contiguous(), stripes, errors, meta_obj)
+
+    def _validate(self) -> None:
+        m, s, e, meta = self.modes, self.stripes, self.errors, self.meta
+        where = self.source
+        if not isinstance(meta, PlanMeta):
+            raise ValueError(f"{where}: meta must be a PlanMeta.")
+        shape = (meta.steps, meta.layers, meta.heads)
+        if not isinstance(m, torch.Tensor) or m.dtype != torch.int8 or tuple(m.shape) != shape:
+            raise ValueError(f"{where}: modes must be int8 {list(shape)}, got "
+                             f"{getattr(m, 'dtype', type(m).__name__)} {list(getattr(m, 'shape', []))}.")
+        if m.numel() and (int(m.min()) < 0 or int(m.max()) >= len(MODE_NAMES)):
+            raise ValueError(f"{where}: mode ids must lie in [0, {len(MODE_NAMES) - 1}].")
+        if not isinstance(s, torch.Tensor) or s.dtype != torch.int32 or tuple(s.shape) != (*shape, meta.stripes):
+            raise ValueError(f"{where}: stripes must be int32 {[*shape, meta.stripes]}, got "
+                             f"{getattr(s, 'dtype', None)} {list(getattr(s, 'shape', []))}.")
+        nb = -(-meta.layout.video_len // meta.block_size)
+        if s.numel() and (int(s.min()) < 0 or int(s.max()) >= nb or
+                          (meta.stripes > 1 and bool((s[..., 1:] <= s[..., :-1]).any()))):
+            raise ValueError(f"{where}: stripe columns must be ascending key-block indices in [0, {nb}).")
+        if not isinstance(e, torch.Tensor) or e.dtype != torch.float32 or tuple(e.shape) != (*shape, 5):
+            raise ValueError(f"{where}: errors must be float32 {[*shape, 5]}.")
+        if meta.family not in ("wan", "hunyuan"):
+            raise ValueError(f"{where}: family must be 'wan' or 'hunyuan', got {meta.family!r}.")
+        resolve_params(meta.layout, meta.block_size, meta.window, meta.diagonal, meta.stripes)
+
+    # -- files ----------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the plan to ``path`` (safetensors; the format in the module docstring).
+        Not atomic by itself: ``gen calibrate`` writes through ``gen._io.atomic_path``."""
+        from safetensors.torch import save_file
+
+        tensors = {"modes": self.modes.cpu().contiguous(), "stripes": self.stripes.cpu().contiguous(),
+                   "errors": self.errors.cpu().contiguous()}
+        header = {"format": FORMAT, "meta": self.meta.to_json(), "sha256": _digest(tensors)}
+        save_file(tensors, str(path), metadata=header)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SparseVDiTPlan:
+        """Read a plan file; ``ValueError`` saying what to do when it is missing,
+        truncated, corrupt, not a Sparse-vDiT plan, or of a newer format."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        redo = f"Make it again with `{_CALIBRATE_HINT}`."
+        if not path.is_file():
+            raise ValueError(f"no Sparse-vDiT plan at {path}. Make one with `{_CALIBRATE_HINT}`.")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except Exception as err:  # safetensors raises its own error type for bad headers
+            raise ValueError(
+                f"{path} cannot be read as a Sparse-vDiT plan: the file is truncated or corrupt "
+                f"({type(err).__name__}: {err}). {redo}"
+            ) from None
+        if header.get("format") != FORMAT:
+            raise ValueError(f"{path} is a safetensors file but not a Sparse-vDiT plan (format "
+                             f"{header.get('format')!r}, expected {FORMAT!r}). {redo}")
+        try:
+            meta = PlanMeta.from_json(header["meta"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: the plan's meta header is damaged ({err}). {redo}") from None
+        if meta.format_version > FORMAT_VERSION:
+            raise ValueError(f"{path} is plan format {meta.format_version}; this gen reads up to "
+                             f"{FORMAT_VERSION}. Update gen, or calibrate again with this one.")
+        missing = {"modes", "stripes", "errors"} - set(tensors)
+        if missing:
+            raise ValueError(f"{path}: the plan lacks {sorted(missing)}; the file is corrupt. {redo}")
+        if header.get("sha256") != _digest(tensors):
+            raise ValueError(f"{path}: checksum mismatch, the plan's data is corrupt. {redo}")
+        try:
+            return cls(tensors["modes"], tensors["stripes"], tensors["errors"], meta, source=str(path))
+        except ValueError as err:
+            raise ValueError(f"{err} {redo}") from None
+
+    # -- checks ---------------------------------------------------------------------------
+    def check(self, *, model: str | None = None, height: int | None = None, width: int | None = None,
+              frames: int | None = None, steps: int | None = None) -> SparseVDiTPlan:
+        """Refuse (``ValueError``) a plan made for another model, geometry or step count
+        than the given ones (``None`` = not checked); returns the plan."""
+        meta, where = self.meta, self.source
+        if model is not None and model != meta.model:
+            raise ValueError(
+                f"{where} was calibrated for {meta.model}, not {model}: a plan holds one model's "
+                f"per-head choices. Make one for {model}: `gen calibrate sparse-vdit --model {model} "
+                "--prompts FILE --out PLAN`."
+            )
+        asked = (height, width, frames)
+        have = (meta.height, meta.width, meta.frames)
+        if any(a is not None and h is not None and a != h for a, h in zip(asked, have)):
+            raise ValueError(
+                f"{where} was calibrated at {meta.geometry()}, but this run asks for "
+                f"{width or meta.width}x{height or meta.height} pixels, {frames or meta.frames} frames. "
+                f"Render at the plan's geometry, or calibrate for this one: `gen calibrate sparse-vdit "
+                f"--model {meta.model} --height {height or meta.height} --width {width or meta.width} "
+                f"--frames {frames or meta.frames} --prompts FILE --out PLAN`."
+            )
+        if steps is not None and steps != meta.steps:
+            raise ValueError(self._steps_message(f"this run has {steps}"))
+        return self
+
+    def _steps_message(self, what: str) -> str:
+        meta = self.meta
+        return (f"{self.source} was calibrated for {meta.steps} denoising steps and {what}: the modes "
+                f"are chosen per step. Run with --steps {meta.steps}, or calibrate for this step count "
+                f"(`gen calibrate sparse-vdit --model {meta.model} --steps N --prompts FILE --out PLAN`).")
+
+    def check_call(self, layout: TokenLayout, num_heads: int, head_dim: int | None,
+                   ctx: AttentionContext) -> tuple[int, int]:
+        """Check one attention call against the plan; returns ``(step, layer)``."""
+        meta, where = self.meta, self.source
+        fam = "wan" if layout.text_len == 0 else ("hunyuan" if not layout.text_first else "flux")
+        if (fam != meta.family or num_heads != meta.heads
+                or (head_dim is not None and meta.head_dim is not None and head_dim != meta.head_dim)):
+            dims = f" of {meta.head_dim}" if meta.head_dim is not None else ""
+            raise ValueError(
+                f"{where} was calibrated for {meta.model} ({meta.family}, {meta.layers} layers x "
+                f"{meta.heads} heads{dims}); this model is {fam} with {num_heads} heads"
+                + (f" of {head_dim}" if head_dim is not None else "")
+                + f". Calibrate a plan for this model (`{_CALIBRATE_HINT}`)."
+            )
+        if layout.grid != meta.grid or layout.text_len != meta.text_len:
+            t, h, w = layout.grid
+            raise ValueError(
+                f"{where} was calibrated at {meta.geometry()}, but this call has {t}x{h}x{w} tokens"
+                + (f" + {layout.text_len} text" if layout.text_len else "")
+                + ". Render at the plan's geometry, or calibrate for this one with --height, --width "
+                f"and --frames (`{_CALIBRATE_HINT}`)."
+            )
+        layer, step = ctx.layer_index, ctx.step_index
+        if layer is None or not 0 <= layer < meta.layers:
+            raise ValueError(f"{where} covers {meta.layers} attention layers; this call is layer "
+                             f"{layer}. Calibrate a plan for this model (`{_CALIBRATE_HINT}`).")
+        if step is None:
+            raise ValueError("sparse-vdit needs the denoising step of each call: run the model "
+                             "inside its pipeline, or call gen.sparsify on the transformer and "
+                             "pass timesteps in order.")
+        if ctx.num_steps is not None and ctx.num_steps != meta.steps:
+            raise ValueError(self._steps_message(f"this run has {ctx.num_steps}"))
+        if not 0 <= step < meta.steps:
+            raise ValueError(self._steps_message(f"this run reached step {step + 1}"))
+        return step, layer
+
+    # -- views ----------------------------------------------------------------------------
+    def sparsity(self) -> torch.Tensor:
+        """float32 ``[steps, layers, heads, 5]``: each mode's ``S_i`` (stripe: per head)."""
+        return mode_sparsity(self.meta.params, self.meta.layout, self.stripes)
+
+    def video_density(self) -> torch.Tensor:
+        """float32 ``[steps, layers, heads]``: video x video density of the chosen modes."""
+        s = self.sparsity().gather(-1, self.modes.long().unsqueeze(-1)).squeeze(-1)
+        return 1.0 - s
+
+    def call_density(self) -> torch.Tensor:
+        """float32 ``[steps, layers, heads]``: fraction of the call's query-key pairs
+        computed (text included: text rows attend everything, video rows the text keys
+        unless skipped)."""
+        lay = self.meta.layout
+        sv, st, s = lay.video_len, lay.text_len, lay.seq_len
+        video = self.video_density().double() * sv * sv
+        text_cols = torch.where(self.modes == SKIP, 0.0, float(sv * st)).double()
+        return ((video + text_cols + st * s) / (s * s)).float()
+
+    def shares(self) -> dict[str, float]:
+        """Fraction of (step, layer, head) entries in each mode."""
+        total = max(1, self.modes.numel())
+        return {name: float((self.modes == i).sum()) / total for i, name in enumerate(MODE_NAMES)}
+
+    def reselect(self, lam: float, eps: float) -> SparseVDiTPlan:
+        """The plan the stored errors give with another ``lam``/``eps`` (no new search).
+        Approximate: the errors were measured along the trajectory of this plan's
+        choices, not of the new ones."""
+        modes = select_modes(self.errors, self.sparsity(), lam, eps)
+        meta = dataclasses.replace(self.meta, lam=float(lam), eps=float(eps))
+        return SparseVDiTPlan(modes, self.stripes, self.errors, meta, source=self.source)
+
+    def __repr__(self) -> str:
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in self.shares().items())
+        return (f"SparseVDiTPlan({self.meta.model}, {self.meta.geometry()}, steps={self.meta.steps}, "
+                f"layers={self.meta.layers}, heads={self.meta.heads}: {shares}; "
+                f"video density {float(self.video_density().mean()):.3f})")
+
+
+def load_plan(path: str | os.PathLike, *, model: str | None = None, height: int | None = None,
+              width: int | None = None, frames: int | None = None, steps: int | None = None) -> SparseVDiTPlan:
+    """:meth:`SparseVDiTPlan.load` then :meth:`SparseVDiTPlan.check` against the given run."""
+    return SparseVDiTPlan.load(path).check(model=model, height=height, width=width, frames=frames, steps=steps)
+
+
+# -- config and method ------------------------------------------------------------------
+@dataclass(frozen=True)
+class SparseVDiTConfig(MethodConfig):
+    """Config of ``sparse-vdit``.
+
+    Args:
+        plan: the plan to run: a path to a plan file (``--set plan=PATH``) or a
+            :class:`SparseVDiTPlan` object (Python). Required to run; the search
+            (``gen calibrate``) makes it.
+        block_size: block edge in tokens, a power of two in [16, 256]. ``None``: the
+            plan's when running, 64 when searching.
+        window: window-mode band half-width in blocks (frame-major). ``None``: the plan's
+            when running, ``frame_len // (2 * block_size)`` (one frame wide) when searching.
+        diagonal: multi-diagonal band half-width in blocks of the ``"hwt"`` order.
+            ``None``: the plan's, or ``ceil((latent frames - 1) / block_size)``.
+        stripes: key blocks per vertical-stripe head. ``None``: the plan's, or
+            ``ceil(n_blocks / 16)``.
+        lam: the search's weight of cost, ``L_i = err_i + lam * (1 - S_i)`` (paper: 0.5).
+        eps: the search's threshold: ``full`` when every ``L_i > eps`` (paper: 1; larger is
+            sparser).
+
+    A run takes the mode parameters from the plan: one set here that differs from the
+    plan's is refused (the modes were chosen with the plan's). ``lam`` and ``eps`` only
+    steer the search (the plan records the values it was made with); to re-threshold
+    a plan without searching again use :meth:`SparseVDiTPlan.reselect`.
+    ``dense_steps``/``dense_layers`` run the model's stock attention on top of the plan.
+    """
+
+    plan: str | SparseVDiTPlan | None = None
+    block_size: int | None = None
+    window: int | None = None
+    diagonal: int | None = None
+    stripes: int | None = None
+    lam: float = 0.5
+    eps: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        plan = self.plan
+        if isinstance(plan, os.PathLike):
+            object.__setattr__(self, "plan", os.fspath(plan))
+        elif plan is not None and not isinstance(plan, (str, SparseVDiTPlan)):
+            raise ValueError(f"plan must be a path to a plan file or a SparseVDiTPlan, got {type(plan).__name__}.")
+        if self.block_size is not None:
+            _check_block(self.block_size)
+        for name in ("window", "diagonal"):
+            v = getattr(self, name)
+            if v is not None and not _is_int(v):
+                raise ValueError(f"{name} must be an int >= 0 (blocks) or None, got {v!r}.")
+        if self.stripes is not None and not _is_int(self.stripes, 1):
+            raise ValueError(f"stripes must be an int >= 1 (key blocks) or None, got {self.stripes!r}.")
+        for name in ("lam", "eps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}.")
+
+
+class SparseVDiTAttention(SparseMethod):
+    """Runs a Sparse-vDiT plan: per call, the (step, layer)'s modes, same-mode heads
+    in one kernel call each. See the module docstring."""
+
+    name = "sparse-vdit"
+    config_cls = SparseVDiTConfig
+    families = ("wan", "hunyuan")
+    summary = "Sparse-vDiT: per-head full/skip/window/diagonal/stripe modes from an offline search"
+
+    def __init__(self, config: SparseVDiTConfig | None = None, *, model: str | None = None) -> None:
+        super().__init__(config, model=model)
+        self._mode_plans = PlanCache(self._build_mode_plan)
+        self._stripe_plans: OrderedDict[tuple, BlockPlan] = OrderedDict()
+        self._hwt: dict[TokenLayout, TokenPermutation] = {}
+        self._head_index: dict[tuple, torch.Tensor] = {}
+        self.sv_plan: SparseVDiTPlan | None = self._load_plan()
+        if self.sv_plan is not None and model is not None:
+            self.sv_plan.check(model=model)  # a plan for another model with the same shapes
+        if self.sv_plan is not None:
+            self._modes = self.sv_plan.modes.tolist()
+            self._stripes = [[[tuple(h) for h in layer] for layer in step] for step in self.sv_plan.stripes.tolist()]
+
+    def _load_plan(self) -> SparseVDiTPlan | None:
+        cfg = self.config
+        if cfg.plan is None:
+            raise ValueError(
+                "sparse-vdit needs plan=: a plan file from the offline search "
+                f"(`{_CALIBRATE_HINT}`), e.g. `gen render PROMPT --attention sparse-vdit "
+                "--set plan=PLAN`, or gen.sparsify(pipe, 'sparse-vdit', plan=PLAN)."
+            )
+        plan = cfg.plan if isinstance(cfg.plan, SparseVDiTPlan) else SparseVDiTPlan.load(cfg.plan)
+        for name in ("block_size", "window", "diagonal", "stripes"):
+            mine, theirs = getattr(cfg, name), getattr(plan.meta, name)
+            if mine is not None and mine != theirs:
+                raise ValueError(
+                    f"{name}={mine} differs from the plan's {name}={theirs}: the plan's modes were "
+                    f"chosen with its own parameters. Drop {name}, or calibrate with it."
+                )
+        return plan
+
+    def __repr__(self) -> str:
+        plan = self.sv_plan
+        return f"SparseVDiTAttention({plan!r})" if plan is not None else super().__repr__()
+
+    @property
+    def needs_step(self) -> bool:
+        return True  # modes are per step
+
+    # -- what runs where ------------------------------------------------------------------
+    def params(self, layout: TokenLayout) -> ModeParams:
+        """The mode parameters for calls of ``layout`` (the plan's)."""
+        return self.sv_plan.meta.params
+
+    def assignment(self, layout: TokenLayout, num_heads: int, ctx: AttentionContext,
+                   head_dim: int | None = None) -> tuple[list[int], list[tuple[int, ...]]]:
+        """Per head of the call: its mode and stripe columns. From ``ctx.extras`` when a
+        caller set them there (the search does), else from the plan at ``ctx``'s (step,
+        layer) after checking the call against the plan."""
+        given = ctx.extras.get(_EXTRAS_KEY)
+        if given is not None:
+            return given
+        step, layer = self.sv_plan.check_call(layout, num_heads, head_dim, ctx)
+        return self._modes[step][layer], self._stripes[step][layer]
+
+    def _with_assignment(self, ctx: AttentionContext, modes, stripes) -> AttentionContext:
+        return dataclasses.replace(ctx, extras={**ctx.extras, _EXTRAS_KEY: (list(modes), list(stripes))})
+
+    def _index(self, heads: list[int], device: torch.device) -> torch.Tensor:
+        key = (tuple(heads), str(device))
+        if key not in self._head_index:
+            self._head_index[key] = torch.tensor(heads, dtype=torch.long, device=device)
+        return self._head_index[key]
+
+    def _hwt_order(self, layout: TokenLayout) -> TokenPermutation:
+        if layout not in self._hwt:
+            self._hwt[layout] = hwt_order(layout)
+        return self._hwt[layout]
+
+    # -- plans per mode ---------------------------------------------------------------------
+    def _build_mode_plan(self, key: tuple) -> BlockPlan:
+        mode, n, b, half, device = key
+        if mode == FULL:
+            # 128x64 tiles suit the GPU kernel (as ``dense``); blocks do not matter for full
+            bm, bn = (128, 64) if torch.device(device).type == "cuda" else (b, b)
+            return BlockPlan.dense(n, n, bm, bn, device=device)
+        nb = -(-n // b)
+        return BlockPlan.from_block_mask(_band_mask(nb, half), b, b, n, n).to(device)
+
+    def mode_plan(self, mode: int, layout: TokenLayout, device, stripes=()) -> BlockPlan:
+        """The plan of one mode over the video tokens, in that mode's token order: shared
+        ``[1, 1, nq, nk]`` for full/window/diagonal, ``[1, len(stripes), nq, n]`` for
+        stripe heads (one row of columns per head)."""
+        p, n, device = self.params(layout), layout.video_len, str(torch.device(device))
+        if mode == STRIPE:
+            key = (n, p.block_size, tuple(stripes), device)
+            plan = self._stripe_plans.get(key)
+            if plan is None:
+                nq = -(-n // p.block_size)
+                cols = torch.tensor(stripes, dtype=torch.int32, device=device).view(1, len(stripes), 1, -1)
+                # the same columns for every query block: a broadcast view, no nq copies
+                idx = cols.expand(1, len(stripes), nq, cols.shape[-1])
+                cnt = torch.full((1, 1, 1), cols.shape[-1], dtype=torch.int32, device=device).expand(1, len(stripes), nq)
+                plan = BlockPlan(p.block_size, p.block_size, n, n, idx, cnt)
+                self._stripe_plans[key] = plan
+                if len(self._stripe_plans) > 16:  # one (step, layer) is reused by its CFG pair
+                    self._stripe_plans.popitem(last=False)
+            return plan
+        half = {WINDOW: p.window, DIAGONAL: p.diagonal}.get(mode, 0)
+        return self._mode_plans.get((mode, n, p.block_size, half, device))
+
+    # -- attention ---------------------------------------------------------------------------
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
+                  ctx: AttentionContext) -> torch.Tensor:
+        if q.shape[2] != layout.seq_len:
+            raise ValueError(f"q has {q.shape[2]} tokens but the layout {layout} has {layout.seq_len}.")
+        modes, stripes = self.assignment(layout, q.shape[1], ctx, q.shape[-1])
+        return self.run_modes(q, k, v, layout, ctx, modes, stripes)
+
+    def run_modes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
+                  ctx: AttentionContext, modes: list[int], stripes: list[tuple[int, ...]]) -> torch.Tensor:
+        """Attention of one call, ``(B, H, S, D)`` in the original order, with head ``h``
+        in mode ``modes[h]`` (stripe columns ``stripes[h]``) and the joint text rule."""
+        heads = q.shape[1]
+        skip = [h for h in range(heads) if modes[h] == SKIP]
+        if not skip:
+            return SparseMethod.attention(self, q, k, v, layout, self._with_assignment(ctx, modes, stripes))
+        keep = [h for h in range(heads) if modes[h] != SKIP]
+        out = torch.zeros_like(q)
+        if keep:
+            idx = self._index(keep, q.device)
+            sub_ctx = self._with_assignment(ctx, [modes[h] for h in keep], [stripes[h] for h in keep])
+            sub = SparseMethod.attention(self, q.index_select(1, idx), k.index_select(1, idx),
+                                         v.index_select(1, idx), layout, sub_ctx)
+            out.index_copy_(1, idx, sub)
+        if layout.text_len:
+            # a skipped head's text queries still attend every valid key (text is never
+            # approximated); its video queries stay zero
+            idx, ts = self._index(skip, q.device), layout.text_slice
+            text = block_sparse_attention(
+                q.index_select(1, idx)[:, :, ts], k.index_select(1, idx), v.index_select(1, idx),
+                self._dense_plan(layout.text_len, layout.seq_len, q.device), kv_valid=ctx.kv_valid,
+                backend=self.config.backend,
+            )
+            out[:, idx, ts] = text
+        return out
+
+    def video_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
+                        ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Video queries against video keys, ``(B, H, Sv, D)``: one kernel call per mode
+        present (gathered heads); skipped heads give zeros and ``lse = -inf``."""
+        heads = q.shape[1]
+        modes, stripes = self.assignment(layout, heads, ctx, q.shape[-1])
+        groups: dict[int, list[int]] = {}
+        for h, m in enumerate(modes):
+            groups.setdefault(int(m), []).append(h)
+        out = lse = None
+        for mode in sorted(groups):
+            members = groups[mode]
+            if mode == SKIP:
+                continue
+            whole = len(members) == heads
+            if whole:
+                qg, kg, vg = q, k, v
+            else:
+                idx = self._index(members, q.device)
+                qg, kg, vg = (x.index_select(1, idx) for x in (q, k, v))
+            perm = self._hwt_order(layout) if mode == DIAGONAL else None
+            if perm is not None:
+                qg, kg, vg = (perm.apply(x, dim=2) for x in (qg, kg, vg))
+            plan = self.mode_plan(mode, layout, q.device, [stripes[h] for h in members] if mode == STRIPE else ())
+            o, lg = block_sparse_attention(qg, kg, vg, plan, return_lse=True, backend=self.config.backend)
+            if perm is not None:
+                o, lg = perm.invert(o, dim=2), perm.invert(lg.unsqueeze(-1), dim=2).squeeze(-1)
+            if whole:
+                return o, lg
+            if out is None:
+                out = torch.zeros_like(q)
+                lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+            out.index_copy_(1, idx, o)
+            lse.index_copy_(1, idx, lg)
+        if out is None:  # every head skipped
+            out = torch.zeros_like(q)
+            lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+        return out, lse
+
+    # -- for tests, pictures and summaries -----------------------------------------------------
+    def _ctx_assignment(self, layout: TokenLayout, num_heads: int, ctx: AttentionContext | None):
+        if ctx is None or ctx.step_index is None or ctx.layer_index is None:
+            raise ValueError("sparse-vdit's pattern depends on the step and layer: pass "
+                             "ctx=AttentionContext(step_index=..., layer_index=...).")
+        return self.assignment(layout, num_heads, ctx)
+
+    def plan(self, layout: TokenLayout, num_heads: int, ctx: AttentionContext | None = None, *,
+             q: torch.Tensor | None = None, k: torch.Tensor | None = None) -> BlockPlan:
+        """Per-head plan ``[1, H, nq, nk]`` of the (step, layer) in ``ctx``, each head in its
+        own token order: frame-major, but ``"hwt"`` for multi-diagonal heads (what the
+        kernel walks; densities per head are exact). For pictures and tests."""
+        modes, stripes = self._ctx_assignment(layout, num_heads, ctx)
+        p, n = self.params(layout), layout.video_len
+        nb = -(-n // p.block_size)
+        masks = []
+        for m, cols in zip(modes, stripes):
+            if m == STRIPE:
+                mk = torch.zeros(nb, nb, dtype=torch.bool)
+                mk[:, list(cols)] = True
+            elif m == SKIP:
+                mk = torch.zeros(nb, nb, dtype=torch.bool)
+            else:
+                half = {FULL: nb, WINDOW: p.window, DIAGONAL: p.diagonal}[m]
+                mk = _band_mask(nb, half)
+            masks.append(mk)
+        device = q.device if q is not None else "cpu"
+        return BlockPlan.from_block_mask(torch.stack(masks), p.block_size, p.block_size, n, n).to(device)
+
+    def video_token_mask(self, layout: TokenLayout, num_heads: int,
+                         ctx: AttentionContext | None = None) -> torch.Tensor:
+        """Bool ``(H, Sv, Sv)`` in frame-major order (multi-diagonal heads mapped back
+        from ``"hwt"``)."""
+        modes, _ = self._ctx_assignment(layout, num_heads, ctx)
+        mask = self.plan(layout, num_heads, ctx).to_token_mask()[0]
+        inv = self._hwt_order(layout).inverse
+        for h, m in enumerate(modes):
+            if m == DIAGONAL:
+                mask[h] = mask[h][inv][:, inv]
+        return mask
+
+    def token_mask(self, layout: TokenLayout, num_heads: int, ctx: AttentionContext | None = None) -> torch.Tensor:
+        """Bool ``(H, S, S)``: the joint text rule, except that a skipped head's video
+        queries see no key at all (their output is zero)."""
+        mask = super().token_mask(layout, num_heads, ctx)
+        modes, _ = self._ctx_assignment(layout, num_heads, ctx)
+        for h, m in enumerate(modes):
+            if m == SKIP:
+                mask[h, layout.video_slice, :] = False
+        return mask
+
+    def density(self, layout: TokenLayout, num_heads: int, ctx: AttentionContext | None = None) -> float:
+        """Fraction of the call's query-key pairs computed (text included), for the (step,
+        layer) of ``ctx``; without one, the mean over the plan's entries, with the
+        scheduled dense steps and layers counted as 1."""
+        plan = self.sv_plan
+        dens = plan.call_density()
+        if ctx is not None and ctx.step_index is not None and ctx.layer_index is not None:
+            if self.is_dense(ctx):
+                return 1.0
+            step, layer = plan.check_call(layout, num_heads, None, ctx)
+            return float(dens[step, layer].mean())
+        steps = torch.arange(plan.meta.steps)
+        dense = torch.zeros(plan.meta.steps, plan.meta.layers, dtype=torch.bool)
+        dense |= (steps < self.config.dense_steps).unsqueeze(1)
+        for layer in range(plan.meta.layers):
+            dense[:, layer] |= self.is_dense_layer(layer)
+        per_call = dens.mean(-1)
+        return float(torch.where(dense, torch.ones_like(per_call), per_call).mean())
