@@ -2,7 +2,10 @@
 
     gen render PROMPT [--model M] [--attention A] [--set k=v]   render a clip (mp4) or image (png)
     gen models                     models gen knows, and which have weights here
-    gen methods                    attention methods, their parameters and presets
+    gen methods                    attention methods, their parameters and presets (with densities)
+    gen masks --method M           picture of a method's mask at a model's geometry
+    gen calibrate sparse-vdit      offline per-head mode search, writes a plan file
+    gen demo                       the Gradio app
     gen info                       versions, devices and the attention backend gen would pick
     gen bench kernels [--quick]    block-sparse kernel vs dense SDPA (time, TFLOP/s, speedup)
 """
@@ -249,6 +252,8 @@ def bench_kernels(
     json_out: Path = typer.Option(None, "--json", help="write results as JSON here"),
     markdown: Path = typer.Option(None, help="write a markdown table here"),
     plot: Path = typer.Option(None, help="write a PNG of speedup vs density here"),
+    method: str = typer.Option(None, help="also time these methods' preset plans, comma-separated (e.g. radial,gna)"),
+    model: str = typer.Option(None, help="model whose native shape and presets --method uses (default wan2.1-t2v-1.3b; tiny-wan with --quick)"),
     list_shapes: bool = typer.Option(False, "--list", help="list the named shapes and exit"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logs (backend choice, …)"),
 ) -> None:
@@ -287,10 +292,13 @@ def bench_kernels(
     command = _command_line(ctx)
     with console.status("benchmarking…") as status:
         try:
+            plans = []
+            if method:
+                the_shape, plans = _method_plans(method, model or ("tiny-wan" if quick else "wan2.1-t2v-1.3b"))
             result = run_kernel_bench(
                 the_shape, _parse_floats(density, "--density"), dtype=dtype, device=device,
                 backends=backends, block_m=block_m, block_n=block_n, reps=reps, seed=seed,
-                check=check, command=command, progress=lambda m: status.update(m),
+                check=check, command=command, progress=lambda m: status.update(m), plans=plans,
             )
         except ValueError as err:
             console.print(f"[red]error:[/red] {escape(str(err))}")
@@ -404,6 +412,30 @@ def demo(
 
     _setup_logging(verbose)
     serve(host=host, port=port, share=share, outputs_dir=outputs, device=device)
+
+
+def _method_plans(methods: str, model: str):
+    """The native video-attention shape of ``model`` and its presets' plans per method."""
+    from gen.attention import TokenLayout
+    from gen.attention.methods import get_method
+    from gen.bench.kernels import AttentionShape
+    from gen.pipelines import get_spec
+
+    spec = get_spec(model)
+    t, h, w = spec.token_grid()
+    layout = TokenLayout(t, h, w)
+    plans, length = [], None
+    for name in [m.strip() for m in methods.split(",") if m.strip()]:
+        try:
+            plan = get_method(name, model=spec.name, family=spec.family).plan(layout, spec.heads)
+        except NotImplementedError:
+            raise ValueError(f"method {name!r} has no static plan to time (its pattern depends on the inputs).") from None
+        if length is not None and plan.q_len != length:
+            raise ValueError("the methods plan over different token counts (padded orders); time them one at a time.")
+        length = plan.q_len
+        plans.append((name, plan))
+    head_dim = 16 if spec.is_tiny else 128
+    return AttentionShape(f"{spec.name} video", 1, spec.heads, length, head_dim), plans
 
 
 def main() -> None:  # console-script entry point

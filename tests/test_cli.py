@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from gen.cli import app
@@ -50,3 +51,16 @@ def test_info_and_entry_point():
     proc = subprocess.run([sys.executable, "-m", "gen", "bench", "kernels", "--list"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "wan2.1-1.3b-480p" in proc.stdout
+
+
+def test_bench_kernels_method_presets(tmp_path):
+    out = tmp_path / "m.json"
+    res = runner.invoke(app, ["bench", "kernels", "--quick", "--method", "radial,gna", "--density", "1",
+                              "--backend", "torch", "--reps", "1", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = {r["plan"]: r for r in json.loads(out.read_text())["rows"] if r["impl"] == "torch"}
+    assert set(rows) == {"dense", "radial", "gna"}
+    assert rows["radial"]["density"] == pytest.approx(0.865) and rows["gna"]["density"] == pytest.approx(0.15)
+    assert all(r["rel_err"] < 1e-5 for r in rows.values())
+    res = runner.invoke(app, ["bench", "kernels", "--quick", "--method", "sparse-vdit"])
+    assert res.exit_code == 2 and "plan" in res.output

@@ -174,6 +174,7 @@ def run_kernel_bench(
     check: bool = True,
     command: str | None = None,
     progress=None,
+    plans: list[tuple[str, object]] | None = None,
 ) -> KernelBenchResult:
     """Run the kernel benchmark and return its rows (see the module docstring).
 
@@ -189,6 +190,9 @@ def run_kernel_bench(
         reps: timed repetitions on the CPU (CUDA uses do_bench's own).
         seed: seed for inputs and random plans.
         check: also compute ``rel_err`` against the fp64 PyTorch reference.
+        plans: extra ``(label, BlockPlan)`` pairs to time, e.g. a method preset's plan at
+            the shape (``gen bench kernels --method radial``); their ``q_len`` must equal
+            ``shape.seq_len``.
         progress: optional callable(str) told what runs next.
     """
     from gen.attention import BlockPlan, block_sparse_attention
@@ -238,13 +242,18 @@ def run_kernel_bench(
         best_sdpa = min(best_sdpa, t)
         result.rows.append(KernelBenchRow(name, "dense", 1.0, t, flops_dense / t / 1e9))
 
+    todo = []
     for density in densities:
         if density >= 1.0:
-            plan, label = BlockPlan.dense(s, s, block_m, block_n, device=dev), "dense"
+            todo.append(("dense", BlockPlan.dense(s, s, block_m, block_n, device=dev)))
         else:
-            plan = BlockPlan.random(s, s, density, batch=1, heads=h, block_m=block_m, block_n=block_n,
-                                    generator=gen_, device=dev)
-            label = "random"
+            todo.append(("random", BlockPlan.random(s, s, density, batch=1, heads=h, block_m=block_m,
+                                                    block_n=block_n, generator=gen_, device=dev)))
+    for label, plan in plans or []:
+        if plan.q_len != s:
+            raise ValueError(f"plan {label!r} covers {plan.q_len} tokens but the shape has {s}.")
+        todo.append((label, plan.to(dev)))
+    for label, plan in todo:
         dens = plan.density()
         ref_out = None
         if check:
