@@ -1,0 +1,468 @@
+"""What the demo does, without Gradio: load each model once, run it with an attention
+method, compare against dense, draw block masks.
+
+``app.py`` only maps widgets onto these calls, so everything here can be used (and
+tested) from plain Python::
+
+    engine = Engine(outputs_dir="outputs/demo")
+    result = engine.run(RunRequest(model="tiny-wan", method="dense", prompt="a red ball"))
+    print(result.path, result.seconds)
+
+Why not ``gen.render.render``: the demo needs the raw uint8 frames (PSNR/SSIM are
+measured before video encoding) and a step callback (cancel), which ``render`` does not
+expose. The pieces it is made of are shared: ``pipeline_kwargs``, ``write_output`` and
+``default_output_path`` from ``gen.render``, ``gen.sparsify`` for the attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gen.attention import AttentionContext, BlockPlan, TokenLayout
+from gen.attention.methods import get_method
+from gen.pipelines import check_geometry, get_spec, list_models, load
+from gen.render import default_output_path, pipeline_kwargs, write_output
+
+from . import metrics
+
+logger = logging.getLogger("gen.demos")
+
+__all__ = [
+    "BASELINES",
+    "Cancelled",
+    "CompareResult",
+    "Engine",
+    "MaskResult",
+    "ModelCache",
+    "RunRequest",
+    "RunResult",
+    "available_models",
+    "layout_for",
+]
+
+DEFAULT_MODEL = "tiny-wan"
+STOCK = "stock"  # run label: the pipeline's own attention, gen not installed
+BASELINES = {
+    STOCK: "stock diffusers attention",
+    "dense": "gen dense (same kernels as the method)",
+}
+"""Compare-tab baselines: run label -> description."""
+
+
+class Cancelled(Exception):  # noqa: N818 (a user action, not a failure)
+    """The user asked to stop; raised from the pipeline's step callback."""
+
+    def __init__(self, step: int | None = None, total: int | None = None) -> None:
+        where = f" after step {step} of {total}" if step is not None else " before the first step"
+        super().__init__(f"Cancelled{where}; nothing was saved.")
+
+
+# -- models ------------------------------------------------------------------------------
+
+
+def default_device() -> str:
+    """``"cuda"`` when a GPU is visible, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def available_models() -> list[str]:
+    """Model names the demo offers: the tiny ones always, real checkpoints only when their
+    weights are complete in the local Hugging Face cache (gen never downloads)."""
+    return [spec.name for spec, ok, _ in list_models() if ok or spec.is_tiny]
+
+
+class ModelCache:
+    """Pipelines by model name, each loaded once by ``loader(name)`` and reused.
+
+    Tiny models stay loaded (a few MB each). Of the real checkpoints only the one used
+    last is kept: two 14B pipelines do not fit one GPU, so switching frees the other.
+    ``loads`` counts the loads per model (how tests see "loaded once").
+    """
+
+    def __init__(self, loader: Callable[[str], object]) -> None:
+        self._loader = loader
+        self._pipes: dict[str, object] = {}
+        self._lock = threading.Lock()
+        self.loads: Counter[str] = Counter()
+
+    def loaded(self, name: str):
+        """The pipeline of ``name`` if it is loaded, else ``None`` (never loads)."""
+        return self._pipes.get(name)
+
+    def get(self, name: str) -> tuple[object, float]:
+        """``(pipeline, seconds spent loading it now)``; 0 s when it was already loaded."""
+        with self._lock:  # two requests for one model must not load it twice
+            if name in self._pipes:
+                return self._pipes[name], 0.0
+            if not get_spec(name).is_tiny:
+                for other in [n for n in self._pipes if not get_spec(n).is_tiny]:
+                    logger.info("unloading %s to make room for %s", other, name)
+                    del self._pipes[other]
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            t0 = time.perf_counter()
+            pipe = self._loader(name)
+            self._pipes[name] = pipe
+            self.loads[name] += 1
+            return pipe, time.perf_counter() - t0
+
+
+def transformer_shape(config) -> tuple[int, int]:
+    """``(heads, attention layers gen replaces)`` from a transformer config (dict-like):
+    Wan blocks, or HunyuanVideo/FLUX dual plus single blocks."""
+    get = config.get if hasattr(config, "get") else lambda k, d=None: getattr(config, k, d)
+    return int(get("num_attention_heads")), int(get("num_layers", 0) or 0) + int(get("num_single_layers", 0) or 0)
+
+
+def layout_for(spec, height: int, width: int, frames: int) -> TokenLayout:
+    """The token layout of one DiT self/joint attention call of ``spec`` at this geometry:
+    Wan's self-attention has no text; HunyuanVideo's text follows the video, FLUX's
+    precedes it (``spec.text_tokens`` tokens at the pipelines' default lengths)."""
+    t, h, w = spec.token_grid(height, width, frames)
+    if spec.family == "wan":
+        return TokenLayout(t, h, w)
+    return TokenLayout(t, h, w, text_len=spec.text_tokens, text_first=spec.family == "flux")
+
+
+# -- requests and results ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """One generation. Sizes in pixels; ``None`` takes the model's default.
+
+    Attributes:
+        model: registry name, e.g. ``"tiny-wan"``.
+        method: attention method name (``gen methods``).
+        overrides: the method's config fields (over the model's preset).
+        prompt, negative_prompt: text; the negative prompt is used by Wan and HunyuanVideo.
+        image: input image path, for image-to-video models only (ignored otherwise).
+        seed: generator seed (a CPU generator, so results repeat across devices).
+        steps, guidance, height, width, frames: sampling settings.
+    """
+
+    model: str
+    method: str
+    prompt: str
+    overrides: dict = field(default_factory=dict)
+    negative_prompt: str | None = None
+    image: str | None = None
+    seed: int = 0
+    steps: int | None = None
+    guidance: float | None = None
+    height: int | None = None
+    width: int | None = None
+    frames: int | None = None
+
+    def resolved(self) -> RunRequest:
+        """A copy with the model's defaults filled in and everything checked.
+
+        Raises:
+            ValueError: unknown model, geometry the model cannot take (with the nearest
+                valid values), an empty prompt, a missing image for image-to-video.
+        """
+        spec = get_spec(self.model)
+        height = self.height or spec.height
+        width = self.width or spec.width
+        frames = (self.frames or spec.frames) if spec.is_video else 1
+        steps = self.steps or spec.steps
+        guidance = spec.guidance if self.guidance is None else float(self.guidance)
+        check_geometry(spec, height, width, frames)
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}.")
+        if not (self.prompt or "").strip():
+            raise ValueError("Write a prompt first.")
+        if spec.task == "i2v" and not self.image:
+            raise ValueError(f"{spec.name} animates a picture: upload one under 'Input image' first.")
+        return RunRequest(
+            model=spec.name, method=self.method, prompt=self.prompt, overrides=dict(self.overrides),
+            negative_prompt=self.negative_prompt or None, image=self.image if spec.task == "i2v" else None,
+            seed=int(self.seed), steps=int(steps), guidance=guidance, height=int(height), width=int(width),
+            frames=int(frames),
+        )
+
+
+@dataclass
+class RunResult:
+    """What one run produced.
+
+    Attributes:
+        path: the written file (mp4 for video models, png for image models).
+        frames: ``(F, H, W, 3)`` uint8 frames as the pipeline returned them.
+        seconds: wall time of the pipeline call (loading excluded).
+        load_seconds: time spent loading the model for this run (0 when it was loaded).
+        request: the resolved request (defaults filled in).
+        label: ``"stock"`` or the method name.
+        attention: ``SparseHandle.summary()`` (``{}`` for the stock attention).
+        config: the method's config as it ran (preset and overrides applied); ``None``
+            for the stock attention.
+    """
+
+    path: Path
+    frames: np.ndarray
+    seconds: float
+    load_seconds: float
+    request: RunRequest
+    label: str
+    attention: dict = field(default_factory=dict)
+    config: object | None = None
+
+
+@dataclass
+class CompareResult:
+    """A baseline and a method run from the same seed, and how they differ.
+
+    Attributes:
+        baseline, method: the two runs.
+        speedup: baseline seconds / method seconds (pipeline calls only).
+        psnr: PSNR in dB of the method's frames against the baseline's (``inf``: identical).
+        ssim: mean SSIM, 1.0 = identical.
+        first_run: True when this model, method and geometry had not run before in this
+            process: times then include one-off costs (kernel compilation, allocator warm-up).
+    """
+
+    baseline: RunResult
+    method: RunResult
+    speedup: float
+    psnr: float
+    ssim: float
+    first_run: bool
+
+
+@dataclass
+class MaskResult:
+    """A block-mask picture of one attention call.
+
+    Attributes:
+        path: the PNG.
+        layout: the token layout of the call.
+        heads, layers: of the model's transformer.
+        video_density: fraction of video query-key pairs the plan computes for this head.
+        call_density: the same over the whole call with text (text is always dense),
+            mean over heads.
+        dense_reason: why this call runs the stock dense attention ("" when it does not).
+        plan: the block plan drawn.
+    """
+
+    path: Path
+    layout: TokenLayout
+    heads: int
+    layers: int
+    video_density: float
+    call_density: float
+    dense_reason: str
+    plan: BlockPlan
+
+
+# -- the engine --------------------------------------------------------------------------
+
+
+class Engine:
+    """Loads models once (``ModelCache``) and runs, compares and draws masks.
+
+    Args:
+        loader: ``loader(name) -> pipeline``; default ``gen.pipelines.load`` on
+            ``device``. Tests pass their own.
+        outputs_dir: where every output is written under a unique name (default
+            ``outputs/demo``); the only folder the app serves.
+        device: for the default loader; default CUDA when available, else the CPU.
+    """
+
+    def __init__(self, loader: Callable[[str], object] | None = None, outputs_dir: str | Path | None = None,
+                 device: str | None = None) -> None:
+        self.device = device or default_device()
+        if loader is None:
+            def loader(name: str):
+                return load(name, device=self.device)
+        self.models = ModelCache(loader)
+        self.outputs_dir = Path(outputs_dir or "outputs/demo").expanduser().resolve()
+        self.outputs_dir.mkdir(parents=True, exist_ok=True)
+        # One pipeline call at a time, even when Gradio has already given up on a cancelled
+        # event whose worker thread is still finishing its step.
+        self._run_lock = threading.Lock()
+        self._seen: set[tuple] = set()
+
+    # -- files ---------------------------------------------------------------------------
+    def output_path(self, spec, prompt: str, label: str, seed: int, folder: str = "") -> Path:
+        """A new unique file under the outputs folder: gen's usual name plus a random
+        suffix, so two runs in the same second (a compare) never share a file."""
+        base = default_output_path(spec, prompt, label, seed, self.outputs_dir / folder)
+        return base.with_name(f"{base.stem}-{uuid.uuid4().hex[:6]}{base.suffix}")
+
+    # -- generation ----------------------------------------------------------------------
+    def run(self, request: RunRequest, *, label: str | None = None,
+            should_stop: Callable[[], bool] | None = None) -> RunResult:
+        """Run ``request`` once and write its file.
+
+        Args:
+            request: what to render (resolved here).
+            label: ``"stock"`` for the pipeline's own attention; default the method.
+            should_stop: polled before the run and after every denoising step; when it
+                returns True the run stops with ``Cancelled`` and writes nothing.
+
+        Raises:
+            ValueError: a request the model cannot take, or bad method parameters.
+            Cancelled: ``should_stop`` said so.
+        """
+        req = request.resolved()
+        spec = get_spec(req.model)
+        label = label or req.method
+        method = None if label == STOCK else get_method(req.method, model=spec.name, family=spec.family,
+                                                        **req.overrides)
+        image = _read_image(req.image, req.width, req.height) if req.image else None
+        stop = should_stop or (lambda: False)
+        pipe, load_seconds = self.models.get(spec.name)
+
+        def on_step_end(pipeline, step, timestep, callback_kwargs):
+            if stop():
+                raise Cancelled(step + 1, req.steps)
+            return {}
+
+        kwargs = pipeline_kwargs(
+            spec, prompt=req.prompt, negative_prompt=req.negative_prompt, height=req.height, width=req.width,
+            frames=req.frames, steps=req.steps, guidance=req.guidance,
+            generator=torch.Generator("cpu").manual_seed(req.seed), image=image,
+        )
+        kwargs["callback_on_step_end"] = on_step_end
+        with self._run_lock:
+            if stop():
+                raise Cancelled()
+            from gen.api import sparsify
+
+            handle = sparsify(pipe, method) if method is not None else None
+            logger.info("demo run: %s, %s attention, %dx%dx%d, %d steps, seed %d", spec.name, label,
+                        req.width, req.height, req.frames, req.steps, req.seed)
+            try:
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    output = pipe(**kwargs)
+                seconds = time.perf_counter() - t0
+                summary = handle.summary() if handle is not None else {}
+            finally:
+                if handle is not None:
+                    handle.restore()
+        frames = _uint8_frames(output, spec)
+        path = write_output(frames, self.output_path(spec, req.prompt, label, req.seed), spec.fps)
+        return RunResult(path, frames, seconds, load_seconds, req, label, summary,
+                         method.config if method is not None else None)
+
+    def compare(self, request: RunRequest, *, baseline: str = STOCK,
+                should_stop: Callable[[], bool] | None = None) -> CompareResult:
+        """Run ``baseline`` (``"stock"`` or ``"dense"``) and then the request's method with the
+        same seed and settings; time both and measure PSNR/SSIM between their frames."""
+        if baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {baseline!r}.")
+        req = request.resolved()
+        key = (req.model, req.method, baseline, req.height, req.width, req.frames)
+        first = key not in self._seen
+        # the model loads inside the first run; its time is reported, never counted as speed
+        base = self.run(req, label=baseline, should_stop=should_stop) if baseline == STOCK else \
+            self.run(dataclasses.replace(req, method="dense", overrides={}), should_stop=should_stop)
+        meth = self.run(req, should_stop=should_stop)
+        self._seen.add(key)
+        return CompareResult(
+            baseline=base, method=meth, speedup=base.seconds / max(meth.seconds, 1e-9),
+            psnr=metrics.psnr(base.frames, meth.frames), ssim=metrics.ssim(base.frames, meth.frames),
+            first_run=first,
+        )
+
+    # -- masks ---------------------------------------------------------------------------
+    def model_shape(self, name: str) -> tuple[int, int]:
+        """``(heads, attention layers)`` of a model's transformer, without loading it when
+        possible: the loaded pipeline, else the tiny config, else the cached config.json."""
+        spec = get_spec(name)
+        pipe = self.models.loaded(spec.name)
+        if pipe is not None and getattr(pipe, "transformer", None) is not None:
+            return transformer_shape(pipe.transformer.config)
+        if spec.is_tiny:
+            from gen.pipelines.tiny import TINY_CONFIGS
+
+            return transformer_shape(TINY_CONFIGS[spec.name]["transformer"])
+        from huggingface_hub import try_to_load_from_cache
+
+        from gen.pipelines.registry import hf_cache_dir
+
+        path = try_to_load_from_cache(spec.repo_id, "transformer/config.json", cache_dir=str(hf_cache_dir()))
+        if not isinstance(path, str):
+            raise ValueError(f"the weights of {spec.name} are not in the local Hugging Face cache; "
+                             f"`gen models` shows which models are available here.")
+        return transformer_shape(json.loads(Path(path).read_text()))
+
+    def mask(self, model: str, method: str, overrides: dict | None = None, *, height: int | None = None,
+             width: int | None = None, frames: int | None = None, steps: int | None = None,
+             layer: int = 0, head: int = 0, step: int = 0) -> MaskResult:
+        """Draw the block mask ``method`` uses at one (layer, head, denoising step) of ``model``
+        at this geometry, and measure its density. Static methods only: a method whose plan
+        depends on the activations has no picture before a run.
+
+        Raises:
+            ValueError: bad geometry, layer/head/step out of range, or a dynamic method.
+        """
+        spec = get_spec(model)
+        height, width = height or spec.height, width or spec.width
+        frames = (frames or spec.frames) if spec.is_video else 1
+        steps = steps or spec.steps
+        check_geometry(spec, height, width, frames)
+        heads, layers = self.model_shape(spec.name)
+        for what, value, count in (("layer", layer, layers), ("head", head, heads), ("step", step, steps)):
+            if not 0 <= value < count:
+                raise ValueError(f"{what} must be between 0 and {count - 1} for {spec.name} "
+                                 f"({count} {what}s{' in this run' if what == 'step' else ''}), got {value}.")
+        meth = get_method(method, model=spec.name, family=spec.family, **(overrides or {}))
+        layout = layout_for(spec, height, width, frames)
+        ctx = AttentionContext(step_index=step, num_steps=steps, layer_index=layer)
+        reason = ""
+        if meth.is_dense_layer(layer):
+            reason = f"layer {layer} is in dense_layers={meth.config.dense_layers!r}"
+        elif meth.is_dense(ctx):
+            reason = f"step {step} < dense_steps={meth.config.dense_steps}"
+        if reason:
+            plan = BlockPlan.dense(layout.video_len, layout.video_len, 64, 64)
+            video_density = call_density = 1.0
+        else:
+            try:
+                plan = meth.plan(layout, heads, ctx)
+                call_density = meth.density(layout, heads, ctx)
+            except (NotImplementedError, TypeError, AttributeError) as err:
+                raise ValueError(
+                    f"{method} builds its plan from the activations (q, k) during a run, so there is no "
+                    f"mask to draw before one; compare it against dense instead. ({type(err).__name__}: {err})"
+                ) from None
+            per_head = plan.density_per_head()
+            video_density = float(per_head[0, 0 if per_head.shape[1] == 1 else head])
+        t, h, w = layout.grid
+        title = (f"{spec.name} · {method} · {t}x{h}x{w} tokens · layer {layer}, head {head}, step {step}\n"
+                 + (f"dense ({reason})" if reason else f"video density {video_density:.3f}"))
+        name = f"{spec.name}-{method}-L{layer}-H{head}-S{step}-{uuid.uuid4().hex[:6]}.png"
+        path = plan.save_png(self.outputs_dir / "masks" / name, head=head if plan.kv_counts.shape[1] > 1 else 0,
+                             title=title)
+        return MaskResult(Path(path), layout, heads, layers, video_density, call_density, reason, plan)
+
+
+def _read_image(path: str, width: int, height: int):
+    from PIL import Image
+
+    try:
+        return Image.open(path).convert("RGB").resize((width, height))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read the input image ({err}); upload a PNG or JPEG.") from None
+
+
+def _uint8_frames(output, spec) -> np.ndarray:
+    """``(F, H, W, 3)`` uint8 from a pipeline output asked for ``output_type="np"``."""
+    arr = np.asarray(output.images[0])[None] if spec.task == "t2i" else np.asarray(output.frames[0])
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return arr
