@@ -355,3 +355,17 @@ def test_compiles_fullgraph_without_recompiling(cfg):
     for out, ref in zip(outs, eager):
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     torch._dynamo.reset()
+
+
+def test_render_gna_end_to_end(tmp_path):
+    from typer.testing import CliRunner
+
+    from gen.cli import app
+
+    out = tmp_path / "gna.mp4"
+    res = CliRunner().invoke(app, ["render", "a red ball", "--attention", "gna", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert out.stat().st_size > 0 and "density" in res.output
+    res = CliRunner().invoke(app, ["render", "a cat", "--model", "tiny-flux", "--attention", "gna",
+                                   "--set", "window=-1", "--out", str(tmp_path / "g.png")])
+    assert res.exit_code == 0, res.output
