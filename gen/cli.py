@@ -8,6 +8,10 @@
     gen demo                       the Gradio app
     gen info                       versions, devices and the attention backend gen would pick
     gen bench kernels [--quick]    block-sparse kernel vs dense SDPA (time, TFLOP/s, speedup)
+    gen bench e2e [--quick]        whole denoising runs per method: latency, memory, attention share
+    gen bench fidelity [--quick]   error vs dense: attention (rel. L2, cosine) and video (PSNR, SSIM)
+    gen capture --model M ...      save q, k, v of chosen steps/layers of a run (safetensors)
+    gen long PROMPT --schedule S   long video chunk by chunk with a KV cache, streamed to an mp4
 """
 
 from __future__ import annotations
@@ -47,7 +51,11 @@ def _setup_logging(verbose: bool) -> None:
 
 def _command_line(ctx: typer.Context) -> str:
     """The command as a user would retype it: ``gen <sub> <options given>`` (for result files)."""
-    parts = ["gen", *ctx.command_path.split()[1:]]
+    names, c = [], ctx
+    while c.parent is not None:  # subcommand names, without the program name (gen / python -m gen)
+        names.append(c.info_name)
+        c = c.parent
+    parts = ["gen", *reversed(names)]
     for param in ctx.command.params:
         source = ctx.get_parameter_source(param.name)
         if getattr(source, "name", "DEFAULT") == "DEFAULT":
@@ -324,6 +332,8 @@ def bench_kernels(
     console.print(table)
     for i, note in enumerate(dict.fromkeys(notes), 1):
         console.print(f"[dim]{'*' * i} {note}[/dim]")
+    for what in m.get("skipped", []):
+        console.print(f"[dim]skipped {escape(what)}[/dim]")
     if not on_cuda:
         console.print("[dim]CPU run: numbers show the harness works; GPU figures live in BENCHMARKS.md.[/dim]")
     if json_out:
@@ -332,6 +342,197 @@ def bench_kernels(
         console.print(f"wrote {atomic_write_text(markdown, result.to_markdown() + chr(10))}")
     if plot:
         console.print(f"wrote {save_plot(result, plot)}")
+
+
+def _progress_bar():
+    """A rich progress bar for ``callable(done, total, what)`` callbacks: ``(bar, update)``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console)
+    task = bar.add_task("starting", total=None)
+    return bar, lambda done, total, what: bar.update(task, completed=done, total=total, description=escape(what))
+
+
+def _write_outputs(result, json_out: Path | None, markdown: Path | None, plot: Path | None, save_plot) -> None:
+    from gen._io import atomic_write_text
+
+    if json_out:
+        console.print(f"wrote {atomic_write_text(json_out, result.to_json())}")
+    if markdown:
+        console.print(f"wrote {atomic_write_text(markdown, result.to_markdown() + chr(10))}")
+    if plot:
+        console.print(f"wrote {save_plot(result, plot)}")
+
+
+@bench_app.command("e2e")
+def bench_e2e(
+    ctx: typer.Context,
+    model: str = typer.Option("wan2.1-t2v-1.3b", "--model", "-m", help="model name (see `gen models`); tiny-wan with --quick"),
+    attention: str = typer.Option("stock,dense,radial,gna", "--attention", "-a",
+                                  help="methods at their presets, comma-separated; 'stock' = the model's own attention"),
+    quick: bool = typer.Option(False, "--quick", help="tiny model (tiny-wan unless --model is a tiny one), 2 steps: runs on a CPU"),
+    random_weights: bool = typer.Option(False, "--random-weights", help="real architecture from its shipped config with random "
+                                        "weights; times the transformer loop only (no checkpoint needed)"),
+    steps: int = typer.Option(None, help="denoising steps (default: the model's)"),
+    height: int = typer.Option(None, help="height in pixels (default: the model's)"),
+    width: int = typer.Option(None, help="width in pixels (default: the model's)"),
+    frames: int = typer.Option(None, help="frames (default: the model's)"),
+    prompt: str = typer.Option("a red panda walking through a snowy forest, cinematic", help="prompt (pipeline mode)"),
+    seed: int = typer.Option(0, help="seed, the same for every method"),
+    warmup: bool = typer.Option(True, help="one untimed warm-up step per method (compiles the kernels)"),
+    plan: Path = typer.Option(None, help="sparse-vdit plan file (`gen calibrate sparse-vdit`); without it sparse-vdit is skipped"),
+    device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)"),
+    dtype: str = typer.Option(None, help="bf16 | fp16 | fp32 (default bf16 on CUDA, fp32 on CPU)"),
+    model_path: Path = typer.Option(None, help="local folder with the model's diffusers-format weights"),
+    json_out: Path = typer.Option(None, "--json", help="write results as JSON here"),
+    markdown: Path = typer.Option(None, help="write a markdown table here"),
+    plot: Path = typer.Option(None, help="write a PNG of speedup vs density here"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logs"),
+) -> None:
+    """Time whole denoising runs, dense vs each method: latency, peak memory, attention share."""
+    from gen.bench.e2e import run_e2e_bench, save_plot
+    from gen.pipelines import get_spec
+
+    _setup_logging(verbose)
+    try:
+        if quick:
+            model = model if get_spec(model).is_tiny else "tiny-wan"
+            steps = steps or 2
+        bar, update = _progress_bar()
+        with bar:
+            result = run_e2e_bench(
+                model, attention, random_weights=random_weights, steps=steps, height=height, width=width,
+                frames=frames, prompt=prompt, seed=seed, device=device, dtype=dtype, warmup=warmup, plan=plan,
+                model_path=model_path, command=_command_line(ctx), progress=update,
+            )
+    except ValueError as err:
+        console.print(f"[red]error:[/red] {escape(str(err))}")
+        raise typer.Exit(2) from None
+    m = result.meta
+    table = Table(title=f"{m['model']} {m['width']}x{m['height']}x{m['frames']}, {m['steps']} steps, {m['dtype']} on "
+                        f"{m['device']}" + (" (random weights, transformer loop)" if random_weights else ""))
+    for col in ("method", "density", "total s", "step ms", "attn share", "peak MiB", "speedup", "note"):
+        table.add_column(col, justify="left" if col in ("method", "note") else "right")
+    for r in result.rows:
+        table.add_row(r.method, "–" if r.run_density is None else f"{r.run_density:.3f}",
+                      "–" if r.total_s is None else f"{r.total_s:.2f}", "–" if r.step_ms is None else f"{r.step_ms:.1f}",
+                      "–" if r.attention_share is None else f"{100 * r.attention_share:.0f}%",
+                      "–" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.0f}",
+                      "–" if r.speedup is None else f"{r.speedup:.2f}x", escape(r.note))
+    console.print(table)
+    if m["device"].startswith("cpu"):
+        console.print("[dim]CPU run: numbers show the harness works; GPU figures live in BENCHMARKS.md.[/dim]")
+    _write_outputs(result, json_out, markdown, plot, save_plot)
+
+
+@bench_app.command("fidelity")
+def bench_fidelity(
+    ctx: typer.Context,
+    model: str = typer.Option("wan2.1-t2v-1.3b", "--model", "-m", help="model whose presets, grid and pipeline to use; tiny-wan with --quick"),
+    attention: str = typer.Option("dense,radial,gna,sparse-vdit", "--attention", "-a", help="methods at their presets, comma-separated"),
+    quick: bool = typer.Option(False, "--quick", help="tiny model (tiny-wan unless --model is a tiny one), 2 steps: runs on a CPU"),
+    capture: Path = typer.Option(None, help="a `gen capture` file to measure attention error on"),
+    synthetic: bool = typer.Option(True, help="measure attention error on the synthetic video-like inputs"),
+    e2e: bool = typer.Option(True, help="render with each method and compare to the dense render (PSNR, SSIM)"),
+    plan: Path = typer.Option(None, help="sparse-vdit plan file (`gen calibrate sparse-vdit`); without it sparse-vdit is skipped"),
+    prompt: str = typer.Option("a red panda walking through a snowy forest, cinematic", help="prompt of the renders"),
+    steps: int = typer.Option(None, help="denoising steps of the renders (default: the model's)"),
+    height: int = typer.Option(None, help="height in pixels (default: the model's)"),
+    width: int = typer.Option(None, help="width in pixels (default: the model's)"),
+    frames: int = typer.Option(None, help="frames (default: the model's)"),
+    seed: int = typer.Option(0, help="seed of the synthetic inputs and the renders"),
+    device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)"),
+    dtype: str = typer.Option(None, help="bf16 | fp16 | fp32: attention inputs (default fp32) and pipeline (default the model's)"),
+    model_path: Path = typer.Option(None, help="local folder with the model's diffusers-format weights"),
+    json_out: Path = typer.Option(None, "--json", help="write results as JSON here"),
+    markdown: Path = typer.Option(None, help="write a markdown table here"),
+    plot: Path = typer.Option(None, help="write a PNG of error vs density here"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logs"),
+) -> None:
+    """Error of each method against dense: attention-level (rel. L2, cosine) and end to end (PSNR, SSIM)."""
+    from gen.bench.fidelity import run_fidelity_bench, save_plot
+    from gen.pipelines import get_spec
+
+    _setup_logging(verbose)
+    try:
+        if quick:
+            model = model if get_spec(model).is_tiny else "tiny-wan"
+            steps = steps or 2
+        bar, update = _progress_bar()
+        with bar:
+            result = run_fidelity_bench(
+                model, attention, capture=capture, synthetic=synthetic, e2e=e2e, plan=plan, prompt=prompt,
+                steps=steps, height=height, width=width, frames=frames, seed=seed, device=device, dtype=dtype,
+                model_path=model_path, command=_command_line(ctx), progress=update,
+            )
+    except ValueError as err:
+        console.print(f"[red]error:[/red] {escape(str(err))}")
+        raise typer.Exit(2) from None
+    table = Table(title=f"{result.meta['model']} vs dense on {result.meta['device']}")
+    for col in ("level", "source", "method", "density", "rel L2", "cosine", "PSNR dB", "SSIM", "note"):
+        table.add_column(col, justify="left" if col in ("level", "source", "method", "note") else "right")
+
+    def f(x, spec):
+        return "–" if x is None else format(x, spec)
+
+    for r in result.rows:
+        table.add_row(r.level, r.source, r.method, f(r.density, ".3f"), f(r.rel_l2, ".2e"), f(r.cosine, ".5f"),
+                      "∞" if r.mse == 0 else f(r.psnr, ".2f"), f(r.ssim, ".4f"), escape(r.note))
+    console.print(table)
+    _write_outputs(result, json_out, markdown, plot, save_plot)
+
+
+@app.command("capture")
+def capture_cmd(
+    model: str = typer.Option(..., "--model", "-m", help="model name (see `gen models`)"),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="text prompt of the run"),
+    steps: str = typer.Option("0", "--steps", help="denoising steps to record, comma-separated, 0-based"),
+    layers: str = typer.Option("0", "--layers", help="attention layers to record, comma-separated, 0-based (forward order)"),
+    heads: str = typer.Option(None, "--heads", help="heads to record, comma-separated (default: all)"),
+    out: Path = typer.Option(..., "--out", "-o", help="safetensors file to write"),
+    num_steps: int = typer.Option(None, "--num-steps", help="length of the run in steps (default: the model's)"),
+    height: int = typer.Option(None, help="height in pixels (default: the model's)"),
+    width: int = typer.Option(None, help="width in pixels (default: the model's)"),
+    frames: int = typer.Option(None, help="frames (default: the model's)"),
+    seed: int = typer.Option(0, help="random seed"),
+    device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)"),
+    dtype: str = typer.Option(None, help="bf16 | fp16 | fp32 (default: the model's)"),
+    model_path: Path = typer.Option(None, help="local folder with the model's diffusers-format weights"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logs"),
+) -> None:
+    """Record q, k, v (after RoPE) and the layout of chosen steps/layers/heads of a dense run."""
+    from gen.capture import capture as do_capture
+
+    _setup_logging(verbose)
+
+    def ints(text: str | None, what: str) -> list[int] | None:
+        if text is None:
+            return None
+        try:
+            vals = [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise typer.BadParameter(f"{what} must be comma-separated integers, got {text!r}") from None
+        if not vals or min(vals) < 0:
+            raise typer.BadParameter(f"{what} must be integers >= 0, got {text!r}")
+        return vals
+
+    if dtype is not None and dtype not in ("bf16", "fp16", "fp32"):
+        raise typer.BadParameter(f"--dtype must be bf16, fp16 or fp32, got {dtype!r}")
+    try:
+        with console.status("running the pipeline…"):
+            result = do_capture(
+                model, prompt, steps=ints(steps, "--steps"), layers=ints(layers, "--layers"),
+                heads=ints(heads, "--heads"), out=out, num_steps=num_steps, height=height, width=width,
+                frames=frames, seed=seed, device=device, dtype=dtype, model_path=model_path,
+            )
+    except ValueError as err:
+        console.print(f"[red]error:[/red] {escape(str(err))}")
+        raise typer.Exit(2) from None
+    for c in result.calls:
+        console.print(f"step {c.step} layer {c.layer} ({c.branch or 'single call'}): q/k/v {tuple(c.q.shape)} "
+                      f"{str(c.q.dtype).removeprefix('torch.')}, {c.layout}")
+    console.print(f"wrote {out}")
 
 
 calibrate_app = typer.Typer(help="Offline searches that write plan files for per-head methods.", no_args_is_help=True)
@@ -437,6 +638,32 @@ def _method_plans(methods: str, model: str):
     head_dim = 16 if spec.is_tiny else 128
     return AttentionShape(f"{spec.name} video", 1, spec.heads, length, head_dim), plans
 
+
+
+@app.command()
+def long(
+    prompt: str = typer.Argument(..., help="text prompt"),
+    model: str = typer.Option("tiny-wan", "--model", "-m", help="Wan text-to-video model (see `gen models`)"),
+    schedule: str = typer.Option("sink", help="chunk (Self-Forcing) | sink (LongLive: sink + window, recache)"),
+    seconds: float = typer.Option(5.0, help="video length in seconds"),
+    switch: list[str] = typer.Option(None, "--switch", help="prompt switch 'SECONDS:new prompt' (repeatable)"),
+    seed: int = typer.Option(0, help="random seed"),
+    height: int = typer.Option(None, help="height in pixels (default: the model's)"),
+    width: int = typer.Option(None, help="width in pixels (default: the model's)"),
+    device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)"),
+    out: Path = typer.Option(Path("long.mp4"), "--out", "-o", help="output .mp4 (appended as chunks finish)"),
+) -> None:
+    """Long video, chunk by chunk with a KV cache, streamed to an mp4 (see gen.long)."""
+    from gen.long import long_video, parse_switch
+
+    try:
+        switches = [parse_switch(s) for s in switch or []]
+        result = long_video(prompt, out, model=model, schedule=schedule, seconds=seconds, switches=switches,
+                            seed=seed, height=height, width=width, device=device)
+    except ValueError as err:
+        console.print(f"[red]error:[/red] {escape(str(err))}")
+        raise typer.Exit(2) from None
+    console.print(f"wrote {result.path}: {result.frames} frames at {result.fps} fps in {result.seconds:.1f} s")
 
 def main() -> None:  # console-script entry point
     # Without CUDA, Triton kernels can only run through the interpreter, and Triton reads

@@ -9,7 +9,14 @@ attention shapes below, time our kernel and torch's ``scaled_dot_product_attenti
 * ``speedup``: best dense SDPA time / our time;
 * ``pct_ideal``: speedup / (1 / density) in percent (100 % = time scales with density);
 * ``rel_err``: ``||out - ref|| / ||ref||`` against the PyTorch reference in fp64 on the
-  same plan (a correctness check riding along, not a benchmark figure).
+  same plan (a correctness check riding along, not a benchmark figure);
+* ``plan_ms``: planning time per call of a dynamic method (one whose plan depends on
+  ``q``/``k``): the hook for when one lands; static plans are built once and cached, so
+  ``None`` for every method so far.
+
+Third-party baselines in the same run (``gen.bench.baselines``): ``flex`` (compiled torch
+``flex_attention`` with a ``BlockMask`` of the same plan, CUDA only) and dense
+``xformers`` (when installed). What did not run is listed in ``meta["skipped"]``.
 
 On the CPU the numbers only show the harness works; speed claims come from a GPU run
 recorded in BENCHMARKS.md. ``--quick`` shrinks the shape so the whole run takes
@@ -79,6 +86,7 @@ class KernelBenchRow:
     pct_ideal: float | None = None
     rel_err: float | None = None
     note: str = ""
+    plan_ms: float | None = None
 
 
 @dataclass
@@ -225,8 +233,10 @@ def run_kernel_bench(
             "block_m": block_m,
             "block_n": block_n,
             "seed": seed,
+            "skipped": [],
         }
     )
+    from . import baselines
 
     best_sdpa = math.inf
     for name, ctx in _sdpa_backends(dev):
@@ -241,6 +251,12 @@ def run_kernel_bench(
             continue
         best_sdpa = min(best_sdpa, t)
         result.rows.append(KernelBenchRow(name, "dense", 1.0, t, flops_dense / t / 1e9))
+    try:
+        say("timing xformers")
+        t, _ = baselines.time_xformers(q, k, v, lambda fn: _time_ms(fn, dev, reps))
+        result.rows.append(KernelBenchRow("xformers", "dense", 1.0, t, flops_dense / t / 1e9))
+    except baselines.Skip as why:
+        result.meta["skipped"].append(f"xformers: {why}")
 
     todo = []
     for density in densities:
@@ -274,6 +290,16 @@ def run_kernel_bench(
                 None if speed is None or dens == 0 else 100.0 * speed * dens, err,
                 note="Triton interpreter on the CPU: checks correctness; its time means nothing" if interp else "",
             ))
+        try:
+            say(f"timing flex_attention on {label}")
+            t, out = baselines.time_flex(q, k, v, plan, lambda fn: _time_ms(fn, dev, reps))
+            err = None if ref_out is None else float((out.double() - ref_out).norm() / ref_out.norm().clamp_min(1e-300))
+            speed = best_sdpa / t if math.isfinite(best_sdpa) else None
+            result.rows.append(KernelBenchRow("flex", label, dens, t, flops_dense * dens / t / 1e9, speed,
+                                              None if speed is None or dens == 0 else 100.0 * speed * dens, err))
+        except baselines.Skip as why:
+            if f"flex: {why}" not in result.meta["skipped"]:
+                result.meta["skipped"].append(f"flex: {why}")
     return result
 
 

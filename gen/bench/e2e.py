@@ -1,0 +1,599 @@
+"""``gen bench e2e``: whole denoising runs, dense vs each sparse method, same seed.
+
+Per method (``--attention stock,dense,radial,…``; ``stock`` is the model's own
+attention, see ``gen.bench.common.STOCK``) one run of the model at its native geometry,
+and per run:
+
+* ``total_s``: wall time of the run; ``denoise_s``: of its denoising steps only;
+  ``step_ms``: median step, ``steps_ms``: every step (milliseconds);
+* ``attention_s`` / ``attention_share``: time inside the self/joint attention calls gen
+  routes (every call of gen's processors' ``_attend``: the method's sparse kernel, or
+  the stock dispatcher for steps/layers the schedule keeps dense), and its share of
+  ``denoise_s``. Timed per call: ``time.perf_counter`` on the CPU, a pair of CUDA events
+  per call on a GPU (summed after the run; no synchronisation inside the run). Cross-
+  attention, projections, norms and RoPE are outside it;
+* ``peak_mem_mb``: CUDA: ``torch.cuda.max_memory_allocated`` during the run (weights
+  included) and ``peak_mem_delta_mb`` its growth over the memory held before the run.
+  CPU: ``tracemalloc`` does not see torch's allocator, so the process's peak resident
+  set (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) after the run, and its growth during
+  the run (0 when the run stayed under an earlier peak of the process: a lower bound);
+* ``density``: the method's pattern density at the call's layout (fraction of query-key
+  pairs) and ``run_density``: averaged over all attention calls of the run, the calls
+  the schedule keeps dense counting 1;
+* ``speedup``: the baseline's ``denoise_s`` over this run's (baseline: ``stock`` when
+  asked, else ``dense``, else the first method), ``attn_speedup`` likewise on
+  ``attention_s``.
+
+Two ways to run:
+
+* default: the real pipeline (``gen.pipelines.load``: tiny models are built offline, real
+  ones need their weights in the local Hugging Face cache), prompt to decoded frames;
+  ``total_s`` includes text encoding and the VAE, steps are timed by
+  ``callback_on_step_end``;
+* ``random_weights=True``: the real transformer architecture from its config
+  (``pipelines/configs/<model>/transformer.json``; tiny models from
+  ``gen.pipelines.tiny.TINY_CONFIGS``) with random weights, so timing at full scale needs
+  no checkpoint (same shapes, same FLOPs). Only the transformer's denoising loop runs:
+  random latents and text embeddings of the pipeline's shapes (text length
+  ``ModelSpec.text_tokens``), a flow-matching Euler update, decreasing timesteps, two
+  transformer passes per step for classifier-free guidance (Wan, guidance > 1) and one
+  otherwise. No text encoders and no VAE: ``total_s == denoise_s``.
+
+Before each timed run an untimed warm-up compiles the kernels (Triton's JIT would
+otherwise land in the first step): one step with the method's dense-step schedule off,
+so both the sparse and the scheduled-dense paths run once.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .common import STOCK, BenchResult, bench_meta, fmt, resolve_methods
+
+__all__ = ["E2ERow", "E2EResult", "CONFIG_DIR", "transformer_config", "build_random_transformer", "run_e2e_bench",
+           "save_plot"]
+
+logger = logging.getLogger("gen.bench")
+
+#: shipped transformer configs of the real models, ``<model>/transformer.json``
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "pipelines" / "configs"
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_CLASSES = {"wan": "WanTransformer3DModel", "hunyuan": "HunyuanVideoTransformer3DModel",
+            "flux": "FluxTransformer2DModel"}
+
+
+def _config_dir() -> Path:
+    # editable installs run from the source tree; an installed package keeps them next to
+    # gen.pipelines
+    import gen.pipelines
+
+    here = Path(gen.pipelines.__file__).resolve().parent / "configs"
+    return here if here.is_dir() else CONFIG_DIR
+
+
+def transformer_config(spec) -> dict:
+    """Constructor arguments of ``spec``'s transformer (a ``ModelSpec``).
+
+    Raises:
+        ValueError: no config shipped for the model (the message lists those that are).
+    """
+    if spec.is_tiny:
+        from gen.pipelines.tiny import TINY_CONFIGS
+
+        return dict(TINY_CONFIGS[spec.name]["transformer"])
+    path = _config_dir() / spec.name / "transformer.json"
+    if not path.is_file():
+        have = sorted(p.parent.name for p in _config_dir().glob("*/transformer.json"))
+        raise ValueError(f"no transformer config shipped for {spec.name!r} (random weights need one); "
+                         f"models with one: {', '.join(have)}.")
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def build_random_transformer(spec, *, device: torch.device, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    """``spec``'s transformer with random weights, built directly on ``device`` in
+    ``dtype`` (parameters the model keeps in float32, ``_keep_in_fp32_modules``, stay
+    float32, as ``from_pretrained`` does)."""
+    import diffusers
+
+    cls = getattr(diffusers, _CLASSES[spec.family])
+    cfg = transformer_config(spec)
+    before = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        try:
+            # built in the target dtype on the device: a 14B model never exists in fp32
+            torch.set_default_dtype(dtype)
+            with torch.device(device):
+                model = cls.from_config(cfg)
+        finally:
+            torch.set_default_dtype(before)
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and keep.intersection(name.split(".")):
+            param.data = param.data.float()
+    return model.eval()
+
+
+def _passes_per_step(spec, guidance: float) -> int:
+    """Transformer calls per denoising step: 2 with classifier-free guidance (Wan, guidance
+    > 1), 1 for guidance-distilled models (guidance is an input) or no guidance."""
+    return 2 if not spec.guidance_embedded and guidance > 1.0 else 1
+
+
+def _random_inputs(spec, model, *, height: int, width: int, frames: int, guidance: float,
+                   device: torch.device, dtype: torch.dtype, seed: int) -> tuple[str, torch.Tensor, dict]:
+    """(latent argument name, latents, other constant kwargs) for one transformer call,
+    shaped as the pipeline makes them; drawn on the CPU from ``seed`` (repeatable)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    t_lat, h_lat, w_lat = spec.token_grid(height, width, frames)
+    h_lat, w_lat = h_lat * 2, w_lat * 2  # token grid is after the 2x2 patchify
+    text = spec.text_tokens
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    if spec.family == "wan":
+        lat = rnd(1, cfg.in_channels, t_lat, h_lat, w_lat)
+        return "hidden_states", lat, {"encoder_hidden_states": rnd(1, text, cfg.text_dim)}
+    if spec.family == "hunyuan":
+        lat = rnd(1, cfg.in_channels, t_lat, h_lat, w_lat)
+        kw = {"encoder_hidden_states": rnd(1, text, cfg.text_embed_dim),
+              "encoder_attention_mask": torch.ones(1, text, dtype=torch.long, device=device),
+              "pooled_projections": rnd(1, cfg.pooled_projection_dim),
+              # the pipeline passes guidance x 1000
+              "guidance": torch.full((1,), guidance * 1000.0, device=device, dtype=dtype)}
+        return "hidden_states", lat, kw
+    rows, cols = h_lat // 2, w_lat // 2  # FLUX packs 2x2 latent patches into 64 channels
+    lat = rnd(1, rows * cols, cfg.in_channels)
+    ids = torch.zeros(rows, cols, 3)
+    ids[..., 1] = torch.arange(rows)[:, None]
+    ids[..., 2] = torch.arange(cols)[None, :]
+    kw = {"encoder_hidden_states": rnd(1, text, cfg.joint_attention_dim),
+          "pooled_projections": rnd(1, cfg.pooled_projection_dim),
+          "img_ids": ids.reshape(-1, 3).to(device, dtype), "txt_ids": torch.zeros(text, 3, device=device, dtype=dtype)}
+    if cfg.guidance_embeds:
+        kw["guidance"] = torch.full((1,), guidance, device=device, dtype=dtype)
+    return "hidden_states", lat, kw
+
+
+class _AttentionTimer:
+    """Times every ``_attend`` call of gen's processors on the handle's transformers
+    (see the module docstring); ``seconds()`` after the run."""
+
+    def __init__(self, handle, device: torch.device) -> None:
+        from gen.attention.processors import attention_modules
+
+        self.cuda = device.type == "cuda"
+        self.events: list = []
+        self.total = 0.0
+        self.calls = 0
+        self._procs = []
+        for patch in handle.patches:
+            for _, module in attention_modules(patch.transformer, patch.family):
+                proc = module.processor
+                proc._attend = self._wrap(proc._attend)  # instance attribute shadows the method
+                self._procs.append(proc)
+
+    def _wrap(self, attend):
+        def timed(*args, **kwargs):
+            self.calls += 1
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = attend(*args, **kwargs)
+                end.record()
+                self.events.append((start, end))
+                return out
+            t0 = time.perf_counter()
+            out = attend(*args, **kwargs)
+            self.total += time.perf_counter() - t0
+            return out
+
+        return timed
+
+    def reset(self) -> None:
+        self.events.clear()
+        self.total, self.calls = 0.0, 0
+
+    def seconds(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return self.total + sum(s.elapsed_time(e) for s, e in self.events) / 1e3
+        return self.total
+
+    def remove(self) -> None:
+        for proc in self._procs:
+            proc.__dict__.pop("_attend", None)
+        self._procs = []
+
+
+class _Memory:
+    """Peak memory of a run (see the module docstring): ``start()``, run, ``stop()``."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+
+    @staticmethod
+    def _rss_mb() -> float:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device) / 2**20
+        else:
+            self.base = self._rss_mb()
+
+    def stop(self) -> tuple[float, float]:
+        """``(peak_mb, growth_mb)``."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            peak = self._rss_mb()
+        return peak, max(0.0, peak - self.base)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class E2ERow:
+    """One method's run (see the module docstring for the columns). Times in seconds
+    (``*_s``) or milliseconds (``*_ms``), memory in MiB; ``None`` = not measured."""
+
+    method: str
+    config: str = ""
+    density: float | None = None
+    run_density: float | None = None
+    total_s: float | None = None
+    denoise_s: float | None = None
+    step_ms: float | None = None
+    attention_s: float | None = None
+    attention_share: float | None = None
+    attention_calls: int = 0
+    sparse_calls: int = 0
+    dense_calls: int = 0
+    peak_mem_mb: float | None = None
+    peak_mem_delta_mb: float | None = None
+    speedup: float | None = None
+    attn_speedup: float | None = None
+    steps_ms: list[float] = field(default_factory=list)
+    note: str = ""
+
+
+class E2EResult(BenchResult):
+    """Result of :func:`run_e2e_bench`: ``meta`` and :class:`E2ERow` rows."""
+
+    def to_markdown(self) -> str:
+        m = self.meta
+        geo = f"{m['width']}x{m['height']}" + (f"x{m['frames']}f" if m["frames"] > 1 else "")
+        lines = [
+            self.header(),
+            "",
+            f"{m['model']} at {geo}, {m['steps']} steps, {m['dtype']}, "
+            f"{'random weights, transformer loop only' if m['random_weights'] else 'full pipeline'}, seed {m['seed']}",
+            "",
+            "| method | density | run density | total (s) | denoise (s) | step (ms) | attention (s) | attn. share "
+            "| peak mem (MiB) | speedup | attn. speedup | note |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in self.rows:
+            share = None if r.attention_share is None else 100 * r.attention_share
+            lines.append(
+                f"| {r.method} | {fmt(r.density, '.3f')} | {fmt(r.run_density, '.3f')} | {fmt(r.total_s, '.2f')} | "
+                f"{fmt(r.denoise_s, '.2f')} | {fmt(r.step_ms, '.1f')} | {fmt(r.attention_s, '.2f')} | "
+                f"{fmt(share, '.0f')}{'' if share is None else ' %'} | {fmt(r.peak_mem_mb, '.0f')} | "
+                f"{fmt(r.speedup, '.2f')} | {fmt(r.attn_speedup, '.2f')} | {r.note} |"
+            )
+        return "\n".join(lines)
+
+
+def _densities(handle) -> tuple[float | None, float | None, int, int]:
+    """(pattern density, run density, sparse calls, dense calls) from the handle's summary."""
+    sparse = dense = 0
+    dens: list[float] = []
+    for t in handle.summary()["transformers"]:
+        sparse += t["sparse_calls"]
+        dense += t["dense_calls"]
+        dens += [d for d in t["density"].values() if d is not None]
+    pattern = statistics.fmean(dens) if dens else None
+    calls = sparse + dense
+    if not calls:
+        return pattern, None, 0, 0
+    run = None if pattern is None and sparse else ((pattern or 0.0) * sparse + dense) / calls
+    return pattern, run, sparse, dense
+
+
+def run_e2e_bench(
+    model: str,
+    methods: str,
+    *,
+    random_weights: bool = False,
+    steps: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    frames: int | None = None,
+    prompt: str = "a red panda walking through a snowy forest, cinematic",
+    guidance: float | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    seed: int = 0,
+    warmup: bool = True,
+    plan: str | Path | None = None,
+    model_path: str | Path | None = None,
+    command: str | None = None,
+    progress=None,
+) -> E2EResult:
+    """Run the end-to-end benchmark (see the module docstring).
+
+    Args:
+        model: registry name (``gen models``).
+        methods: comma-separated methods, each at the model's preset; ``stock`` for the
+            unmodified attention. ``mask`` is skipped, ``sparse-vdit`` needs ``plan``.
+        random_weights: time the transformer loop of the real architecture with random
+            weights instead of the loaded pipeline.
+        steps, height, width, frames, guidance: default to the model's own.
+        device, dtype: default CUDA/bf16 when available, else CPU/fp32.
+        seed: seed of latents, prompt embeddings (random weights) or the pipeline's
+            generator; the same for every method.
+        warmup: run the untimed warm-up step first.
+        plan: ``gen calibrate sparse-vdit`` plan file (enables ``sparse-vdit``).
+        model_path: local folder with the model's diffusers weights (pipeline mode).
+        progress: optional ``callable(done, total, what)``.
+    """
+    from gen.pipelines import check_geometry, get_spec
+
+    spec = get_spec(model)
+    height, width, frames = height or spec.height, width or spec.width, frames or spec.frames
+    steps = steps or spec.steps
+    guidance = spec.guidance if guidance is None else guidance
+    check_geometry(spec, height, width, frames)
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}.")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for but torch sees no CUDA device; use --device cpu.")
+    dtype = dtype or ("bf16" if dev.type == "cuda" else "fp32")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+    choices = resolve_methods(methods, spec, plan=plan)
+    say = progress or (lambda done, total, what: None)
+
+    result = E2EResult(meta=bench_meta(
+        dev, command, model=spec.name, family=spec.family, height=height, width=width, frames=frames,
+        steps=steps, guidance=guidance, dtype=dtype, seed=seed, random_weights=random_weights,
+        token_grid=list(spec.token_grid(height, width, frames)), text_tokens=spec.text_tokens,
+        passes_per_step=_passes_per_step(spec, guidance), warmup=warmup,
+        attention_timing="cuda events per _attend call" if dev.type == "cuda" else "perf_counter per _attend call",
+        memory="torch.cuda.max_memory_allocated" if dev.type == "cuda" else "ru_maxrss (process peak RSS)",
+    ))
+    runnable = [c for c in choices if not c.skip]
+    total = len(runnable) * (steps + (1 if warmup else 0))
+    done = 0
+
+    def tick(what: str) -> None:
+        nonlocal done
+        done += 1
+        say(done, total, what)
+
+    say(0, total, f"building {spec.name}")
+    if random_weights:
+        target = build_random_transformer(spec, device=dev, dtype=_DTYPES[dtype], seed=seed)
+        runner = _TransformerLoop(spec, target, height=height, width=width, frames=frames, steps=steps,
+                                  guidance=guidance, device=dev, dtype=_DTYPES[dtype], seed=seed)
+    else:
+        from gen.pipelines import load
+
+        target = load(spec.name, device=dev.type, dtype=_DTYPES[dtype], model_path=model_path)
+        runner = _PipelineRun(spec, target, prompt=prompt, height=height, width=width, frames=frames, steps=steps,
+                              guidance=guidance, device=dev, seed=seed)
+
+    for choice in choices:
+        if choice.skip:
+            result.rows.append(E2ERow(choice.label, note=f"skipped: {choice.skip}"))
+            continue
+        result.rows.append(_run_method(choice, spec, target, runner, dev, warmup, tick))
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    _add_speedups(result.rows)
+    return result
+
+
+def _run_method(choice, spec, target, runner, dev: torch.device, warmup: bool, tick) -> E2ERow:
+    from gen.api import sparsify
+
+    method = choice.build(spec)
+    row = E2ERow(choice.label, config=repr(method.config))
+    if warmup:
+        try:
+            # dense_steps off: the sparse path runs in the one warm-up step
+            with_schedule_off = {**choice.overrides, "dense_steps": 0}
+            warm = sparsify(target, choice.name, model=spec.name, **with_schedule_off)
+            try:
+                with torch.inference_mode():
+                    runner.warmup()
+            finally:
+                warm.restore()
+        except ValueError as err:  # e.g. a plan bound to the full step count
+            logger.debug("short warm-up refused (%s); warming up with a full run", err)
+            with sparsify(target, method, model=spec.name), torch.inference_mode():
+                runner.run(lambda what: None)
+        tick(f"{choice.label}: warm-up")
+    handle = sparsify(target, method, model=spec.name)
+    timer = _AttentionTimer(handle, dev)
+    mem = _Memory(dev)
+    try:
+        handle.reset()
+        timer.reset()
+        mem.start()
+        with torch.inference_mode():
+            total_s, steps_s = runner.run(lambda what: tick(f"{choice.label}: {what}"))
+        row.peak_mem_mb, row.peak_mem_delta_mb = mem.stop()
+        row.attention_s = timer.seconds()
+        row.attention_calls = timer.calls
+        row.density, row.run_density, row.sparse_calls, row.dense_calls = _densities(handle)
+    finally:
+        timer.remove()
+        handle.restore()
+    row.total_s = total_s
+    row.denoise_s = sum(steps_s)
+    row.steps_ms = [1e3 * s for s in steps_s]
+    row.step_ms = statistics.median(row.steps_ms)
+    row.attention_share = row.attention_s / row.denoise_s if row.denoise_s > 0 else None
+    return row
+
+
+def _add_speedups(rows: list[E2ERow]) -> None:
+    ran = [r for r in rows if r.denoise_s is not None]
+    if not ran:
+        return
+    by_name = {r.method: r for r in ran}
+    base = by_name.get(STOCK) or by_name.get("dense") or ran[0]
+    for r in ran:
+        r.speedup = base.denoise_s / r.denoise_s if r.denoise_s else None
+        if r.attention_s and base.attention_s:
+            r.attn_speedup = base.attention_s / r.attention_s
+        if r is base:
+            r.note = (r.note + " baseline").strip()
+
+
+class _TransformerLoop:
+    """The random-weights denoising loop (see the module docstring)."""
+
+    def __init__(self, spec, model, *, height, width, frames, steps, guidance, device, dtype, seed) -> None:
+        self.model, self.device, self.steps = model, device, steps
+        self.passes = _passes_per_step(spec, guidance)
+        self.key, self.latents, self.kwargs = _random_inputs(
+            spec, model, height=height, width=width, frames=frames, guidance=guidance, device=device, dtype=dtype,
+            seed=seed)
+        self.flux = spec.family == "flux"
+
+    def _call(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        # FLUX's pipeline passes the timestep / 1000, the video pipelines the timestep
+        ts = torch.full((x.shape[0],), t / 1000.0 if self.flux else t, device=self.device, dtype=x.dtype)
+        out = None
+        for _ in range(self.passes):  # cond and uncond with CFG, at the same timestep
+            out = self.model(**{self.key: x}, timestep=ts, **self.kwargs, return_dict=False)[0]
+        return out
+
+    def warmup(self) -> None:
+        self._call(self.latents, 1000.0)
+        _sync(self.device)
+
+    def run(self, tick) -> tuple[float, list[float]]:
+        sigmas = torch.linspace(1.0, 0.0, self.steps + 1).tolist()
+        x = self.latents.clone()
+        times = []
+        _sync(self.device)
+        t_start = time.perf_counter()
+        for i in range(self.steps):
+            t0 = time.perf_counter()
+            v = self._call(x, 1000.0 * sigmas[i])
+            x = x + (sigmas[i + 1] - sigmas[i]) * v  # flow-matching Euler step
+            _sync(self.device)
+            times.append(time.perf_counter() - t0)
+            tick(f"step {i + 1}/{self.steps}")
+        return time.perf_counter() - t_start, times
+
+
+class _PipelineRun:
+    """One call of the loaded pipeline from a fixed seed; steps timed by callback."""
+
+    def __init__(self, spec, pipe, *, prompt, height, width, frames, steps, guidance, device, seed) -> None:
+        from gen.render import pipeline_kwargs
+
+        if spec.task == "i2v":
+            raise ValueError(f"{spec.name} needs an input image; time its T2V sibling or use --random-weights.")
+        self.pipe, self.device, self.seed, self.steps = pipe, device, seed, steps
+        pipe.set_progress_bar_config(disable=True)  # gen's own bar reports the steps
+        self.kwargs = lambda n: pipeline_kwargs(
+            spec, prompt=prompt, negative_prompt=None, height=height, width=width, frames=frames, steps=n,
+            guidance=guidance, generator=torch.Generator("cpu").manual_seed(seed))
+
+    def warmup(self) -> None:
+        self.pipe(**self.kwargs(1))
+        _sync(self.device)
+
+    def run(self, tick) -> tuple[float, list[float]]:
+        marks: list[float] = []
+        first: list[float] = []
+
+        def on_forward(module, args, kwargs):
+            if not first:  # the denoising loop starts with the first transformer call
+                _sync(self.device)
+                first.append(time.perf_counter())
+
+        def on_step_end(pipe, i, t, callback_kwargs):
+            _sync(self.device)
+            marks.append(time.perf_counter())
+            tick(f"step {i + 1}/{self.steps}")
+            return callback_kwargs
+
+        hook = self.pipe.transformer.register_forward_pre_hook(on_forward, with_kwargs=True)
+        try:
+            _sync(self.device)
+            t0 = time.perf_counter()
+            self.pipe(**self.kwargs(self.steps), callback_on_step_end=on_step_end)
+            _sync(self.device)
+            total = time.perf_counter() - t0
+        finally:
+            hook.remove()
+        starts = first[:1] + marks[:-1]
+        return total, [b - a for a, b in zip(starts, marks)]
+
+
+def save_plot(result: E2EResult, path: str | Path) -> Path:
+    """PNG of end-to-end speedup vs run density, one point per method, with 1/density."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    pts = [r for r in result.rows if r.speedup is not None and r.run_density]
+    for r in pts:
+        ax.plot([r.run_density], [r.speedup], "o", label=r.method)
+        ax.annotate(r.method, (r.run_density, r.speedup), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    dens = sorted({r.run_density for r in pts})
+    if dens:
+        xs = [min(dens) * 0.8, 1.0]
+        ax.plot(xs, [1 / x for x in xs], "k--", lw=0.8, label="attention-only ideal 1/density")
+    ax.set_xlabel("run density (attention pairs computed / dense)")
+    ax.set_ylabel("end-to-end speedup (denoising)")
+    m = result.meta
+    ax.set_title(f"{m['model']} on {m['device']} ({m['dtype']}, {m['steps']} steps)", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    from gen._io import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path

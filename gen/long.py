@@ -1,0 +1,165 @@
+"""Long-horizon autoregressive video: Python API behind ``gen long``.
+
+::
+
+    from gen.long import long_video, long_video_frames
+    long_video("a red ball", out="ball.mp4", model="tiny-wan", schedule="sink", seconds=4,
+               switches=[(2.0, "a blue ball")])
+    for frames in long_video_frames("a red ball", seconds=4):   # (F, H, W, 3) uint8 batches
+        ...
+
+Schedules: ``"chunk"`` (Self-Forcing/CausVid: 3-frame chunks, 4 steps, whole video in the
+cache), ``"sink"`` (LongLive: 12-frame span with a 3-frame sink, eviction, KV-recache at
+prompt switches). Each chunk is decoded as soon as it is committed (the Wan VAE's causal
+cache carried across chunks) and appended to the open mp4, which is renamed into place at
+the end; memory does not grow with the video under ``"sink"``.
+
+Weights: the registry's model (default ``"tiny-wan"``, random weights: the output is
+noise-like; a trained tiny causal model comes with another issue). The transformer is
+used as is: no causal checkpoint conversion happens here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["SCHEDULES", "LongResult", "long_video", "long_video_frames", "parse_switch"]
+
+SCHEDULES = ("chunk", "sink")
+
+
+@dataclass(frozen=True)
+class LongResult:
+    """What ``long_video`` wrote: ``path``, ``frames`` (video frames), ``fps``, ``seconds`` (wall time)."""
+
+    path: Path
+    frames: int
+    fps: int
+    seconds: float
+
+
+def parse_switch(text: str) -> tuple[float, str]:
+    """``"T:new prompt"`` -> ``(T seconds, "new prompt")``; ValueError on bad input."""
+    head, sep, prompt = text.partition(":")
+    try:
+        t = float(head)
+    except ValueError:
+        t = math.nan
+    if not sep or not prompt.strip() or not math.isfinite(t):
+        raise ValueError(f"a switch must look like 'SECONDS:new prompt' (e.g. '5:a cat'), got {text!r}.")
+    return t, prompt.strip()
+
+
+def _schedule(name: str, transformer, backend):
+    from gen.pipelines.ar.schedules import ChunkAR, SinkWindowAR
+
+    if name == "chunk":
+        return ChunkAR(transformer, backend=backend)
+    if name == "sink":
+        return SinkWindowAR(transformer, backend=backend)
+    raise ValueError(f"unknown schedule {name!r}; use one of {', '.join(SCHEDULES)} (rolling is not built yet).")
+
+
+def long_video_frames(
+    prompt: str,
+    *,
+    model: str = "tiny-wan",
+    schedule: str = "sink",
+    seconds: float = 5.0,
+    switches: Sequence[tuple[float, str]] = (),
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    device: str | None = None,
+    backend: str | None = None,
+    stats: dict | None = None,
+) -> Iterator[np.ndarray]:
+    """Generate and decode chunk by chunk; yield ``(F, H, W, 3)`` uint8 frame batches.
+
+    Args:
+        prompt: the first prompt.
+        model: registry name (a Wan text-to-video model).
+        schedule: ``"chunk"`` or ``"sink"``.
+        seconds: video length at the model's fps (rounded up to whole chunks).
+        switches: ``(seconds, prompt)`` prompt changes, each strictly inside the video.
+        seed: noise seed.
+        height, width: pixels (default: the model's).
+        device: ``"cuda"``/``"cpu"`` (default cuda when available).
+        backend: cache attention backend (None: Triton on CUDA).
+        stats: if given, filled with ``fps`` (output video fps) and ``latent_frames``.
+
+    Raises:
+        ValueError: unknown schedule or non-Wan model, non-positive length, a switch
+            outside ``(0, seconds)``.
+    """
+    from gen.pipelines import registry
+    from gen.pipelines.ar.schedules import NoiseSampler
+    from gen.pipelines.ar.stream import StreamingWanDecoder, to_uint8
+
+    spec = registry.get_spec(model)
+    if spec.family != "wan" or spec.task != "t2v":
+        raise ValueError(f"long video needs a Wan text-to-video model, got {spec.name!r}.")
+    if schedule not in SCHEDULES:
+        _schedule(schedule, None, None)  # raises the message
+    if not seconds > 0:
+        raise ValueError(f"seconds must be positive, got {seconds}.")
+    for t, _ in switches:
+        if not 0 < t < seconds:
+            raise ValueError(f"switch time {t}s is outside the video (0, {seconds}s); pick a time inside it.")
+    height, width = height or spec.height, width or spec.width
+    registry.check_geometry(spec, height, width, 1)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe = registry.load(spec.name).to(dev)
+    sched = _schedule(schedule, pipe.transformer, backend)
+    chunk = sched.config.chunk_frames
+    video_frames = round(seconds * spec.fps)
+    latent = -(-((max(video_frames, 1) - 1) // 4 + 1) // chunk) * chunk
+
+    def embed(text: str) -> torch.Tensor:
+        with torch.no_grad():
+            return pipe.encode_prompt(text, do_classifier_free_guidance=False, max_sequence_length=512, device=dev)[0]
+
+    sw = [(max(1, (round(t * spec.fps) - 1) // 4 + 1), embed(p)) for t, p in switches]
+    sw = [(min(f, latent - 1), e) for f, e in sw]
+    if stats is not None:
+        stats.update(fps=spec.fps, latent_frames=latent)
+    decoder = StreamingWanDecoder(pipe.vae)
+    try:
+        for x0 in sched.generate(embed(prompt), latent, height=height // 8, width=width // 8,
+                                 noise=NoiseSampler(seed, dev), switches=sw):
+            yield to_uint8(decoder.decode(x0)[0])
+    finally:
+        decoder.close()
+
+
+def long_video(prompt: str, out: str | Path, *, progress: bool = True, **kwargs) -> LongResult:
+    """Generate a long video into ``out`` (.mp4), appending frames as chunks finish.
+
+    Takes the arguments of ``long_video_frames``; ``progress`` shows a bar with frames and FPS.
+    The file appears atomically when the video is complete (nothing on error).
+    """
+    from tqdm.auto import tqdm
+
+    from gen.pipelines.ar.stream import Mp4Stream
+
+    stats: dict = {}
+    frames = long_video_frames(prompt, stats=stats, **kwargs)
+    start = time.perf_counter()
+    first = next(frames)  # loads the model and fixes the fps before the file is opened
+    total = (stats["latent_frames"] - 1) * 4 + 1
+    with Mp4Stream(out, stats["fps"]) as stream, tqdm(total=total, unit="frame", disable=not progress) as bar:
+        stream.append(first)
+        bar.update(len(first))
+        for batch in frames:
+            stream.append(batch)
+            bar.update(len(batch))
+            bar.set_postfix(fps=f"{stream.frames / (time.perf_counter() - start):.1f}")
+        n = stream.frames
+    return LongResult(Path(out), n, stats["fps"], time.perf_counter() - start)
