@@ -644,7 +644,8 @@ def _method_plans(methods: str, model: str):
 def long(
     prompt: str = typer.Argument(..., help="text prompt"),
     model: str = typer.Option("tiny-wan", "--model", "-m", help="Wan text-to-video model (see `gen models`)"),
-    schedule: str = typer.Option("sink", help="chunk (Self-Forcing) | sink (LongLive: sink + window, recache)"),
+    schedule: str = typer.Option(
+        "sink", help="chunk (Self-Forcing) | sink (LongLive: sink + window, recache) | rolling (Rolling Forcing)"),
     seconds: float = typer.Option(5.0, help="video length in seconds"),
     switch: list[str] = typer.Option(None, "--switch", help="prompt switch 'SECONDS:new prompt' (repeatable)"),
     seed: int = typer.Option(0, help="random seed"),
@@ -652,6 +653,9 @@ def long(
     width: int = typer.Option(None, help="width in pixels (default: the model's)"),
     device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)"),
     out: Path = typer.Option(Path("long.mp4"), "--out", "-o", help="output .mp4 (appended as chunks finish)"),
+    flex: bool = typer.Option(False, "--flex", help="FLEX: modulated temporal RoPE, antiphase noise, inference-only sink"),
+    checkpoint: list[Path] = typer.Option(None, "--checkpoint", help="causal checkpoint (Self-Forcing, CausVid, "
+                                          "LongLive, Rolling Forcing) loaded into the transformer; repeat for a LoRA"),
 ) -> None:
     """Long video, chunk by chunk with a KV cache, streamed to an mp4 (see gen.long)."""
     from gen.long import long_video, parse_switch
@@ -659,7 +663,7 @@ def long(
     try:
         switches = [parse_switch(s) for s in switch or []]
         result = long_video(prompt, out, model=model, schedule=schedule, seconds=seconds, switches=switches,
-                            seed=seed, height=height, width=width, device=device)
+                            seed=seed, height=height, width=width, device=device, flex=flex, checkpoint=checkpoint or None)
     except ValueError as err:
         console.print(f"[red]error:[/red] {escape(str(err))}")
         raise typer.Exit(2) from None

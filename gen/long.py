@@ -10,13 +10,17 @@
 
 Schedules: ``"chunk"`` (Self-Forcing/CausVid: 3-frame chunks, 4 steps, whole video in the
 cache), ``"sink"`` (LongLive: 12-frame span with a 3-frame sink, eviction, KV-recache at
-prompt switches). Each chunk is decoded as soon as it is committed (the Wan VAE's causal
+prompt switches), ``"rolling"`` (Rolling Forcing: 5 chunks at rising noise denoised jointly,
+re-roped 3-frame sink, 21-frame span; no prompt switches). ``flex=True`` adds FLEX
+(``gen.pipelines.ar.flex``: modulated temporal RoPE, antiphase noise, inference-only sink).
+Each chunk is decoded as soon as it is committed (the Wan VAE's causal
 cache carried across chunks) and appended to the open mp4, which is renamed into place at
 the end; memory does not grow with the video under ``"sink"``.
 
 Weights: the registry's model (default ``"tiny-wan"``, random weights: the output is
 noise-like; a trained tiny causal model comes with another issue). The transformer is
-used as is: no causal checkpoint conversion happens here.
+used as is unless ``checkpoint`` names a public causal checkpoint (Self-Forcing, CausVid,
+LongLive, Rolling Forcing), converted by ``gen.pipelines.ar.checkpoints`` and loaded into it.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import torch
 
 __all__ = ["SCHEDULES", "LongResult", "long_video", "long_video_frames", "parse_switch"]
 
-SCHEDULES = ("chunk", "sink")
+SCHEDULES = ("chunk", "sink", "rolling")
 
 
 @dataclass(frozen=True)
@@ -57,14 +61,20 @@ def parse_switch(text: str) -> tuple[float, str]:
     return t, prompt.strip()
 
 
-def _schedule(name: str, transformer, backend):
-    from gen.pipelines.ar.schedules import ChunkAR, SinkWindowAR
+def _schedule(name: str, transformer, backend, flex=None):
+    from gen.pipelines.ar.flex import flex_chunk_config
+    from gen.pipelines.ar.rolling import RollingForcingAR
+    from gen.pipelines.ar.schedules import ChunkAR, ChunkConfig, SinkWindowAR
 
     if name == "chunk":
+        if flex is not None and flex.sink:  # FLEX's inference-only sink: sink + training-length window
+            return SinkWindowAR(transformer, flex_chunk_config(ChunkConfig(), flex), backend=backend)
         return ChunkAR(transformer, backend=backend)
     if name == "sink":
         return SinkWindowAR(transformer, backend=backend)
-    raise ValueError(f"unknown schedule {name!r}; use one of {', '.join(SCHEDULES)} (rolling is not built yet).")
+    if name == "rolling":
+        return RollingForcingAR(transformer, backend=backend)
+    raise ValueError(f"unknown schedule {name!r}; use one of {', '.join(SCHEDULES)}.")
 
 
 def long_video_frames(
@@ -80,13 +90,15 @@ def long_video_frames(
     device: str | None = None,
     backend: str | None = None,
     stats: dict | None = None,
+    flex: bool = False,
+    checkpoint: str | Path | Sequence[str | Path] | None = None,
 ) -> Iterator[np.ndarray]:
     """Generate and decode chunk by chunk; yield ``(F, H, W, 3)`` uint8 frame batches.
 
     Args:
         prompt: the first prompt.
         model: registry name (a Wan text-to-video model).
-        schedule: ``"chunk"`` or ``"sink"``.
+        schedule: ``"chunk"``, ``"sink"`` or ``"rolling"``.
         seconds: video length at the model's fps (rounded up to whole chunks).
         switches: ``(seconds, prompt)`` prompt changes, each strictly inside the video.
         seed: noise seed.
@@ -94,12 +106,18 @@ def long_video_frames(
         device: ``"cuda"``/``"cpu"`` (default cuda when available).
         backend: cache attention backend (None: Triton on CUDA).
         stats: if given, filled with ``fps`` (output video fps) and ``latent_frames``.
+        flex: add FLEX with its default ``FlexConfig`` (chunk: the inference-only sink makes it
+            a sink + 21-frame window; sink/rolling keep their own sink).
+        checkpoint: a causal checkpoint file (``.pt``/``.safetensors``) to load into the
+            transformer, or ``(base, lora)`` for LongLive.
 
     Raises:
         ValueError: unknown schedule or non-Wan model, non-positive length, a switch
-            outside ``(0, seconds)``.
+            outside ``(0, seconds)``, switches with ``"rolling"``, an unrecognised checkpoint
+            or one whose shapes do not match the model.
     """
     from gen.pipelines import registry
+    from gen.pipelines.ar.flex import AntiphaseNoiseSampler, FlexConfig, flex_rope_tables
     from gen.pipelines.ar.schedules import NoiseSampler
     from gen.pipelines.ar.stream import StreamingWanDecoder, to_uint8
 
@@ -113,14 +131,26 @@ def long_video_frames(
     for t, _ in switches:
         if not 0 < t < seconds:
             raise ValueError(f"switch time {t}s is outside the video (0, {seconds}s); pick a time inside it.")
+    if schedule == "rolling" and switches:
+        raise ValueError("prompt switches are not supported by the rolling schedule; use --schedule sink.")
     height, width = height or spec.height, width or spec.width
     registry.check_geometry(spec, height, width, 1)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe = registry.load(spec.name).to(dev)
-    sched = _schedule(schedule, pipe.transformer, backend)
+    if checkpoint is not None:
+        from gen.pipelines.ar.checkpoints import load_causal_checkpoint
+
+        paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+        load_causal_checkpoint(pipe.transformer, *paths)
+    fcfg = FlexConfig() if flex else None
+    sched = _schedule(schedule, pipe.transformer, backend, fcfg)
     chunk = sched.config.chunk_frames
     video_frames = round(seconds * spec.fps)
     latent = -(-((max(video_frames, 1) - 1) // 4 + 1) // chunk) * chunk
+    if fcfg is not None:
+        sched.rope_tables = flex_rope_tables(pipe.transformer, fcfg, latent)
+    sampler = (AntiphaseNoiseSampler(seed, dev, strength=fcfg.antiphase_strength)
+               if fcfg is not None and fcfg.antiphase else NoiseSampler(seed, dev))
 
     def embed(text: str) -> torch.Tensor:
         with torch.no_grad():
@@ -133,7 +163,7 @@ def long_video_frames(
     decoder = StreamingWanDecoder(pipe.vae)
     try:
         for x0 in sched.generate(embed(prompt), latent, height=height // 8, width=width // 8,
-                                 noise=NoiseSampler(seed, dev), switches=sw):
+                                 noise=sampler, switches=sw):
             yield to_uint8(decoder.decode(x0)[0])
     finally:
         decoder.close()
