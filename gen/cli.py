@@ -272,7 +272,6 @@ def bench_kernels(
     """
     import torch
 
-    from gen._io import atomic_write_text
     from gen.bench.kernels import QUICK_SHAPE, SHAPES, run_kernel_bench, save_plot
 
     _setup_logging(verbose)
@@ -336,12 +335,7 @@ def bench_kernels(
         console.print(f"[dim]skipped {escape(what)}[/dim]")
     if not on_cuda:
         console.print("[dim]CPU run: numbers show the harness works; GPU figures live in BENCHMARKS.md.[/dim]")
-    if json_out:
-        console.print(f"wrote {atomic_write_text(json_out, result.to_json())}")
-    if markdown:
-        console.print(f"wrote {atomic_write_text(markdown, result.to_markdown() + chr(10))}")
-    if plot:
-        console.print(f"wrote {save_plot(result, plot)}")
+    _write_outputs(result, json_out, markdown, plot, save_plot)
 
 
 def _progress_bar():

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
@@ -34,8 +33,7 @@ import triton.language as tl
 
 __all__ = ["cache_attention", "check_cache_inputs"]
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+from .block_sparse_attention import LN2, LOG2E, _interpreting, triton_available_for
 
 
 def _cache_attn_fwd_kernel(
@@ -112,10 +110,6 @@ def _cache_attn_fwd_kernel(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     lse = (m_i + tl.math.log2(l_i)) * LN2
     tl.store(Lse + pid_bh.to(tl.int64) * Q_LEN + offs_m, lse, mask=m_ok)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 
 # Tiles for Hopper, written as data: (BLOCK_M, BLOCK_N, warps, stages).
@@ -221,11 +215,9 @@ def cache_attention(
         raise ValueError(f"dtype {q.dtype} is not supported by the Triton kernel; use fp16, bf16 or fp32.")
     if d % 16 or not 16 <= d <= 256:
         raise ValueError(f"head_dim={d} is not supported by the Triton kernel; use a multiple of 16 in [16, 256].")
-    if q.device.type != "cuda" and not _interpreting():
-        raise ValueError(
-            f"the Triton cache kernel needs a CUDA device, got {q.device.type}; set TRITON_INTERPRET=1 "
-            "before importing triton to run it through the interpreter, or use backend='torch'."
-        )
+    ok, why = triton_available_for(q.device)  # also catches TRITON_INTERPRET set too late
+    if not ok:
+        raise ValueError(why)
     sm_scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     slots = frame_slots.to(torch.int32).contiguous()
     has_rope = rope_cos is not None
