@@ -26,12 +26,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from .cache import Positions
 from .runner import CausalWanRunner, RunnerConfig
-from .schedules import NoiseSampler, warped_timesteps
+from .schedules import NoiseSampler, Sampler, step_to, warped_timesteps
 
 __all__ = ["RollingConfig", "RollingForcingAR"]
 
@@ -52,6 +53,8 @@ class RollingConfig:
         max_attention_frames: most frames one forward attends, sink and own frames included
             (21: sink 3 + working 3 + window 15 once the window is full).
         positions: ``"relative"`` (re-roped sink, unbounded length) or ``"absolute"``.
+        sampler: how a chunk moves to its next level: ``"renoise"`` (the reference: x0 plus
+            fresh noise) or ``"euler"`` (the flow ODE step; see ``ChunkConfig``).
     """
 
     chunk_frames: int = 3
@@ -62,6 +65,7 @@ class RollingConfig:
     sink_frames: int = 3
     max_attention_frames: int = 21
     positions: Positions = "relative"
+    sampler: Sampler = "renoise"
 
     @property
     def levels(self) -> int:
@@ -168,7 +172,9 @@ class RollingForcingAR:
                     x0_b = x0[:, :, i * cf : (i + 1) * cf]
                     if level[b] + 1 < len(ts):
                         s = ts[level[b] + 1] / 1000
-                        state[b] = (1 - s) * x0_b + s * noise.renoise(b, level[b], shape)
+                        sl = slice(i * cf, (i + 1) * cf)
+                        state[b] = step_to(x[:, :, sl], x0_b, v[:, :, sl], ts[level[b]] / 1000, s, cfg.sampler,
+                                           partial(noise.renoise, b, level[b], shape))
                     else:  # the oldest chunk is final: commit its clean K/V and emit it
                         del state[b]
                         runner.forward(x0_b, cfg.context_t, range(b * cf, (b + 1) * cf), "commit")

@@ -20,13 +20,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
+from typing import Literal
 
 import torch
 
 from .cache import Positions
 from .runner import CausalWanRunner, RunnerConfig
 
-__all__ = ["ChunkAR", "ChunkConfig", "NoiseSampler", "SinkWindowAR", "SinkWindowConfig", "warped_timesteps"]
+Sampler = Literal["renoise", "euler"]
+
+__all__ = ["ChunkAR", "ChunkConfig", "NoiseSampler", "SinkWindowAR", "SinkWindowConfig", "step_to", "warped_timesteps"]
 
 
 def warped_timesteps(steps: tuple[int, ...] = (1000, 750, 500, 250), shift: float = 5.0, warp: bool = True) -> list[float]:
@@ -44,6 +48,17 @@ def warped_timesteps(steps: tuple[int, ...] = (1000, 750, 500, 250), shift: floa
     sigma = torch.linspace(1.0, 0.0, 1001, dtype=torch.float64)[:-1]
     sigma = shift * sigma / (1 + (shift - 1) * sigma)
     return [float(1000 * sigma[1000 - k]) for k in steps]
+
+
+def step_to(x: torch.Tensor, x0: torch.Tensor, v: torch.Tensor, sigma: float | torch.Tensor,
+            sigma_next: float | torch.Tensor, sampler: str, fresh: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Latents at ``sigma_next`` from ``x`` at ``sigma`` and the prediction ``v`` (``x0 = x - sigma v``).
+
+    ``"renoise"``: ``(1 - s') x0 + s' eps`` with ``eps = fresh()``; ``"euler"``: ``x + (s' - s) v``.
+    """
+    if sampler == "euler":
+        return x.float() + (sigma_next - sigma) * v.float()
+    return (1 - sigma_next) * x0 + sigma_next * fresh()
 
 
 class NoiseSampler:
@@ -79,6 +94,10 @@ class ChunkConfig:
         warp: map the list through the shifted schedule (True).
         context_t: timestep of the clean commit pass (0).
         positions: RoPE positions of cached keys, "absolute" (as trained) or "relative".
+        sampler: ``"renoise"`` (Self-Forcing: predict x0, re-noise with fresh noise to the
+            next level; for few-step distilled models) or ``"euler"`` (the flow ODE step
+            ``x += (sigma_next - sigma) v``; for models trained on the whole flow-matching
+            range, such as ``shapes-wan-causal``).
     """
 
     chunk_frames: int = 3
@@ -87,10 +106,13 @@ class ChunkConfig:
     warp: bool = True
     context_t: float = 0.0
     positions: Positions = "absolute"
+    sampler: Sampler = "renoise"
 
     def __post_init__(self):
         if self.chunk_frames <= 0:
             raise ValueError(f"chunk_frames must be positive, got {self.chunk_frames}.")
+        if self.sampler not in ("renoise", "euler"):
+            raise ValueError(f"sampler must be 'renoise' or 'euler', got {self.sampler!r}.")
 
 
 @dataclass(frozen=True)
@@ -197,7 +219,7 @@ class ChunkAR:
                     x0 = x.float() - (t / 1000) * v.float()
                     if i + 1 < len(ts):
                         s = ts[i + 1] / 1000
-                        x = (1 - s) * x0 + s * noise.renoise(ci, i, shape)
+                        x = step_to(x, x0, v, t / 1000, s, self.config.sampler, partial(noise.renoise, ci, i, shape))
                 runner.forward(x0, self.config.context_t, frames, "commit")
                 yield x0
 
