@@ -1,0 +1,134 @@
+"""``gen train-tiny``: train the ``shapes-wan`` models from their seed and save them.
+
+``train_shapes_wan(out)`` trains the VAE, then the text encoder and transformer, and
+publishes a ``WanPipeline`` folder at ``out`` (atomically; the previous folder stays until
+the new one is complete). ``train_shapes_wan_causal(out, base=...)`` fine-tunes the
+transformer of a saved ``shapes-wan`` folder for chunk-by-chunk generation and publishes
+a second folder with the same VAE, text encoder and tokenizer. Each folder's
+``gen_model.json`` records the training config, the log, the wall time, the device and
+the library versions, and the SHA-256 of every file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import TrainConfig
+from .data import encode_clips
+from .folder import publish_folder
+from .train import build_components, config_record, train_causal, train_t2v, train_vae
+
+logger = logging.getLogger("gen.pipelines.shapes")
+
+__all__ = ["train_shapes_wan", "train_shapes_wan_causal"]
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import transformers
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def _manifest(name: str, cfg: TrainConfig, dev: torch.device, seconds: float, logs: dict[str, Any],
+              **extra: Any) -> dict[str, Any]:
+    threads = torch.get_num_threads() if dev.type == "cpu" else None
+    return {
+        "name": name, "format": 1, **config_record(cfg), "logs": logs, "train_seconds": round(seconds, 1),
+        "device": str(dev) + (f" ({threads} threads)" if threads else ""), "versions": _versions(), **extra,
+    }
+
+
+def train_shapes_wan(out: str | os.PathLike, *, config: TrainConfig | None = None,
+                     device: str | torch.device | None = None, progress: bool = True) -> Path:
+    """Train ``shapes-wan`` (VAE, then text encoder + transformer) and save it at ``out``.
+
+    Args:
+        out: the pipeline folder to (re)write.
+        config: training settings (default ``TrainConfig()``, what the shipped weights used).
+        device: ``"cuda"``/``"cpu"`` (default CUDA when available).
+        progress: show progress bars.
+
+    Returns:
+        ``out``. About an hour on a 2-core CPU with the defaults.
+    """
+    from diffusers import WanPipeline
+
+    cfg = config or TrainConfig()
+    dev = _device(device)
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    parts = build_components(cfg.seed)
+    logger.info("shapes-wan: training the VAE on %s (%d still-frame + %d clip steps)", dev,
+                cfg.vae.image_steps, cfg.vae.steps)
+    vae_log = train_vae(parts["vae"], cfg, device=dev, progress=progress)
+    logger.info("shapes-wan: encoding %d training clips", cfg.dit.clips)
+    data = encode_clips(parts["vae"], cfg.seed, "train", cfg.dit.clips, frames=cfg.frames, size=cfg.size,
+                        progress=progress)
+    logger.info("shapes-wan: training text encoder + transformer (%d steps of %d clips)", cfg.dit.steps, cfg.dit.batch)
+    dit_log = train_t2v(parts["transformer"], parts["text_encoder"], parts["tokenizer"], data, cfg, device=dev,
+                        progress=progress)
+    pipe = WanPipeline(**{k: parts[k] for k in ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")})
+    pipe.to("cpu")
+    seconds = time.perf_counter() - t0
+    manifest = _manifest("shapes-wan", cfg, dev, seconds, {"vae": vae_log, "transformer": dit_log})
+    path = publish_folder(pipe, out, manifest)
+    logger.info("shapes-wan: saved to %s after %.0f s", path, seconds)
+    return path
+
+
+def train_shapes_wan_causal(out: str | os.PathLike, *, base: str | os.PathLike, config: TrainConfig | None = None,
+                            device: str | torch.device | None = None, progress: bool = True) -> Path:
+    """Fine-tune the transformer of the ``shapes-wan`` folder ``base`` for block-causal
+    generation and save ``shapes-wan-causal`` at ``out`` (same VAE, text encoder, tokenizer).
+
+    Args:
+        out: the pipeline folder to (re)write.
+        base: a ``shapes-wan`` pipeline folder (e.g. the bundled one).
+        config: training settings (default ``TrainConfig()``; ``config.causal`` is used).
+        device: ``"cuda"``/``"cpu"`` (default CUDA when available).
+        progress: show progress bars.
+    """
+    from diffusers import WanPipeline
+
+    from .folder import check_folder
+
+    cfg = config or TrainConfig()
+    c = cfg.causal
+    problems = check_folder(base)
+    if problems:
+        raise ValueError(f"the base folder {base} is not a complete shapes-wan folder: {'; '.join(problems)}.")
+    dev = _device(device)
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    pipe = WanPipeline.from_pretrained(str(base), local_files_only=True)
+    logger.info("shapes-wan-causal: encoding %d clips of %d frames", c.clips, c.frames)
+    data = encode_clips(pipe.vae.to(dev), cfg.seed, "causal", c.clips, frames=c.frames, size=cfg.size, wrap=True,
+                        batch=4, progress=progress)
+    logger.info("shapes-wan-causal: training (%d steps of %d windows of %d latent frames)", c.steps, c.batch,
+                c.window_frames)
+    log = train_causal(pipe.transformer, pipe.text_encoder, pipe.tokenizer, data, cfg, device=dev, progress=progress)
+    pipe.to("cpu")
+    seconds = time.perf_counter() - t0
+    from .folder import read_manifest
+
+    base_manifest = read_manifest(Path(base)) or {}
+    manifest = _manifest("shapes-wan-causal", cfg, dev, seconds, {"causal": log},
+                         base={"name": base_manifest.get("name"), "files": base_manifest.get("files")})
+    path = publish_folder(pipe, out, manifest)
+    logger.info("shapes-wan-causal: saved to %s after %.0f s", path, seconds)
+    return path
+
+

@@ -1,0 +1,209 @@
+"""What the ``shapes-wan`` models are made of and how they are trained: configs as data.
+
+``COMPONENTS`` holds the literal constructor arguments of each pipeline component (the
+same diffusers / transformers classes as Wan 2.1 T2V, at toy size); ``TrainConfig`` (with
+``VaeTrain``, ``DitTrain`` and ``CausalTrain``) every training choice with its default.
+``gen train-tiny`` trains with the defaults; changing any field changes the weights.
+
+Sizes: 128x128 pixels, 17 frames (about 2 s at 8 fps) -> latents 16 x 5 x 16 x 16 ->
+5 x 8 x 8 = 320 video tokens per attention call, 4 heads of 32; the causal model is trained
+on windows of 15 latent frames (960 tokens) cut from 93-frame clips.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .tokenizer import shapes_vocabulary
+
+__all__ = ["COMPONENTS", "CausalTrain", "DitTrain", "TrainConfig", "VaeTrain"]
+
+_VOCAB = 32  # >= len(shapes_vocabulary()) (25)
+assert len(shapes_vocabulary()) <= _VOCAB
+
+COMPONENTS: dict[str, dict[str, Any]] = {
+    # Wan's UMT5 encoder at width 64; trained jointly with the transformer.
+    "text_encoder": dict(
+        vocab_size=_VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16,
+        feed_forward_proj="gated-gelu", dropout_rate=0.0, is_encoder_decoder=False,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, tie_word_embeddings=False,
+    ),
+    # Wan's VAE layout (4x time, 8x space, 16 latent channels, causal 3-D convs) with a thin
+    # encoder (8 base channels) and a wider decoder (16): the decoder draws the pictures.
+    # latents_mean/std are measured on the training clips after the VAE is trained.
+    "vae": dict(
+        base_dim=8, decoder_base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+        attn_scales=[], temperal_downsample=[False, True, True], dropout=0.0,
+        scale_factor_temporal=4, scale_factor_spatial=8,
+    ),
+    # Wan 2.1's transformer: 4 blocks of width 128 (4 heads x 32), text width 64.
+    "transformer": dict(
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=16,
+        out_channels=16, text_dim=64, freq_dim=64, ffn_dim=384, num_layers=4, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None,
+        rope_max_seq_len=1024,
+    ),
+    # The scheduler Wan 2.1 ships (flow-matching UniPC, shift 3).
+    "scheduler": dict(
+        num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True,
+        flow_shift=3.0, solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True,
+        final_sigmas_type="zero",
+    ),
+}  # fmt: skip
+"""Per component: the literal constructor arguments (text encoder: ``UMT5Config``)."""
+
+
+@dataclass(frozen=True)
+class VaeTrain:
+    """VAE training: first on still frames (the VAE's first-frame path; cheap, so many
+    steps), then on whole clips (the causal temporal path), on random 8-aligned crops.
+
+    The latent noise starts small (log-variance bias -6): with the posterior's initial
+    std of 1 the decoder learns from noisy latents; PSNR after 600 still-frame steps
+    was 23.6 dB with it at 0 and 24.9 dB at -6.
+
+    Attributes:
+        image_steps: optimiser steps on single frames.
+        image_batch: frames per still-frame step.
+        image_crop: still-frame crop in pixels (multiple of 8).
+        steps: optimiser steps on clips.
+        batch: clips per step.
+        frames: frames per clip (4k + 1; 17 reaches the steady state of the causal caches:
+            trained on 9 frames, frames 12-16 of a 17-frame clip came back in wrong colours).
+        crop: clip crop in pixels (multiple of 8).
+        centred: fraction of crops centred on the shape (the rest uniform: a uniform 32-pixel
+            crop misses the shape 80% of the time).
+        foreground_weight: loss weight of the shape's pixels (background pixels weigh 1): at
+            weight 1 a purple triangle on gray vanished from the reconstruction.
+        lr: peak AdamW learning rate over both phases (cosine decay to 10%, 50 warm-up steps).
+        kl_weight: weight of the KL term (mean over latent elements) against the
+            pixel loss (L1 + MSE, mean over pixels in [-1, 1]).
+        stats_clips: full-size clips encoded to measure ``latents_mean``/``latents_std``.
+    """
+
+    image_steps: int = 1200
+    image_batch: int = 16
+    image_crop: int = 32
+    steps: int = 300
+    batch: int = 4
+    frames: int = 17
+    crop: int = 48
+    centred: float = 0.8
+    foreground_weight: float = 5.0
+    lr: float = 2e-3
+    kl_weight: float = 1e-4
+    stats_clips: int = 64
+
+
+@dataclass(frozen=True)
+class DitTrain:
+    """Text encoder + transformer training with Wan's flow-matching objective.
+
+    Attributes:
+        clips: training clips, encoded once to latents (each a fresh caption and motion).
+        image_steps: optimiser steps on the clips' first latent frames (64 tokens each).
+        image_batch: first frames per image step.
+        steps: optimiser steps on whole clips.
+        batch: clips per step.
+        lr: peak AdamW learning rate over both phases (cosine decay to 10% after ``warmup``).
+        warmup: linear warm-up steps.
+        weight_decay: AdamW weight decay.
+        ema: EMA decay of the saved weights (ramped as ``min(ema, (1 + n) / (10 + n))``).
+        shift: shift of the training noise levels (``sigma = s*u / (1 + (s-1)*u)``, ``u``
+            uniform). 1: uniform levels; with the scheduler's 3 most samples sat above
+            sigma 0.5, where a small shape is invisible, and after 1000 image steps the
+            shape had its caption's colour 1 time in 3 (11 in 12 with 1, lr 2e-3 and the
+            larger shapes of ``clips.RADIUS``).
+        drop_caption: fraction of captions replaced by ``""`` (what the pipeline's
+            default negative prompt encodes), for classifier-free guidance.
+        drop_motion: fraction of captions written without the motion clause.
+        drop_background: fraction written without the background clause.
+        text_len: text rows the embeddings are padded to (the pipeline's
+            ``max_sequence_length``: training attends exactly as a plain ``pipe(prompt)``).
+    """
+
+    clips: int = 1600
+    image_steps: int = 2000
+    image_batch: int = 32
+    steps: int = 2000
+    batch: int = 12
+    lr: float = 2e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    ema: float = 0.998
+    shift: float = 1.0
+    drop_caption: float = 0.1
+    drop_motion: float = 0.1
+    drop_background: float = 0.1
+    text_len: int = 512
+
+
+@dataclass(frozen=True)
+class CausalTrain:
+    """Causal fine-tuning of the text-to-video transformer (diffusion forcing).
+
+    Training windows of ``window_frames`` latent frames are cut from long clips (shapes
+    wrap around the frame, so every motion continues): either consecutive frames from
+    any offset, or, for a fraction ``sink_windows``, the clip's first chunk followed by
+    consecutive frames from later on (what a frame sink with relative positions attends).
+    Attention is block-causal over chunks of ``chunk_frames`` frames (a token sees every
+    token up to the end of its chunk), each chunk at its own noise level drawn from a
+    mixture (weights ``mix``) of three patterns:
+
+    * ``independent``: every chunk its own level (diffusion forcing);
+    * ``clean_context``: chunks before a random one are clean (t = 0, as committed
+      context is), the rest independent (the chunk and sink schedules);
+    * ``rolling``: clean context, then ``rolling_chunks`` chunks at rising levels that
+      attend each other both ways (the rolling window), the rest independent.
+
+    The sink chunk of a sink window is always clean. The text encoder is frozen.
+
+    Attributes:
+        clips: long clips, encoded once.
+        frames: frames per long clip (4k + 1): 93 -> 24 latent frames.
+        window_frames: latent frames per training window (15: 5 chunks).
+        chunk_frames: latent frames per chunk (the schedules' ``chunk_frames``).
+        sink_windows: fraction of windows that start with the clip's first chunk as a sink.
+        rolling_chunks: chunks in a rolling run (the rolling preset's levels).
+        steps, batch, lr, warmup, weight_decay, ema, shift, drop_caption: as ``DitTrain``.
+        mix: weights of the ``(independent, clean_context, rolling)`` patterns.
+    """
+
+    clips: int = 400
+    frames: int = 93
+    window_frames: int = 15
+    chunk_frames: int = 3
+    sink_windows: float = 0.3
+    rolling_chunks: int = 3
+    steps: int = 1000
+    batch: int = 4
+    lr: float = 5e-4
+    warmup: int = 50
+    weight_decay: float = 0.01
+    ema: float = 0.998
+    shift: float = 1.0
+    drop_caption: float = 0.1
+    mix: tuple[float, float, float] = (0.2, 0.5, 0.3)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``gen train-tiny`` does, from the seed.
+
+    Attributes:
+        seed: one seed for the data, the initial weights and the noise of training.
+        size: clip height = width in pixels.
+        frames: frames of a text-to-video clip (4k + 1).
+        fps: frames per second the clips are shown at (the model's default fps).
+        vae, dit, causal: the three training stages.
+    """
+
+    seed: int = 0
+    size: int = 128
+    frames: int = 17
+    fps: int = 8
+    vae: VaeTrain = field(default_factory=VaeTrain)
+    dit: DitTrain = field(default_factory=DitTrain)
+    causal: CausalTrain = field(default_factory=CausalTrain)

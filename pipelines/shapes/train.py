@@ -1,0 +1,543 @@
+"""Training the ``shapes-wan`` models from a seed: VAE, then text encoder + transformer,
+then (``causal=True``) the block-causal transformer.
+
+Stages (defaults in ``gen.pipelines.shapes.config.TrainConfig``):
+
+1. **VAE** (``train_vae``): ``AutoencoderKLWan`` on random 64x64 crops of 9-frame clips,
+   L1 + MSE in pixels plus a small KL term; then ``latents_mean``/``latents_std`` are
+   measured on full clips and written into its config (the pipeline normalises with them).
+2. **Text-to-video** (``train_t2v``): clips encoded once to latents; the UMT5 encoder and
+   ``WanTransformer3DModel`` trained together with Wan's flow-matching objective
+   (``x_t = (1 - s) x0 + s eps``, target ``eps - x0``, ``t = 1000 s``, ``s`` shifted as the
+   scheduler's ``flow_shift``), captions dropped for guidance, EMA weights saved.
+3. **Causal** (``train_causal``): the text-to-video transformer fine-tuned for chunk-by-chunk
+   generation (diffusion forcing): block-causal attention over 3-frame chunks (a token sees
+   every token up to the end of its chunk, as ``gen.pipelines.ar``'s runner attends), a noise
+   level per chunk through the stock per-token timestep path, on 45-frame clips whose
+   shapes wrap around the frame.
+
+``train_shapes_wan(out, ...)`` runs stages 1-2 and saves a ``WanPipeline`` folder;
+``train_shapes_wan_causal(out, base=...)`` runs stage 3 from a saved text-to-video folder.
+Every random draw comes from the seed, so a run on the same machine and library versions
+gives the same weights (float reductions may differ across CPUs and GPUs).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import COMPONENTS, CausalTrain, DitTrain, TrainConfig, VaeTrain
+from .data import (
+    LatentSet,
+    PaddedTextAttention,
+    caption_texts,
+    clip_batch,
+    encode_clips,
+    encode_text,
+    fast_vae_norms,
+    latent_stats,
+)
+
+logger = logging.getLogger("gen.pipelines.shapes")
+
+__all__ = [
+    "block_causal_mask",
+    "build_components",
+    "chunk_levels",
+    "flow_loss",
+    "train_causal",
+    "train_t2v",
+    "train_vae",
+]
+
+Log = list[dict[str, Any]]
+
+
+def _fork(seed: int, what: str) -> int:
+    import zlib
+
+    return (seed * 1_000_003 + zlib.crc32(what.encode())) % 2**63
+
+
+def build_components(seed: int = 0) -> dict[str, Any]:
+    """Fresh components from ``COMPONENTS`` (weights drawn from ``seed``, per component)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from .tokenizer import build_shapes_tokenizer
+
+    def seeded(name, make):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_fork(seed, f"init/{name}"))
+            return make()
+
+    def vae():
+        model = AutoencoderKLWan(**COMPONENTS["vae"])
+        _inflated_init(model)
+        return model
+
+    return {
+        "tokenizer": build_shapes_tokenizer(),
+        "text_encoder": seeded("text_encoder", lambda: UMT5EncoderModel(UMT5Config(**COMPONENTS["text_encoder"]))),
+        "vae": seeded("vae", vae),
+        "transformer": seeded("transformer", lambda: WanTransformer3DModel(**COMPONENTS["transformer"])),
+        "scheduler": UniPCMultistepScheduler(**COMPONENTS["scheduler"]),
+    }
+
+
+def _inflated_init(vae) -> None:
+    """Initialise the VAE as a per-frame image autoencoder that steps through time.
+
+    * every causal 3x3x3 convolution: He-normal on its current-frame tap (fan-in of a 2-D
+      3x3 convolution), zeros on the two past-frame taps, zero bias: a 2-D convolution per
+      frame. With PyTorch's default init (uniform, gain 1/sqrt(3), random past taps) the
+      VAE sat at 11 dB PSNR for its first 40 steps even on one fixed batch; He init reached
+      20 dB there, and zero past taps let the still-frame phase carry over to clips (with
+      random past taps the clip phase restarted from 16 dB).
+    * the encoder's temporal downsamplers pick the last frame of their window and the
+      decoder's temporal upsamplers copy a frame into both outputs: a 4-frame latent starts
+      out as the code of the chunk's last frame, decoded into 4 copies.
+
+    The clip phase of ``train_vae`` then learns the motion inside a chunk from there.
+    """
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample
+
+    time_convs = {id(m.time_conv) for m in vae.modules() if isinstance(m, WanResample) and hasattr(m, "time_conv")}
+    with torch.no_grad():
+        for m in vae.modules():
+            if not isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):
+                continue
+            m.bias.zero_()
+            if id(m) in time_convs:  # (C_out, C, 3, 1, 1): identity on the last tap
+                m.weight.zero_()
+                eye = torch.eye(m.in_channels)
+                for k in range(m.out_channels // m.in_channels):  # 1 (down) or 2 (up: two frames)
+                    m.weight[k * m.in_channels : (k + 1) * m.in_channels, :, -1, 0, 0] = eye
+            elif isinstance(m, WanCausalConv3d) and m.kernel_size[0] > 1:
+                m.weight.zero_()
+                torch.nn.init.kaiming_normal_(m.weight[:, :, -1], nonlinearity="relu")
+            else:
+                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor: linear warm-up, then cosine from 1 to 0.1."""
+    if step < warmup:
+        return (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
+
+
+class _Ema:
+    """Exponential moving average of parameters (decay ramped up over the first steps)."""
+
+    def __init__(self, modules: list[torch.nn.Module], decay: float):
+        self.params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay, self.n = decay, 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.n += 1
+        d = min(self.decay, (1 + self.n) / (10 + self.n))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s)
+
+
+def _bar(total: int, desc: str, progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
+
+
+# -- stage 1: VAE ------------------------------------------------------------------------------
+
+
+def _crops(clips, crop: int, size: int, centred: float, fg_weight: float, rng: np.random.Generator):
+    """8-aligned ``crop``-pixel crops of ``clips.video`` and per-pixel loss weights.
+
+    A fraction ``centred`` of the crops holds the shape (centred on it at the clip's middle
+    frame, jittered by up to a third of the crop); the rest are uniform. Weights are 1 on
+    the background and ``fg_weight`` on pixels of the shape (its anti-aliased edge included):
+    the shape is 1-5% of a frame and was the part the VAE learned last.
+    """
+    from .grammar import COLORS
+
+    video = clips.video
+    b, _, f = video.shape[:3]
+    out, weights = [], []
+    for i in range(b):
+        if rng.random() < centred:
+            mid = clips.first[i] + (f - 1) / 2
+            cx, cy = clips.motions[i].centre(clips.captions[i].motion or "still", np.array([mid]))
+            cx = float(cx[0] % size) + rng.uniform(-crop / 3, crop / 3)
+            cy = float(cy[0] % size) + rng.uniform(-crop / 3, crop / 3)
+            x = int(np.clip(round((cx - crop / 2) / 8), 0, (size - crop) // 8)) * 8
+            y = int(np.clip(round((cy - crop / 2) / 8), 0, (size - crop) // 8)) * 8
+        else:
+            x, y = (int(v) * 8 for v in rng.integers(0, (size - crop) // 8 + 1, size=2))
+        c = video[i, :, :, y : y + crop, x : x + crop]
+        bg = torch.tensor(COLORS[clips.captions[i].background or "black"], dtype=c.dtype) / 127.5 - 1.0
+        fg = ((c - bg.view(3, 1, 1, 1)).abs().amax(0, keepdim=True) > 0.02).to(c.dtype)
+        out.append(c)
+        weights.append(1.0 + (fg_weight - 1.0) * fg)
+    return torch.stack(out), torch.stack(weights)
+
+
+
+def train_vae(vae, cfg: TrainConfig, *, device: torch.device, progress: bool = True,
+              callback: Callable[[int, dict], None] | None = None) -> Log:
+    """Train ``vae`` in place (stage 1), then measure and store its latent statistics.
+
+    Returns the log: one dict per 25 steps (``step``, ``phase`` ``"frames"``/``"clips"``,
+    ``loss``, ``psnr`` in dB on the batch's crops, ``kl``, ``seconds``), then a ``latents``
+    entry with the measured mean/std.
+    """
+    v: VaeTrain = cfg.vae
+    for crop in (v.crop, v.image_crop):
+        if crop % 8 or crop > cfg.size:
+            raise ValueError(f"VAE crops must be multiples of 8 within {cfg.size} pixels, got {crop}.")
+    if (v.frames - 1) % 4:
+        raise ValueError(f"VAE training clips must have 4k+1 frames, got {v.frames}.")
+    vae.to(device).train()
+    with torch.no_grad():  # small initial latent noise (see VaeTrain)
+        vae.quant_conv.bias[vae.config.z_dim :] = -6.0
+    opt = torch.optim.AdamW(vae.parameters(), lr=v.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    rng = np.random.default_rng(_fork(cfg.seed, "vae/crops"))
+    gen = torch.Generator(device="cpu").manual_seed(_fork(cfg.seed, "vae/noise"))
+    total = v.image_steps + v.steps
+    log: Log = []
+    start, acc = time.perf_counter(), []
+    with fast_vae_norms(vae), _bar(total, "training VAE", progress) as bar:
+        for step in range(total):
+            still = step < v.image_steps
+            n, frames, crop = (v.image_batch, 1, v.image_crop) if still else (v.batch, v.frames, v.crop)
+            for g in opt.param_groups:
+                g["lr"] = v.lr * _schedule(step, total, 50)
+            if still:  # one random frame of each of n clips
+                clips = clip_batch(cfg.seed, "vae-frames", range(step * n, (step + 1) * n), frames=cfg.frames,
+                                   size=cfg.size, pick=rng.integers(0, cfg.frames, size=n))
+            else:
+                clips = clip_batch(cfg.seed, "vae", range(step * n, (step + 1) * n), frames=frames, size=cfg.size)
+            video, weight = _crops(clips, crop, cfg.size, v.centred, v.foreground_weight, rng)
+            video, weight = video.to(device), weight.to(device)
+            post = vae.encode(video).latent_dist
+            eps = torch.randn(post.mean.shape, generator=gen).to(device)
+            rec = vae.decode(post.mean + post.std * eps).sample
+            err = rec - video
+            pix = ((err.abs() + err.pow(2)) * weight).sum() / (weight.sum() * 3)
+            kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
+            loss = pix + v.kl_weight * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            mse = (rec.detach().clamp(-1, 1) - video).pow(2).mean().item() / 4  # in [0, 1] units
+            acc.append((loss.item(), 10 * math.log10(1 / max(mse, 1e-10)), kl.item()))
+            bar.update(1)
+            if (step + 1) % 25 == 0 or step + 1 in (v.image_steps, total):
+                a = np.mean(acc, axis=0)
+                entry = dict(step=step + 1, phase="frames" if still else "clips", loss=float(a[0]), psnr=float(a[1]),
+                             kl=float(a[2]), seconds=time.perf_counter() - start)
+                log.append(entry)
+                bar.set_postfix(loss=f"{a[0]:.4f}", psnr=f"{a[1]:.1f}")
+                acc = []
+                if callback is not None:
+                    callback(step + 1, entry)
+    vae.eval()
+    raw = encode_clips(vae, cfg.seed, "vae-stats", v.stats_clips, frames=cfg.frames, size=cfg.size,
+                       normalize=False, progress=progress).latents
+    mean, std = latent_stats(raw)
+    vae.register_to_config(latents_mean=[round(m, 5) for m in mean], latents_std=[round(s, 5) for s in std])
+    log.append(dict(latents=dict(mean=mean, std=std)))
+    return log
+
+
+# -- shared by stages 2 and 3 ---------------------------------------------------------------------
+
+
+def shifted_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """``s*u / (1 + (s-1)*u)``: the scheduler's timestep shift applied to uniform ``u``."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def flow_loss(pred: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error of the flow prediction against ``noise - x0`` (optionally per-frame weighted)."""
+    err = (pred.float() - (noise - x0)).pow(2)
+    if weight is None:
+        return err.mean()
+    w = weight[:, None, :, None, None].expand_as(err)
+    return (err * w).sum() / w.sum().clamp_min(1.0)
+
+
+class _Batches:
+    """Shuffled epochs over a ``LatentSet`` from a seed."""
+
+    def __init__(self, data: LatentSet, batch: int, seed: int):
+        self.data, self.batch = data, batch
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order, self.pos = torch.randperm(len(data), generator=self.gen), 0
+
+    def next(self) -> tuple[torch.Tensor, list]:
+        if self.pos + self.batch > len(self.order):
+            self.order, self.pos = torch.randperm(len(self.data), generator=self.gen), 0
+        idx = self.order[self.pos : self.pos + self.batch]
+        self.pos += self.batch
+        return self.data.latents[idx], [self.data.captions[int(i)] for i in idx]
+
+
+# -- stage 2: text-to-video ---------------------------------------------------------------------
+
+
+def _install(transformer, attr: str, proc) -> list:
+    saved = [getattr(b, attr).processor for b in transformer.blocks]
+    for b in transformer.blocks:
+        getattr(b, attr).set_processor(proc)
+    return saved
+
+
+def _uninstall(transformer, attr: str, saved: list) -> None:
+    for b, p in zip(transformer.blocks, saved):
+        getattr(b, attr).set_processor(p)
+
+
+def train_t2v(transformer, text_encoder, tokenizer, data: LatentSet, cfg: TrainConfig, *, device: torch.device,
+              progress: bool = True, callback: Callable[[int, dict], None] | None = None) -> Log:
+    """Train text encoder + transformer in place on ``data`` (stage 2); EMA weights are left in the models.
+
+    First ``image_steps`` on the clips' first latent frames (the image the VAE codes alone:
+    64 tokens, so many cheap steps learn shapes, colours and the text), then ``steps`` on
+    whole clips (motion). Cross-attention runs through ``PaddedTextAttention``: the stock
+    attention over text zero-padded to ``text_len`` rows, at the cost of the prompt's rows.
+
+    Returns the log: one dict per 25 steps (``step``, ``phase``, ``loss``, ``seconds``).
+    """
+    d: DitTrain = cfg.dit
+    transformer.to(device).train()
+    text_encoder.to(device).train()
+    params = [*transformer.parameters(), *text_encoder.parameters()]
+    opt = torch.optim.AdamW(params, lr=d.lr, betas=(0.9, 0.99), weight_decay=d.weight_decay)
+    ema = _Ema([transformer, text_encoder], d.ema)
+    images = LatentSet(data.latents[:, :, :1].contiguous(), data.captions)
+    phases = [(images, d.image_batch, d.image_steps, "frames"), (data, d.batch, d.steps, "clips")]
+    rng = np.random.default_rng(_fork(cfg.seed, "t2v/captions"))
+    gen = torch.Generator().manual_seed(_fork(cfg.seed, "t2v/noise"))
+    total = d.image_steps + d.steps
+    proc = PaddedTextAttention(d.text_len)
+    saved = _install(transformer, "attn2", proc)
+    log: Log = []
+    start, acc, step = time.perf_counter(), [], 0
+    try:
+        with _bar(total, "training transformer", progress) as bar:
+            for phase_data, batch, steps, phase in phases:
+                batches = _Batches(phase_data, batch, _fork(cfg.seed, f"t2v/order/{phase}"))
+                for _ in range(steps):
+                    for g in opt.param_groups:
+                        g["lr"] = d.lr * _schedule(step, total, d.warmup)
+                    x0, caps = batches.next()
+                    prompts = caption_texts(caps, rng, drop_caption=d.drop_caption, drop_motion=d.drop_motion,
+                                            drop_background=d.drop_background)
+                    noise = torch.randn(x0.shape, generator=gen)
+                    sigma = shifted_sigmas(torch.rand(x0.shape[0], generator=gen), d.shift)
+                    s = sigma.view(-1, 1, 1, 1, 1)
+                    xt = ((1 - s) * x0 + s * noise).to(device)
+                    text, lengths = encode_text(tokenizer, text_encoder, prompts, text_len=d.text_len, short=True)
+                    proc.set_lengths(lengths, text.shape[1])
+                    pred = transformer(xt, (sigma * 1000).to(device), text, return_dict=False)[0]
+                    loss = flow_loss(pred, noise.to(device), x0.to(device))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params, 1.0)
+                    opt.step()
+                    ema.update()
+                    acc.append(loss.item())
+                    bar.update(1)
+                    step += 1
+                    if step % 25 == 0 or step in (d.image_steps, total):
+                        entry = dict(step=step, phase=phase, loss=float(np.mean(acc)),
+                                     seconds=time.perf_counter() - start)
+                        log.append(entry)
+                        bar.set_postfix(phase=phase, loss=f"{entry['loss']:.4f}")
+                        acc = []
+                        if callback is not None:
+                            callback(step, entry)
+    finally:
+        _uninstall(transformer, "attn2", saved)
+    ema.copy_to_model()
+    transformer.eval()
+    text_encoder.eval()
+    return log
+
+
+# -- stage 3: causal ------------------------------------------------------------------------------
+
+
+def block_causal_mask(frames: int, tokens_per_frame: int, chunk_frames: int, device=None) -> torch.Tensor:
+    """``(1, 1, S, S)`` bool, True where a query may attend a key: every token sees every
+    token up to the end of its own chunk (chunks of ``chunk_frames`` latent frames)."""
+    blk = torch.arange(frames, device=device).repeat_interleave(tokens_per_frame) // chunk_frames
+    return (blk[None, :] <= blk[:, None])[None, None]
+
+
+def chunk_levels(n_chunks: int, batch: int, c: CausalTrain, gen: torch.Generator,
+                 sink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise levels and attention blocks of a batch of windows (see ``CausalTrain``).
+
+    Args:
+        n_chunks: chunks per window.
+        batch: windows.
+        c: the causal training config (``mix``, ``rolling_chunks``, ``shift``).
+        gen: the random generator.
+        sink: ``(batch,)`` bool, windows whose first chunk is a sink (always clean).
+
+    Returns:
+        ``sigma (batch, n_chunks)`` in [0, 1] and ``block (batch, n_chunks)`` int: chunk ``i``
+        attends chunk ``j`` when ``block[j] <= block[i]`` (a rolling run shares one block).
+    """
+    sig = shifted_sigmas(torch.rand(batch, n_chunks, generator=gen), c.shift)
+    block = torch.arange(n_chunks).repeat(batch, 1)
+    kind = torch.multinomial(torch.tensor(c.mix, dtype=torch.float64), batch, replacement=True, generator=gen)
+    run = min(c.rolling_chunks, n_chunks)
+    for b in range(batch):
+        lo = 1 if sink is not None and bool(sink[b]) else 0
+        if kind[b] == 1:
+            k = int(torch.randint(lo, n_chunks, (1,), generator=gen))
+            sig[b, :k] = 0.0
+        elif kind[b] == 2:
+            k = int(torch.randint(lo, n_chunks - run + 1, (1,), generator=gen)) if n_chunks - run + 1 > lo else lo
+            sig[b, :k] = 0.0
+            sig[b, k : k + run] = sig[b, k : k + run].sort().values  # oldest least noisy
+            block[b, k : k + run] = k
+        if lo:
+            sig[b, 0] = 0.0
+    return sig, block
+
+
+class _Windows:
+    """Training windows cut from long clips' latents (see ``CausalTrain``), from a seed."""
+
+    def __init__(self, data: LatentSet, c: CausalTrain, seed: int):
+        self.data, self.c = data, c
+        self.gen = torch.Generator().manual_seed(seed)
+        n = data.latents.shape[2]
+        if n < c.window_frames + c.chunk_frames:
+            raise ValueError(f"clips of {n} latent frames are too short for windows of {c.window_frames}.")
+
+    def next(self) -> tuple[torch.Tensor, list, torch.Tensor]:
+        c, lat = self.c, self.data.latents
+        n = lat.shape[2]
+        idx = torch.randint(0, len(self.data), (c.batch,), generator=self.gen)
+        sink = torch.rand(c.batch, generator=self.gen) < c.sink_windows
+        out = []
+        for i, s in zip(idx.tolist(), sink.tolist()):
+            if s:  # first chunk + consecutive frames from after it
+                rest = c.window_frames - c.chunk_frames
+                o = int(torch.randint(c.chunk_frames, n - rest + 1, (1,), generator=self.gen))
+                frames = [*range(c.chunk_frames), *range(o, o + rest)]
+            else:
+                o = int(torch.randint(0, n - c.window_frames + 1, (1,), generator=self.gen))
+                frames = list(range(o, o + c.window_frames))
+            out.append(lat[i, :, frames])
+        return torch.stack(out), [self.data.captions[i] for i in idx.tolist()], sink
+
+
+class _MaskedSelfAttn:
+    """Wan ``attn1`` with the stock math under a boolean mask set per batch (training only)."""
+
+    def __init__(self):
+        from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+        self.mask, self.stock = None, WanAttnProcessor()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        return self.stock(attn, hidden_states, None, self.mask, rotary_emb)
+
+
+def train_causal(transformer, text_encoder, tokenizer, data: LatentSet, cfg: TrainConfig, *, device: torch.device,
+                 progress: bool = True, callback: Callable[[int, dict], None] | None = None) -> Log:
+    """Fine-tune ``transformer`` in place for block-causal generation (stage 3); EMA weights kept.
+
+    ``data`` holds long clips (``cfg.causal.frames`` frames); the text encoder is frozen.
+    Returns the log: one dict per 25 steps (``step``, ``loss``, ``seconds``).
+    """
+    c: CausalTrain = cfg.causal
+    if c.window_frames % c.chunk_frames:
+        raise ValueError(f"window_frames={c.window_frames} must be whole chunks of {c.chunk_frames}.")
+    _, _, _, h, w = data.latents.shape
+    p_t, p_h, p_w = transformer.config.patch_size
+    tpf = (h // p_h) * (w // p_w)
+    nf, n_chunks = c.window_frames, c.window_frames // c.chunk_frames
+    frame_chunk = torch.arange(nf) // c.chunk_frames
+    transformer.to(device).train()
+    text_encoder.to(device).eval().requires_grad_(False)
+    proc = _MaskedSelfAttn()
+    text_proc = PaddedTextAttention(cfg.dit.text_len)
+    saved, saved_text = _install(transformer, "attn1", proc), _install(transformer, "attn2", text_proc)
+    params = list(transformer.parameters())
+    opt = torch.optim.AdamW(params, lr=c.lr, betas=(0.9, 0.99), weight_decay=c.weight_decay)
+    ema = _Ema([transformer], c.ema)
+    windows = _Windows(data, c, _fork(cfg.seed, "causal/windows"))
+    rng = np.random.default_rng(_fork(cfg.seed, "causal/captions"))
+    gen = torch.Generator().manual_seed(_fork(cfg.seed, "causal/noise"))
+    log: Log = []
+    start, acc = time.perf_counter(), []
+    try:
+        with _bar(c.steps, "training causal transformer", progress) as bar:
+            for step in range(c.steps):
+                for g in opt.param_groups:
+                    g["lr"] = c.lr * _schedule(step, c.steps, c.warmup)
+                x0, caps, sink = windows.next()
+                prompts = caption_texts(caps, rng, drop_caption=c.drop_caption)
+                noise = torch.randn(x0.shape, generator=gen)
+                sig, block = chunk_levels(n_chunks, x0.shape[0], c, gen, sink)
+                sig_frames = sig[:, frame_chunk]  # (B, F)
+                blk = block[:, frame_chunk].repeat_interleave(tpf, dim=1)  # (B, S)
+                proc.mask = (blk[:, None, :] <= blk[:, :, None])[:, None].to(device)
+                s = sig_frames[:, None, :, None, None]
+                xt = ((1 - s) * x0 + s * noise).to(device)
+                t_tok = (sig_frames * 1000).repeat_interleave(tpf, dim=1).to(device)  # (B, F*T)
+                with torch.no_grad():
+                    text, lengths = encode_text(tokenizer, text_encoder, prompts, text_len=cfg.dit.text_len, short=True)
+                text_proc.set_lengths(lengths, text.shape[1])
+                pred = transformer(xt, t_tok, text, return_dict=False)[0]
+                # clean frames (t = 0) are context only: no loss on them
+                loss = flow_loss(pred, noise.to(device), x0.to(device), weight=(sig_frames > 0).float().to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                ema.update()
+                acc.append(loss.item())
+                bar.update(1)
+                if (step + 1) % 25 == 0 or step + 1 == c.steps:
+                    entry = dict(step=step + 1, loss=float(np.mean(acc)), seconds=time.perf_counter() - start)
+                    log.append(entry)
+                    bar.set_postfix(loss=f"{entry['loss']:.4f}")
+                    acc = []
+                    if callback is not None:
+                        callback(step + 1, entry)
+    finally:
+        _uninstall(transformer, "attn1", saved)
+        _uninstall(transformer, "attn2", saved_text)
+        text_encoder.requires_grad_(True)
+    ema.copy_to_model()
+    transformer.eval()
+    return log
+
+
+def config_record(cfg: TrainConfig) -> dict[str, Any]:
+    """``cfg`` and ``COMPONENTS`` as plain data (for the model folder's manifest)."""
+    return {"train": asdict(cfg), "components": COMPONENTS}
+

@@ -1,0 +1,105 @@
+"""gen train-tiny end to end at toy step counts: the folder it publishes loads with
+from_pretrained like a real checkpoint, and damaged folders fail with errors naming what
+is wrong. (The shipped weights are checked in test_shapes_model.py.)"""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from gen.pipelines import ModelNotAvailableError, load
+from gen.pipelines.shapes.build import train_shapes_wan, train_shapes_wan_causal
+from gen.pipelines.shapes.config import CausalTrain, DitTrain, TrainConfig, VaeTrain
+from gen.pipelines.shapes.folder import MANIFEST, check_folder
+
+QUICK = TrainConfig(
+    vae=VaeTrain(image_steps=2, image_batch=2, steps=1, batch=1, frames=5, crop=32, stats_clips=2),
+    dit=DitTrain(clips=4, steps=2, batch=2, warmup=1),
+    causal=CausalTrain(clips=2, frames=69, steps=2, batch=2, warmup=1),
+)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    t2v = train_shapes_wan(root / "shapes-wan", config=QUICK, device="cpu", progress=False)
+    causal = train_shapes_wan_causal(root / "shapes-wan-causal", base=t2v, config=QUICK, device="cpu", progress=False)
+    return t2v, causal
+
+
+def test_published_folder_is_complete_and_records_its_training(trained):
+    t2v, causal = trained
+    for folder, name in ((t2v, "shapes-wan"), (causal, "shapes-wan-causal")):
+        assert check_folder(folder) == []
+        manifest = json.loads((folder / MANIFEST).read_text())
+        assert manifest["name"] == name and manifest["train"]["seed"] == 0
+        assert "transformer/diffusion_pytorch_model.safetensors" in manifest["files"]
+        assert not list(folder.parent.glob(f".{folder.name}.tmp-*"))  # nothing half-written left behind
+    logs = json.loads((t2v / MANIFEST).read_text())["logs"]
+    assert logs["vae"][-1]["latents"]["std"] and logs["transformer"][-1]["step"] == 2
+
+
+def test_trained_folder_loads_and_renders_through_the_registry(trained):
+    t2v, causal = trained
+    pipe = load("shapes-wan", model_path=t2v)
+    assert type(pipe).__name__ == "WanPipeline"
+    std = json.loads((t2v / "vae" / "config.json").read_text())["latents_std"]
+    assert list(pipe.vae.config.latents_std) == std  # the measured statistics travel with the VAE
+    out = pipe("a red circle moving right on a blue background", height=128, width=128, num_frames=5,
+               num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).frames[0]
+    assert out.shape == (5, 128, 128, 3)
+    c = load("shapes-wan-causal", model_path=causal)
+    # the causal variant shares VAE and text encoder, not the transformer
+    assert torch.equal(c.vae.decoder.conv_in.weight, pipe.vae.decoder.conv_in.weight)
+    assert not torch.equal(c.transformer.proj_out.weight, pipe.transformer.proj_out.weight)
+
+
+def _damaged(src, tmp_path, name):
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_damaged_folders_are_refused_naming_the_problem(trained, tmp_path):
+    t2v, _ = trained
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+
+    d = _damaged(t2v, tmp_path, "truncated")
+    data = (d / weights).read_bytes()
+    (d / weights).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelNotAvailableError, match=r"transformer/diffusion_pytorch_model.safetensors is truncated"):
+        load("shapes-wan", model_path=d)
+
+    d = _damaged(t2v, tmp_path, "flipped")
+    data = bytearray((d / weights).read_bytes())
+    data[-5] ^= 0xFF
+    (d / weights).write_bytes(bytes(data))
+    with pytest.raises(ModelNotAvailableError, match=r"corrupted \(its SHA-256 differs"):
+        load("shapes-wan", model_path=d)
+
+    d = _damaged(t2v, tmp_path, "novae")
+    shutil.rmtree(d / "vae")
+    with pytest.raises(ModelNotAvailableError, match=r"vae/ is missing"):
+        load("shapes-wan", model_path=d)
+
+    d = _damaged(t2v, tmp_path, "notok")
+    (d / "tokenizer" / "tokenizer.json").unlink()
+    with pytest.raises(ModelNotAvailableError, match=r"tokenizer/tokenizer.json is missing"):
+        load("shapes-wan", model_path=d)
+
+    # without a manifest (a folder from elsewhere) the structural checks still name what is missing
+    d = _damaged(t2v, tmp_path, "nomanifest")
+    (d / MANIFEST).unlink()
+    (d / weights).unlink()
+    with pytest.raises(ModelNotAvailableError, match=r"transformer/ has no weights file"):
+        load("shapes-wan", model_path=d)
+
+
+def test_causal_training_refuses_an_incomplete_base(trained, tmp_path):
+    t2v, _ = trained
+    d = _damaged(t2v, tmp_path, "base")
+    shutil.rmtree(d / "text_encoder")
+    with pytest.raises(ValueError, match="text_encoder/ is missing"):
+        train_shapes_wan_causal(tmp_path / "out", base=d, config=QUICK, device="cpu", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,199 @@
+"""shapes-wan data: grammar, procedural clips, tokenizer, vision scoring, training helpers."""
+
+import numpy as np
+import pytest
+import torch
+
+from gen.pipelines.shapes.clips import render_clip, sample_clip, sample_motion
+from gen.pipelines.shapes.data import clip_batch, encode_text, fast_vae_norms
+from gen.pipelines.shapes.grammar import (
+    MOTIONS,
+    SHAPES,
+    WORDS,
+    Caption,
+    CaptionError,
+    parse_caption,
+    sample_caption,
+)
+from gen.pipelines.shapes.tokenizer import build_shapes_tokenizer, shapes_vocabulary
+from gen.pipelines.shapes.vision import read_clip, score_clip
+
+
+def _u8(video):
+    return (np.clip(video, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def test_captions_round_trip_and_never_match_their_background(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(200):
+        cap = sample_caption(rng)
+        assert cap.color != cap.background
+        assert parse_caption(cap.text()) == cap
+        assert parse_caption(cap.text().upper() + ".") == cap
+        short = parse_caption(cap.text(motion=False, background=False))
+        assert (short.shape, short.color, short.motion, short.background) == (cap.shape, cap.color, None, None)
+
+
+def test_caption_errors_name_the_problem():
+    with pytest.raises(CaptionError, match="cat"):
+        parse_caption("a red cat moving right")
+    with pytest.raises(CaptionError, match="cannot read"):
+        parse_caption("circle red a")
+    with pytest.raises(CaptionError, match="both blue"):
+        Caption("circle", "blue", "left", "blue")
+    with pytest.raises(CaptionError, match="unknown shape"):
+        Caption("hexagon", "red")
+
+
+def test_clips_are_deterministic_and_stay_inside_the_frame(seed):
+    rng = np.random.default_rng(seed)
+    for motion in MOTIONS:
+        cap = Caption(str(rng.choice(SHAPES)), "red", motion, "black")
+        a = sample_clip(cap, seed, frames=17)
+        assert np.array_equal(a, sample_clip(cap, seed, frames=17))
+        assert a.shape == (17, 128, 128, 3) and a.dtype == np.float32
+        m = sample_motion(cap, np.random.default_rng(seed), frames=17)
+        xs, ys = m.centre(motion, np.arange(17))
+        assert (xs - m.radius >= 0).all() and (xs + m.radius <= 128).all()
+        assert (ys - m.radius >= 0).all() and (ys + m.radius <= 128).all()
+        # the background border is untouched: nothing was clipped at an edge
+        assert np.allclose(a[:, 0], a[0, 0, 0]) and np.allclose(a[:, -1], a[0, 0, 0])
+
+
+def test_wrapping_clip_continues_across_calls_and_edges(seed):
+    cap = Caption("square", "yellow", "right", "gray")
+    m = sample_motion(cap, np.random.default_rng(seed), frames=93, wrap=True)
+    whole = render_clip(cap, m, frames=93, wrap=True)
+    tail = render_clip(cap, m, frames=13, wrap=True, start=80)
+    assert np.array_equal(whole[80:], tail)
+    # the same amount of yellow in every frame: the shape leaves one edge as it enters the other
+    yellow = (whole[..., 2] < 0.3).sum(axis=(1, 2))
+    assert yellow.min() > 0.95 * yellow.max()
+
+
+def test_vision_reads_every_attribute_of_true_clips(seed):
+    rng = np.random.default_rng(seed)
+    for i in range(60):
+        cap = sample_caption(rng)
+        frames = _u8(sample_clip(cap, seed + i, frames=17))
+        verdict = score_clip(frames, cap)
+        assert all(v is True for v in verdict.values()), (cap, read_clip(frames))
+
+
+def test_vision_says_no_to_the_wrong_caption(seed):
+    rng = np.random.default_rng(seed)
+    cap = Caption("circle", "red", "right", "blue")
+    frames = _u8(sample_clip(cap, seed, frames=17))
+    assert score_clip(frames, Caption("circle", "green", "right", "blue"))["color"] is False
+    assert score_clip(frames, Caption("circle", "red", "left", "blue"))["motion"] is False
+    assert score_clip(frames, Caption("circle", "red", "right", "gray"))["background"] is False
+    assert score_clip(frames, Caption("square", "red", "right", "blue"))["shape"] is False
+    noise = rng.integers(0, 256, size=frames.shape, dtype=np.uint8)
+    assert score_clip(noise, cap)["color_and_motion"] is False
+    with pytest.raises(ValueError, match="RGB"):
+        read_clip(frames[..., :2])
+
+
+def test_tokenizer_maps_the_grammar_and_nothing_else(tmp_path):
+    tok = build_shapes_tokenizer()
+    vocab = shapes_vocabulary()
+    assert set(WORDS) | {"<pad>", "</s>", "<unk>"} == set(vocab)
+    ids = tok("A Red circle, moving right!").input_ids
+    assert ids == [vocab[w] for w in ("a", "red", "circle", "moving", "right")] + [vocab["</s>"]]
+    assert tok("a purple dragon").input_ids == [vocab["a"], vocab["purple"], vocab["<unk>"], vocab["</s>"]]
+    tok.save_pretrained(tmp_path)
+    from transformers import AutoTokenizer
+
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    text = "a white triangle bouncing on a green background"
+    assert again(text).input_ids == tok(text).input_ids
+
+
+def test_encode_text_is_the_pipelines_prompt_encoding(seed):
+    from diffusers import WanPipeline
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from gen.pipelines.shapes.config import COMPONENTS
+
+    enc = UMT5EncoderModel(UMT5Config(**COMPONENTS["text_encoder"])).eval()
+    tok = build_shapes_tokenizer()
+    pipe = WanPipeline(tokenizer=tok, text_encoder=enc, transformer=None, vae=None, scheduler=None)
+    prompts = ["a red circle moving right on a blue background", "", "a green square"]
+    ref = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=512)[0]
+    with torch.no_grad():
+        got = encode_text(tok, enc, prompts, text_len=512)
+    assert got.shape == ref.shape == (3, 512, COMPONENTS["text_encoder"]["d_model"])
+    assert torch.allclose(got, ref, atol=1e-6)
+
+
+def test_fast_vae_norms_compute_the_stock_function(seed):
+    from diffusers import AutoencoderKLWan
+
+    from gen.pipelines.shapes.config import COMPONENTS
+
+    vae = AutoencoderKLWan(**COMPONENTS["vae"])
+    x = clip_batch(seed, "test", range(2), frames=5, size=32).video
+    with torch.no_grad():
+        ref = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        with fast_vae_norms(vae):
+            fast = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        again = vae.decode(vae.encode(x).latent_dist.mode()).sample  # restored
+    assert torch.allclose(fast, ref, atol=1e-5)
+    assert torch.equal(again, ref)
+    # gradients too (the training path)
+    x.requires_grad_(True)
+    with fast_vae_norms(vae):
+        g_fast = torch.autograd.grad(vae.encode(x).latent_dist.mean.square().sum(), x)[0]
+    g_ref = torch.autograd.grad(vae.encode(x).latent_dist.mean.square().sum(), x)[0]
+    assert torch.allclose(g_fast, g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_inflated_vae_init_is_a_per_frame_autoencoder(seed):
+    from gen.pipelines.shapes.train import build_components
+
+    vae = build_components(seed % 1000)["vae"].eval()
+    video = clip_batch(seed, "test", range(1), frames=9, size=64).video
+    with torch.no_grad():
+        z = vae.encode(video).latent_dist.mode()
+        last = vae.encode(video[:, :, 8:9]).latent_dist.mode()
+        out = vae.decode(z).sample
+    assert torch.allclose(z[:, :, 2], last[:, :, 0], atol=1e-5)  # a 4-frame latent codes its last frame
+    assert torch.equal(out[:, :, 5:9], out[:, :, 8:9].expand_as(out[:, :, 5:9]))  # decoded into copies
+
+
+
+def test_padded_text_attention_equals_the_stock_512_token_forward(seed):
+    from diffusers import WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from gen.pipelines.shapes.config import COMPONENTS
+    from gen.pipelines.shapes.data import PaddedTextAttention
+
+    cfg = {**COMPONENTS["transformer"], "num_layers": 2}
+    model = WanTransformer3DModel(**cfg).eval()
+    enc = UMT5EncoderModel(UMT5Config(**COMPONENTS["text_encoder"])).eval()
+    tok = build_shapes_tokenizer()
+    prompts = ["a red circle moving right on a blue background", "", "a green square bouncing"]
+    x, t = torch.randn(3, 16, 2, 8, 8), torch.rand(3) * 1000
+    with torch.no_grad():
+        ref = model(x, t, encode_text(tok, enc, prompts, text_len=512), return_dict=False)[0]
+        short, lengths = encode_text(tok, enc, prompts, short=True)
+        proc = PaddedTextAttention(512)
+        proc.set_lengths(lengths, short.shape[1])
+        saved = [b.attn2.processor for b in model.blocks]
+        for b in model.blocks:
+            b.attn2.set_processor(proc)
+        got = model(x, t, short, return_dict=False)[0]
+        for b, p in zip(model.blocks, saved):
+            b.attn2.set_processor(p)
+    assert short.shape[1] == int(lengths.max()) + 1 < 16
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-4), (got - ref).abs().max()
+
+
+def test_vision_reads_wrapping_long_clips(seed):
+    rng = np.random.default_rng(seed)
+    for i in range(20):
+        cap = sample_caption(rng)
+        frames = _u8(sample_clip(cap, seed + i, frames=45, wrap=True))
+        verdict = score_clip(frames, cap, wrap=True)
+        assert verdict["color"] and verdict["background"] and verdict["motion"], (cap, read_clip(frames, wrap=True))

@@ -1,0 +1,100 @@
+"""shapes-wan training semantics: noise-level patterns, and the causal training forward
+attends exactly what the long-video runner attends at inference."""
+
+import torch
+from diffusers import WanTransformer3DModel
+
+from gen.pipelines.ar.runner import CausalWanRunner, RunnerConfig
+from gen.pipelines.shapes.config import CausalTrain
+from gen.pipelines.shapes.train import (
+    _MaskedSelfAttn,
+    block_causal_mask,
+    chunk_levels,
+    shifted_sigmas,
+)
+
+H = W = 8  # latent pixels: 16 tokens per frame
+TPF = 16
+
+
+def _transformer():
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=1024,
+    ).eval()
+
+
+def _masked_forward(model, x, t_frames, text, block_of_frame):
+    """The training forward: stock model, per-token timesteps, attention by block ids."""
+    blk = block_of_frame.repeat_interleave(TPF)
+    proc = _MaskedSelfAttn()
+    proc.mask = (blk[None, :] <= blk[:, None])[None, None]
+    saved = [b.attn1.processor for b in model.blocks]
+    for b in model.blocks:
+        b.attn1.set_processor(proc)
+    try:
+        with torch.no_grad():
+            return model(x, t_frames.repeat_interleave(TPF)[None], text, return_dict=False)[0]
+    finally:
+        for b, p in zip(model.blocks, saved):
+            b.attn1.set_processor(p)
+
+
+def test_chunk_levels_follow_their_patterns(seed):
+    gen = torch.Generator().manual_seed(seed)
+    n, b = 5, 400
+    for kind, mix in (("independent", (1, 0, 0)), ("clean", (0, 1, 0)), ("rolling", (0, 0, 1))):
+        cfg = CausalTrain(mix=mix, rolling_chunks=3)
+        sink = torch.rand(b, generator=gen) < 0.5
+        sig, block = chunk_levels(n, b, cfg, gen, sink)
+        assert sig.shape == block.shape == (b, n) and (sig >= 0).all() and (sig <= 1).all()
+        assert (sig[sink, 0] == 0).all()  # a sink is clean context
+        if kind == "independent":
+            assert (sig[~sink] > 0).all() and torch.equal(block, torch.arange(n).expand(b, n))
+        for row, blk in zip(sig, block):
+            k = int((row == 0).sum())
+            assert (row[:k] == 0).all()  # clean chunks come first
+            if kind == "rolling":
+                run = row[k : k + 3]
+                assert torch.equal(run, run.sort().values)  # the oldest is the least noisy
+                assert (blk[k : k + 3] == k).all() and torch.equal(blk[k + 3 :], torch.arange(k + 3, n))
+    # the shifted levels are the scheduler's: s*u / (1 + (s-1) u)
+    u = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    assert torch.allclose(shifted_sigmas(u, 3.0), torch.tensor([0.0, 0.5, 0.75, 1.0]))
+
+
+def test_block_causal_mask_matches_block_ids():
+    m = block_causal_mask(6, 2, 3)[0, 0]
+    blk = torch.tensor([0, 0, 0, 1, 1, 1]).repeat_interleave(2)
+    assert torch.equal(m, blk[None, :] <= blk[:, None])
+
+
+def test_training_forward_equals_the_runner_on_clean_context(seed):
+    """A window [clean chunk | noisy chunk] under the training mask predicts, for the noisy
+    chunk, what the runner predicts after committing the clean chunk (the chunk schedules)."""
+    model = _transformer()
+    text = torch.randn(1, 512, 32)
+    x = torch.randn(1, 16, 6, H, W)
+    t = 700.0
+    ref = _masked_forward(model, x, torch.tensor([0.0] * 3 + [t] * 3), text, torch.arange(6) // 3)
+    with CausalWanRunner(model, RunnerConfig(cache_frames=6), batch=1, height=H, width=W) as runner:
+        runner.set_prompt(text)
+        runner.forward(x[:, :, :3], 0.0, range(3), "commit")
+        got = runner.forward(x[:, :, 3:], t, range(3, 6), "denoise")
+    assert torch.allclose(got, ref[:, :, 3:], atol=1e-4, rtol=1e-4), (got - ref[:, :, 3:]).abs().max()
+
+
+def test_training_forward_equals_the_runner_on_a_rolling_window(seed):
+    """[clean chunk | two chunks at rising levels attending each other] under the training
+    mask = the runner's one forward over a 2-chunk window after a commit (the rolling schedule)."""
+    model = _transformer()
+    text = torch.randn(1, 512, 32)
+    x = torch.randn(1, 16, 9, H, W)
+    t_frames = torch.tensor([0.0] * 3 + [400.0] * 3 + [900.0] * 3)
+    ref = _masked_forward(model, x, t_frames, text, torch.tensor([0] * 3 + [1] * 6))
+    with CausalWanRunner(model, RunnerConfig(cache_frames=9), batch=1, height=H, width=W) as runner:
+        runner.set_prompt(text)
+        runner.forward(x[:, :, :3], 0.0, range(3), "commit")
+        got = runner.forward(x[:, :, 3:], t_frames[3:], range(3, 9), "denoise")
+    assert torch.allclose(got, ref[:, :, 3:], atol=1e-4, rtol=1e-4), (got - ref[:, :, 3:]).abs().max()
