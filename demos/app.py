@@ -58,9 +58,10 @@ __all__ = ["create_app", "launch", "serve", "THEME", "CSS"]
 
 _TASKS = {"t2v": "text→video", "i2v": "image→video", "t2i": "text→image"}
 _EXAMPLES = [
-    "a red ball bouncing on a wooden floor, slow motion",
+    "a red circle moving right on a blue background",
+    "a yellow triangle bouncing on a gray background",
+    "a white square moving up on a green background",
     "a paper boat drifting down a rain-soaked street at dusk",
-    "a timelapse of clouds rolling over snowy mountains",
 ]
 # System fonts only: the default theme would fetch Google Fonts, and the demo must
 # render the same with no network.
@@ -122,7 +123,9 @@ def _gr_error(err: BaseException) -> gr.Error:
 
 def _model_label(name: str) -> tuple[str, str]:
     spec = get_spec(name)
-    kind = _TASKS[spec.task] + (", random weights" if spec.is_tiny else "")
+    kind = _TASKS[spec.task] + (", random weights" if spec.is_tiny else
+                                ", trained on shape clips: knows 'a <colour> <shape> <motion> on a <colour> background'"
+                                if spec.is_bundled else "")
     return f"{name} ({kind})", name
 
 
@@ -200,8 +203,9 @@ def create_app(
         gr.Markdown(
             "## gen · sparse attention for video and image diffusion\n"
             "Generate with an attention method, compare it against dense attention from the same seed, "
-            "and look at the block masks it computes. The tiny models have random weights: their pictures "
-            "are noise, but the pipelines, attention calls, timings and masks are the real ones."
+            "and look at the block masks it computes. The default `shapes-wan` is a small Wan 2.1 trained by gen "
+            "on clips of moving shapes (prompts like the first examples); the `tiny-*` models have random "
+            "weights: their pictures are noise, but the pipelines, attention calls, timings and masks are real."
         )
         with gr.Row(equal_height=False):
             # -- shared inputs ---------------------------------------------------------

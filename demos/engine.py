@@ -52,7 +52,7 @@ __all__ = [
     "layout_for",
 ]
 
-DEFAULT_MODEL = "tiny-wan"
+DEFAULT_MODEL = "shapes-wan"
 STOCK = "stock"  # run label: the pipeline's own attention, gen not installed
 BASELINES = {
     STOCK: "stock diffusers attention",
@@ -80,7 +80,7 @@ def default_device() -> str:
 def available_models() -> list[str]:
     """Model names the demo offers: the tiny ones always, real checkpoints only when their
     weights are complete in the local Hugging Face cache (gen never downloads)."""
-    return [spec.name for spec, ok, _ in list_models() if ok or spec.is_tiny]
+    return [spec.name for spec, ok, _ in list_models() if ok or spec.is_local]
 
 
 class ModelCache:
@@ -106,8 +106,8 @@ class ModelCache:
         with self._lock:  # two requests for one model must not load it twice
             if name in self._pipes:
                 return self._pipes[name], 0.0
-            if not get_spec(name).is_tiny:
-                for other in [n for n in self._pipes if not get_spec(n).is_tiny]:
+            if not get_spec(name).is_local:
+                for other in [n for n in self._pipes if not get_spec(n).is_local]:
                     logger.info("unloading %s to make room for %s", other, name)
                     del self._pipes[other]
                 if torch.cuda.is_available():
@@ -390,6 +390,10 @@ class Engine:
             from gen.pipelines.tiny import TINY_CONFIGS
 
             return transformer_shape(TINY_CONFIGS[spec.name]["transformer"])
+        if spec.is_bundled:
+            from gen.pipelines.shapes.config import COMPONENTS
+
+            return transformer_shape(COMPONENTS["transformer"])
         from huggingface_hub import try_to_load_from_cache
 
         from gen.pipelines.registry import hf_cache_dir

@@ -12,6 +12,8 @@
     gen bench fidelity [--quick]   error vs dense: attention (rel. L2, cosine) and video (PSNR, SSIM)
     gen capture --model M ...      save q, k, v of chosen steps/layers of a run (safetensors)
     gen long PROMPT --schedule S   long video chunk by chunk with a KV cache, streamed to an mp4
+    gen train-tiny [--causal]      train the built-in shapes-wan model (or its causal variant) from its seed
+    gen eval-tiny                  render held-out seeds of shapes-wan and score them (colour, motion, ...)
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ def info() -> None:
 @app.command()
 def render(
     prompt: str = typer.Argument(..., help="text prompt"),
-    model: str = typer.Option("tiny-wan", "--model", "-m", help="model name (see `gen models`)"),
+    model: str = typer.Option("shapes-wan", "--model", "-m", help="model name (see `gen models`)"),
     attention: str = typer.Option("dense", "--attention", "-a", help="attention method (see `gen methods`)"),
     set_: list[str] = typer.Option(None, "--set", help="method parameter override key=value (repeatable)"),
     steps: int = typer.Option(None, help="denoising steps (default: the model's)"),
@@ -218,7 +220,7 @@ def methods() -> None:
 @app.command()
 def masks(
     method: str = typer.Option(..., "--method", help="attention method (see `gen methods`)"),
-    model: str = typer.Option("tiny-wan", "--model", "-m", help="model whose geometry and preset to use"),
+    model: str = typer.Option("shapes-wan", "--model", "-m", help="model whose geometry and preset to use"),
     height: int = typer.Option(None, help="height in pixels (default: the model's)"),
     width: int = typer.Option(None, help="width in pixels (default: the model's)"),
     frames: int = typer.Option(None, help="frames (default: the model's)"),
@@ -372,7 +374,7 @@ def bench_e2e(
     height: int = typer.Option(None, help="height in pixels (default: the model's)"),
     width: int = typer.Option(None, help="width in pixels (default: the model's)"),
     frames: int = typer.Option(None, help="frames (default: the model's)"),
-    prompt: str = typer.Option("a red panda walking through a snowy forest, cinematic", help="prompt (pipeline mode)"),
+    prompt: str = typer.Option(None, help="prompt (pipeline mode; default: the model's example prompt)"),
     seed: int = typer.Option(0, help="seed, the same for every method"),
     warmup: bool = typer.Option(True, help="one untimed warm-up step per method (compiles the kernels)"),
     plan: Path = typer.Option(None, help="sparse-vdit plan file (`gen calibrate sparse-vdit`); without it sparse-vdit is skipped"),
@@ -391,8 +393,9 @@ def bench_e2e(
     _setup_logging(verbose)
     try:
         if quick:
-            model = model if get_spec(model).is_tiny else "tiny-wan"
+            model = model if get_spec(model).is_local else "tiny-wan"
             steps = steps or 2
+        prompt = prompt or get_spec(model).prompt
         bar, update = _progress_bar()
         with bar:
             result = run_e2e_bench(
@@ -423,14 +426,14 @@ def bench_e2e(
 @bench_app.command("fidelity")
 def bench_fidelity(
     ctx: typer.Context,
-    model: str = typer.Option("wan2.1-t2v-1.3b", "--model", "-m", help="model whose presets, grid and pipeline to use; tiny-wan with --quick"),
+    model: str = typer.Option("shapes-wan", "--model", "-m", help="model whose presets, grid and pipeline to use"),
     attention: str = typer.Option("dense,radial,gna,sparse-vdit", "--attention", "-a", help="methods at their presets, comma-separated"),
-    quick: bool = typer.Option(False, "--quick", help="tiny model (tiny-wan unless --model is a tiny one), 2 steps: runs on a CPU"),
+    quick: bool = typer.Option(False, "--quick", help="a CPU-sized model (shapes-wan unless --model is one), 2 steps"),
     capture: Path = typer.Option(None, help="a `gen capture` file to measure attention error on"),
     synthetic: bool = typer.Option(True, help="measure attention error on the synthetic video-like inputs"),
     e2e: bool = typer.Option(True, help="render with each method and compare to the dense render (PSNR, SSIM)"),
     plan: Path = typer.Option(None, help="sparse-vdit plan file (`gen calibrate sparse-vdit`); without it sparse-vdit is skipped"),
-    prompt: str = typer.Option("a red panda walking through a snowy forest, cinematic", help="prompt of the renders"),
+    prompt: str = typer.Option(None, help="prompt of the renders (default: the model's example prompt)"),
     steps: int = typer.Option(None, help="denoising steps of the renders (default: the model's)"),
     height: int = typer.Option(None, help="height in pixels (default: the model's)"),
     width: int = typer.Option(None, help="width in pixels (default: the model's)"),
@@ -451,8 +454,9 @@ def bench_fidelity(
     _setup_logging(verbose)
     try:
         if quick:
-            model = model if get_spec(model).is_tiny else "tiny-wan"
+            model = model if get_spec(model).is_local else "shapes-wan"
             steps = steps or 2
+        prompt = prompt or get_spec(model).prompt
         bar, update = _progress_bar()
         with bar:
             result = run_fidelity_bench(
@@ -629,15 +633,14 @@ def _method_plans(methods: str, model: str):
             raise ValueError("the methods plan over different token counts (padded orders); time them one at a time.")
         length = plan.q_len
         plans.append((name, plan))
-    head_dim = 16 if spec.is_tiny else 128
-    return AttentionShape(f"{spec.name} video", 1, spec.heads, length, head_dim), plans
+    return AttentionShape(f"{spec.name} video", 1, spec.heads, length, spec.head_dim), plans
 
 
 
 @app.command()
 def long(
     prompt: str = typer.Argument(..., help="text prompt"),
-    model: str = typer.Option("tiny-wan", "--model", "-m", help="Wan text-to-video model (see `gen models`)"),
+    model: str = typer.Option("shapes-wan-causal", "--model", "-m", help="Wan text-to-video model (see `gen models`)"),
     schedule: str = typer.Option(
         "sink", help="chunk (Self-Forcing) | sink (LongLive: sink + window, recache) | rolling (Rolling Forcing)"),
     seconds: float = typer.Option(5.0, help="video length in seconds"),
@@ -650,6 +653,7 @@ def long(
     flex: bool = typer.Option(False, "--flex", help="FLEX: modulated temporal RoPE, antiphase noise, inference-only sink"),
     checkpoint: list[Path] = typer.Option(None, "--checkpoint", help="causal checkpoint (Self-Forcing, CausVid, "
                                           "LongLive, Rolling Forcing) loaded into the transformer; repeat for a LoRA"),
+    model_path: Path = typer.Option(None, help="local folder with the model's diffusers-format weights"),
 ) -> None:
     """Long video, chunk by chunk with a KV cache, streamed to an mp4 (see gen.long)."""
     from gen.long import long_video, parse_switch
@@ -657,11 +661,103 @@ def long(
     try:
         switches = [parse_switch(s) for s in switch or []]
         result = long_video(prompt, out, model=model, schedule=schedule, seconds=seconds, switches=switches,
-                            seed=seed, height=height, width=width, device=device, flex=flex, checkpoint=checkpoint or None)
+                            seed=seed, height=height, width=width, device=device, flex=flex, checkpoint=checkpoint or None,
+                            model_path=model_path)
     except ValueError as err:
         console.print(f"[red]error:[/red] {escape(str(err))}")
         raise typer.Exit(2) from None
     console.print(f"wrote {result.path}: {result.frames} frames at {result.fps} fps in {result.seconds:.1f} s")
+
+@app.command("train-tiny")
+def train_tiny(
+    causal: bool = typer.Option(False, "--causal", help="train shapes-wan-causal from shapes-wan (diffusion forcing)"),
+    out: Path = typer.Option(None, "--out", "-o", help="pipeline folder to write (default: the bundled folder, replaced "
+                             "atomically when training ends)"),
+    base: Path = typer.Option(None, help="--causal: the shapes-wan folder to start from (default: the bundled one)"),
+    seed: int = typer.Option(0, help="training seed (the shipped weights use 0)"),
+    device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logs"),
+) -> None:
+    """Train the built-in shapes-wan model (or its causal variant) from its seed: about an hour on 2 CPU cores."""
+    import dataclasses
+
+    from gen.pipelines import bundled_folder
+    from gen.pipelines.shapes.build import train_shapes_wan, train_shapes_wan_causal
+    from gen.pipelines.shapes.config import TrainConfig
+
+    _setup_logging(verbose)
+    cfg = dataclasses.replace(TrainConfig(), seed=seed)
+    name = "shapes-wan-causal" if causal else "shapes-wan"
+    target = out or bundled_folder(name)
+    try:
+        if causal:
+            path = train_shapes_wan_causal(target, base=base or bundled_folder("shapes-wan"), config=cfg, device=device)
+        else:
+            path = train_shapes_wan(target, config=cfg, device=device)
+    except ValueError as err:
+        console.print(f"[red]error:[/red] {escape(str(err))}")
+        raise typer.Exit(2) from None
+    console.print(f"wrote {path}" + ("" if out is None else f"; use it with --model {name} --model-path {path}"))
+
+
+@app.command("eval-tiny")
+def eval_tiny_cmd(
+    model: str = typer.Option("shapes-wan", "--model", "-m", help="shapes model to score"),
+    attention: str = typer.Option("dense", "--attention", "-a", help="attention method (see `gen methods`)"),
+    set_: list[str] = typer.Option(None, "--set", help="method parameter override key=value (repeatable)"),
+    steps: int = typer.Option(None, help="denoising steps (default: the model's)"),
+    guidance: float = typer.Option(None, help="guidance scale (default: the model's)"),
+    seeds: int = typer.Option(2, help="held-out generator seeds per caption"),
+    per_motion: int = typer.Option(4, help="captions per motion (6 motions)"),
+    model_path: Path = typer.Option(None, help="score this pipeline folder instead of the bundled weights"),
+    device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)"),
+    json_out: Path = typer.Option(None, "--json", help="write every clip's reading and the scores as JSON here"),
+    markdown: Path = typer.Option(None, help="write the score table here"),
+    strip: Path = typer.Option(None, help="write a PNG strip of the first 12 clips here"),
+    long: bool = typer.Option(False, "--long", help="score long videos of shapes-wan-causal per gen long schedule"),
+    seconds: float = typer.Option(12.0, help="--long: video length in seconds"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logs"),
+) -> None:
+    """Render held-out seeds of a shapes model and score colour, background, shape and motion."""
+    from gen._io import atomic_write_text
+    from gen.attention.methods import parse_overrides
+    from gen.eval_tiny import eval_long, eval_tiny
+
+    _setup_logging(verbose)
+    path = str(model_path) if model_path else None
+    try:
+        if long:
+            name = model if model != "shapes-wan" else "shapes-wan-causal"
+            results = eval_long(name, seconds=seconds, seeds=seeds, per_motion=per_motion, device=device,
+                                model_path=path)
+        else:
+            results = {"": eval_tiny(model, attention=attention, overrides=parse_overrides(attention, set_ or []),
+                                     steps=steps, guidance=guidance, seeds=seeds, per_motion=per_motion,
+                                     device=device, model_path=path, strip=strip)}
+    except ValueError as err:
+        console.print(f"[red]error:[/red] {escape(str(err))}")
+        raise typer.Exit(2) from None
+    for key, res in results.items():
+        m = res.meta
+        title = (f"{m['model']} / gen long --schedule {key}: {m['clips']} videos of {m['seconds']:g} s" if long else
+                 f"{m['model']} / {m['attention']}: {m['clips']} clips, {m['steps']} steps, guidance "
+                 f"{m['guidance']} ({m['seconds']:.0f} s on {m['device']})")
+        table = Table(title=title)
+        for col in ("motion", "clips", "colour", "background", "shape", "motion ok", "colour and motion"):
+            table.add_column(col, justify="left" if col == "motion" else "right")
+        for motion, sc in [*res.by_motion.items(), ("all", res.summary)]:
+            n = len(res.rows) if motion == "all" else sum(r["motion_of_caption"] == motion for r in res.rows)
+            table.add_row(motion, str(n), *(f"{100 * sc[a]:.0f}%" for a in
+                                             ("color", "background", "shape", "motion", "color_and_motion")))
+        console.print(table)
+    if json_out:
+        text = (results[""].to_json() if not long else
+                "{" + ",".join(f'"{k}": {r.to_json()}' for k, r in results.items()) + "}")
+        atomic_write_text(json_out, text)
+    if markdown:
+        atomic_write_text(markdown, "\n\n".join((f"**{k}**\n\n" if k else "") + r.markdown()
+                                                 for k, r in results.items()) + "\n")
+
 
 def main() -> None:  # console-script entry point
     # Without CUDA, Triton kernels can only run through the interpreter, and Triton reads

@@ -3,8 +3,8 @@
 ::
 
     from gen.long import long_video, long_video_frames
-    long_video("a red ball", out="ball.mp4", model="tiny-wan", schedule="sink", seconds=4,
-               switches=[(2.0, "a blue ball")])
+    long_video("a red circle moving right on a blue background", out="circle.mp4", schedule="sink",
+               seconds=12)
     for frames in long_video_frames("a red ball", seconds=4):   # (F, H, W, 3) uint8 batches
         ...
 
@@ -17,10 +17,11 @@ Each chunk is decoded as soon as it is committed (the Wan VAE's causal
 cache carried across chunks) and appended to the open mp4, which is renamed into place at
 the end; memory does not grow with the video under ``"sink"``.
 
-Weights: the registry's model (default ``"tiny-wan"``, random weights: the output is
-noise-like; a trained tiny causal model comes with another issue). The transformer is
-used as is unless ``checkpoint`` names a public causal checkpoint (Self-Forcing, CausVid,
-LongLive, Rolling Forcing), converted by ``gen.pipelines.ar.checkpoints`` and loaded into it.
+Weights: the registry's model, default ``"shapes-wan-causal"`` (the small Wan gen trains
+block-causal on shape clips; its schedule settings come from
+``gen.pipelines.ar.presets``). The transformer is used as is unless ``checkpoint`` names a
+public causal checkpoint (Self-Forcing, CausVid, LongLive, Rolling Forcing), converted by
+``gen.pipelines.ar.checkpoints`` and loaded into it.
 """
 
 from __future__ import annotations
@@ -61,26 +62,28 @@ def parse_switch(text: str) -> tuple[float, str]:
     return t, prompt.strip()
 
 
-def _schedule(name: str, transformer, backend, flex=None):
+def _schedule(name: str, transformer, backend, flex=None, model: str | None = None):
     from gen.pipelines.ar.flex import flex_chunk_config
+    from gen.pipelines.ar.presets import schedule_config
     from gen.pipelines.ar.rolling import RollingForcingAR
-    from gen.pipelines.ar.schedules import ChunkAR, ChunkConfig, SinkWindowAR
+    from gen.pipelines.ar.schedules import ChunkAR, SinkWindowAR
 
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; use one of {', '.join(SCHEDULES)}.")
+    config = schedule_config(name, model)  # the model's preset (gen.pipelines.ar.presets)
     if name == "chunk":
         if flex is not None and flex.sink:  # FLEX's inference-only sink: sink + training-length window
-            return SinkWindowAR(transformer, flex_chunk_config(ChunkConfig(), flex), backend=backend)
-        return ChunkAR(transformer, backend=backend)
+            return SinkWindowAR(transformer, flex_chunk_config(config, flex), backend=backend)
+        return ChunkAR(transformer, config, backend=backend)
     if name == "sink":
-        return SinkWindowAR(transformer, backend=backend)
-    if name == "rolling":
-        return RollingForcingAR(transformer, backend=backend)
-    raise ValueError(f"unknown schedule {name!r}; use one of {', '.join(SCHEDULES)}.")
+        return SinkWindowAR(transformer, config, backend=backend)
+    return RollingForcingAR(transformer, config, backend=backend)
 
 
 def long_video_frames(
     prompt: str,
     *,
-    model: str = "tiny-wan",
+    model: str = "shapes-wan-causal",
     schedule: str = "sink",
     seconds: float = 5.0,
     switches: Sequence[tuple[float, str]] = (),
@@ -92,6 +95,7 @@ def long_video_frames(
     stats: dict | None = None,
     flex: bool = False,
     checkpoint: str | Path | Sequence[str | Path] | None = None,
+    model_path: str | Path | None = None,
 ) -> Iterator[np.ndarray]:
     """Generate and decode chunk by chunk; yield ``(F, H, W, 3)`` uint8 frame batches.
 
@@ -110,6 +114,7 @@ def long_video_frames(
             a sink + 21-frame window; sink/rolling keep their own sink).
         checkpoint: a causal checkpoint file (``.pt``/``.safetensors``) to load into the
             transformer, or ``(base, lora)`` for LongLive.
+        model_path: load the model's pipeline from this folder instead (e.g. retrained weights).
 
     Raises:
         ValueError: unknown schedule or non-Wan model, non-positive length, a switch
@@ -117,7 +122,8 @@ def long_video_frames(
             or one whose shapes do not match the model.
     """
     from gen.pipelines import registry
-    from gen.pipelines.ar.flex import AntiphaseNoiseSampler, FlexConfig, flex_rope_tables
+    from gen.pipelines.ar.flex import AntiphaseNoiseSampler, flex_rope_tables
+    from gen.pipelines.ar.presets import flex_config
     from gen.pipelines.ar.schedules import NoiseSampler
     from gen.pipelines.ar.stream import StreamingWanDecoder, to_uint8
 
@@ -136,14 +142,14 @@ def long_video_frames(
     height, width = height or spec.height, width or spec.width
     registry.check_geometry(spec, height, width, 1)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipe = registry.load(spec.name).to(dev)
+    pipe = registry.load(spec.name, model_path=model_path).to(dev)
     if checkpoint is not None:
         from gen.pipelines.ar.checkpoints import load_causal_checkpoint
 
         paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
         load_causal_checkpoint(pipe.transformer, *paths)
-    fcfg = FlexConfig() if flex else None
-    sched = _schedule(schedule, pipe.transformer, backend, fcfg)
+    fcfg = flex_config(spec.name) if flex else None
+    sched = _schedule(schedule, pipe.transformer, backend, fcfg, spec.name)
     chunk = sched.config.chunk_frames
     video_frames = round(seconds * spec.fps)
     latent = -(-((max(video_frames, 1) - 1) // 4 + 1) // chunk) * chunk
@@ -151,6 +157,11 @@ def long_video_frames(
         sched.rope_tables = flex_rope_tables(pipe.transformer, fcfg, latent)
     sampler = (AntiphaseNoiseSampler(seed, dev, strength=fcfg.antiphase_strength)
                if fcfg is not None and fcfg.antiphase else NoiseSampler(seed, dev))
+
+    from gen.render import warn_outside_vocabulary
+
+    for text in (prompt, *(p for _, p in switches)):
+        warn_outside_vocabulary(spec, text)
 
     def embed(text: str) -> torch.Tensor:
         with torch.no_grad():

@@ -3,7 +3,7 @@
 Used by ``gen render``; callable from Python too::
 
     from gen.render import render
-    result = render("a red ball", model="tiny-wan", attention="dense", out="ball.mp4")
+    result = render("a red circle moving right on a blue background", attention="radial", out="circle.mp4")
 """
 
 from __future__ import annotations
@@ -115,10 +115,23 @@ def write_output(frames: np.ndarray, path: str | os.PathLike, fps: int) -> Path:
     return path
 
 
+def warn_outside_vocabulary(spec, prompt: str) -> None:
+    """Log a warning when a shapes model is given a prompt outside its caption grammar
+    (it still renders: unknown words become ``<unk>``)."""
+    if not spec.is_bundled:
+        return
+    from gen.pipelines.shapes.grammar import CaptionError, parse_caption
+
+    try:
+        parse_caption(prompt)
+    except CaptionError as err:
+        logger.warning("%s only knows captions like %r: %s", spec.name, spec.prompt, err)
+
+
 def render(
     prompt: str,
     *,
-    model: str = "tiny-wan",
+    model: str = "shapes-wan",
     attention: str = "dense",
     overrides: dict | None = None,
     steps: int | None = None,
@@ -139,7 +152,7 @@ def render(
 
     Args:
         prompt: text prompt.
-        model: registry name (``gen models``); default the tiny Wan.
+        model: registry name (``gen models``); default ``shapes-wan``, the small Wan trained by gen.
         attention: method name (``gen methods``); ``overrides`` are its config fields.
         steps, frames, height, width, guidance: default to the model's own (pixels, frames).
         seed: generator seed (CPU generator, so results repeat across devices).
@@ -160,6 +173,7 @@ def render(
     steps = steps or spec.steps
     guidance = spec.guidance if guidance is None else guidance
     check_geometry(spec, height, width, frames)
+    warn_outside_vocabulary(spec, prompt)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[dtype]
 

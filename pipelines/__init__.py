@@ -2,14 +2,17 @@
 (``gen.pipelines``). May import ``gen.attention``, diffusers and transformers.
 
 Today: ``MODELS`` / ``ModelSpec`` (what each model is and can take), ``load`` (offline
-loading with clear errors when weights are missing), ``list_models`` and the tiny
-random-weight pipelines of ``build_tiny_pipeline``; see README.md in this folder.
+loading with clear errors when weights are missing), ``list_models``, the tiny
+random-weight pipelines of ``build_tiny_pipeline``, the trained ``shapes-wan`` models
+(``shapes``: data, training, vision scoring; weights in ``weights/``) and the long-video
+runner (``ar``); see README.md in this folder.
 """
 
 from .registry import (
     MODELS,
     ModelNotAvailableError,
     ModelSpec,
+    bundled_folder,
     check_geometry,
     get_spec,
     list_models,
@@ -22,6 +25,7 @@ __all__ = [
     "ModelNotAvailableError",
     "ModelSpec",
     "build_tiny_pipeline",
+    "bundled_folder",
     "check_geometry",
     "get_spec",
     "list_models",

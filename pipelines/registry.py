@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 
 from ._compat import realign_cpu_tensors
+from .shapes.folder import check_folder, read_manifest
 from .tiny import TINY_CONFIGS, TINY_NAMES, build_tiny_pipeline
 from .tokenizers import vocabulary
 
@@ -46,6 +47,7 @@ __all__ = [
     "list_models",
     "load",
     "tiny_cache_folder",
+    "bundled_folder",
 ]
 
 Family = Literal["wan", "hunyuan", "flux"]
@@ -89,6 +91,10 @@ class ModelSpec:
         temporal_multiple: frames must be ``temporal_multiple * k + 1`` (the VAE's
             temporal compression); 0 for image models, which take exactly 1 frame.
         heads: attention heads of the transformer (for per-head mask pictures).
+        head_dim: channels per attention head (for synthetic attention inputs).
+        bundled: folder name under ``gen/pipelines/weights/`` of a model whose trained
+            weights ship with gen (``shapes-wan``); None for the others.
+        prompt: an example prompt the model knows (benchmarks render it by default).
         text_tokens: text tokens per attention call at the pipeline's default
             ``max_sequence_length`` (Wan: cross-attention only; HunyuanVideo: joint, after
             the video; FLUX: joint, before the image).
@@ -113,11 +119,24 @@ class ModelSpec:
     temporal_multiple: int = 4
     text_tokens: int = 512
     heads: int = 2
+    head_dim: int = 16
+    bundled: str | None = None
+    prompt: str = "a red panda walking through a snowy forest, cinematic"
     description: str = ""
 
     @property
     def is_tiny(self) -> bool:
-        """True for the offline random-weight models (no ``repo_id``)."""
+        """True for the offline random-weight models (no ``repo_id``, nothing bundled)."""
+        return self.repo_id is None and self.bundled is None
+
+    @property
+    def is_bundled(self) -> bool:
+        """True for the small trained models whose weights ship with gen."""
+        return self.bundled is not None
+
+    @property
+    def is_local(self) -> bool:
+        """True for every model that loads on any machine and runs on a CPU (tiny or bundled)."""
         return self.repo_id is None
 
     @property
@@ -149,6 +168,9 @@ _WAN_REAL = dict(
     dtype="bfloat16", text_tokens=512,
 )  # fmt: skip
 _TINY = dict(steps=2, dtype="float32", repo_id=None)
+# shapes-wan sampling defaults: what `gen eval-tiny` scores and README reports.
+SHAPES_STEPS = 25
+SHAPES_GUIDANCE = 5.0
 
 _SPECS: tuple[ModelSpec, ...] = (
     # -- tiny offline models (random weights; see gen.pipelines.tiny) ----------------------
@@ -176,49 +198,64 @@ _SPECS: tuple[ModelSpec, ...] = (
         temporal_multiple=0, text_tokens=512, **_TINY,
         description="Tiny random FLUX.1 (1 dual + 1 single block): 512 text + 256 image tokens",
     ),
+    # -- small trained models, weights shipped with gen (see gen.pipelines.shapes) --------
+    ModelSpec(
+        name="shapes-wan", family="wan", task="t2v", pipeline_class="WanPipeline", repo_id=None,
+        height=128, width=128, frames=17, steps=SHAPES_STEPS, guidance=SHAPES_GUIDANCE,
+        guidance_embedded=False, fps=8, dtype="float32", text_tokens=512, heads=4, head_dim=32,
+        bundled="shapes-wan", prompt="a red circle moving right on a blue background",
+        description="Wan 2.1 T2V trained by gen on procedural shape clips (4 layers, 4 heads x 32): 320 video tokens",
+    ),
+    ModelSpec(
+        name="shapes-wan-causal", family="wan", task="t2v", pipeline_class="WanPipeline", repo_id=None,
+        height=128, width=128, frames=17, steps=SHAPES_STEPS, guidance=SHAPES_GUIDANCE,
+        guidance_embedded=False, fps=8, dtype="float32", text_tokens=512, heads=4, head_dim=32,
+        bundled="shapes-wan-causal", prompt="a red circle moving right on a blue background",
+        description="shapes-wan fine-tuned block-causal (3-frame chunks, noise per chunk) for gen long",
+    ),
     # -- real checkpoints (diffusers format) ------------------------------------------------
     ModelSpec(
         name="wan2.1-t2v-1.3b", task="t2v", pipeline_class="WanPipeline",
         repo_id="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", height=480, width=832,
-        fp32_components=("vae",), heads=12, **_WAN_REAL,
+        fp32_components=("vae",), heads=12, head_dim=128, **_WAN_REAL,
         description="Wan 2.1 text-to-video 1.3B, 480p (12 heads x 128, 30 layers)",
     ),
     ModelSpec(
         name="wan2.1-t2v-14b", task="t2v", pipeline_class="WanPipeline",
         repo_id="Wan-AI/Wan2.1-T2V-14B-Diffusers", height=720, width=1280,
-        fp32_components=("vae",), heads=40, **_WAN_REAL,
+        fp32_components=("vae",), heads=40, head_dim=128, **_WAN_REAL,
         description="Wan 2.1 text-to-video 14B, 720p (40 heads x 128, 40 layers)",
     ),
     ModelSpec(
         name="wan2.1-i2v-14b-480p", task="i2v", pipeline_class="WanImageToVideoPipeline",
         repo_id="Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", height=480, width=832,
-        fp32_components=("vae", "image_encoder"), heads=40, **_WAN_REAL,
+        fp32_components=("vae", "image_encoder"), heads=40, head_dim=128, **_WAN_REAL,
         description="Wan 2.1 image-to-video 14B, 480p (CLIP image context + first-frame latent)",
     ),
     ModelSpec(
         name="wan2.1-i2v-14b-720p", task="i2v", pipeline_class="WanImageToVideoPipeline",
         repo_id="Wan-AI/Wan2.1-I2V-14B-720P-Diffusers", height=720, width=1280,
-        fp32_components=("vae", "image_encoder"), heads=40, **_WAN_REAL,
+        fp32_components=("vae", "image_encoder"), heads=40, head_dim=128, **_WAN_REAL,
         description="Wan 2.1 image-to-video 14B, 720p (CLIP image context + first-frame latent)",
     ),
     ModelSpec(
         name="hunyuanvideo", family="hunyuan", task="t2v", pipeline_class="HunyuanVideoPipeline",
         repo_id="hunyuanvideo-community/HunyuanVideo", height=720, width=1280, frames=129,
-        steps=50, guidance=6.0, guidance_embedded=True, fps=24, dtype="bfloat16", text_tokens=256, heads=24,
+        steps=50, guidance=6.0, guidance_embedded=True, fps=24, dtype="bfloat16", text_tokens=256, heads=24, head_dim=128,
         description="HunyuanVideo 13B text-to-video, 720p (24 heads x 128, 20 dual + 40 single blocks)",
     ),
     ModelSpec(
         name="flux.1-dev", family="flux", task="t2i", pipeline_class="FluxPipeline",
         repo_id="black-forest-labs/FLUX.1-dev", height=1024, width=1024, frames=1, steps=28,
         guidance=3.5, guidance_embedded=True, fps=0, dtype="bfloat16", temporal_multiple=0,
-        text_tokens=512, heads=24,
+        text_tokens=512, heads=24, head_dim=128,
         description="FLUX.1 [dev] 12B text-to-image, guidance-distilled (gated repository)",
     ),
     ModelSpec(
         name="flux.1-schnell", family="flux", task="t2i", pipeline_class="FluxPipeline",
         repo_id="black-forest-labs/FLUX.1-schnell", height=1024, width=1024, frames=1, steps=4,
         guidance=0.0, guidance_embedded=False, fps=0, dtype="bfloat16", temporal_multiple=0,
-        text_tokens=512, heads=24,
+        text_tokens=512, heads=24, head_dim=128,
         description="FLUX.1 [schnell] 12B text-to-image, 4-step timestep-distilled (no guidance)",
     ),
 )
@@ -301,6 +338,14 @@ def gen_cache_dir() -> Path:
 def tiny_cache_folder(name: str) -> Path:
     """Where ``load(name)`` keeps the saved tiny pipeline: ``<gen cache>/tiny/<name>-v1``."""
     return gen_cache_dir() / "tiny" / f"{name}-v{TINY_CACHE_VERSION}"
+
+
+def bundled_folder(name: str | ModelSpec) -> Path:
+    """Where a bundled model's pipeline folder lives: ``gen/pipelines/weights/<name>``."""
+    spec = get_spec(name)
+    if not spec.is_bundled:
+        raise ValueError(f"{spec.name} has no bundled weights.")
+    return Path(__file__).resolve().parent / "weights" / spec.bundled
 
 
 def hf_cache_dir() -> Path:
@@ -497,15 +542,32 @@ def _check_pipeline_folder(spec: ModelSpec, path: Path) -> None:
         )
 
 
+def _restore_hint(spec: ModelSpec) -> str:
+    if spec.is_bundled:
+        flag = " --causal" if spec.name.endswith("-causal") else ""
+        return (f"Restore the shipped files (`git checkout -- pipelines/weights/{spec.bundled}` in a clone of gen, "
+                f"or reinstall gen), or retrain them with `gen train-tiny{flag}`.")
+    return "Delete the folder to rebuild it."
+
+
+def _damaged(spec: ModelSpec, source: Path, what: str) -> None:
+    """Raise ``ModelNotAvailableError`` naming every problem ``check_folder`` finds."""
+    problems = check_folder(source)
+    if problems:
+        raise ModelNotAvailableError(
+            f"{spec.name} at {what} {source} is incomplete or damaged: {'; '.join(problems)}. {_restore_hint(spec)}"
+        )
+
+
 def _from_pretrained(spec: ModelSpec, source: Path, dtype: torch.dtype | str | None, what: str):
     try:
         return _pipeline_class(spec).from_pretrained(
             str(source), local_files_only=True, **_dtype_kwargs(spec, dtype)
         )
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-        missing = _component_problems(source)
-        detail = f"; missing: {', '.join(missing)}" if missing else ""
-        hint = _how_to_get(spec) if spec.repo_id else "Delete the folder to rebuild it."
+        missing = list(dict.fromkeys([*check_folder(source), *(f"{m} is missing" for m in _component_problems(source))]))
+        detail = f"; problems: {'; '.join(missing)}" if missing else ""
+        hint = _how_to_get(spec) if spec.repo_id else _restore_hint(spec)
         raise ModelNotAvailableError(
             f"Could not load {spec.name} from {what} {source} ({_first_line(exc)}){detail}. {hint}"
         ) from None
@@ -543,7 +605,13 @@ def load(
     if model_path is not None:
         source = Path(model_path).expanduser()
         _check_pipeline_folder(spec, source)
+        if read_manifest(source) is not None:  # a gen-trained folder: its checksums are known
+            _damaged(spec, source, "--model-path")
         pipe = _from_pretrained(spec, source, dtype, "--model-path")
+    elif spec.is_bundled:
+        source = bundled_folder(spec)
+        _damaged(spec, source, "the bundled folder")
+        pipe = _from_pretrained(spec, source, dtype, "the bundled folder")
     elif spec.is_tiny:
         source = _ensure_tiny_folder(spec.name)
         pipe = _from_pretrained(spec, source, dtype, "the tiny-model cache")
@@ -584,6 +652,11 @@ def list_models() -> list[tuple[ModelSpec, bool, str]]:
             folder = tiny_cache_folder(spec.name)
             built = (folder / "model_index.json").is_file()
             rows.append((spec, True, str(folder) if built else f"built on first use into {folder}"))
+            continue
+        if spec.is_bundled:
+            folder = bundled_folder(spec)
+            problems = check_folder(folder)
+            rows.append((spec, not problems, str(folder) if not problems else f"damaged at {folder} ({'; '.join(problems)})"))
             continue
         snapshot = _cached_snapshot(spec.repo_id)
         if snapshot is None:

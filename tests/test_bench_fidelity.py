@@ -21,7 +21,7 @@ def test_fidelity_quick_cli(tmp_path):
     data = json.loads(out_json.read_text())
     for key in ("device", "torch", "triton", "commit", "command", "date", "model", "reference"):
         assert key in data["meta"]
-    assert data["meta"]["command"].startswith("gen bench fidelity") and data["meta"]["model"] == "tiny-wan"
+    assert data["meta"]["command"].startswith("gen bench fidelity") and data["meta"]["model"] == "shapes-wan"
     rows = {(r["level"], r["method"]): r for r in data["rows"]}
     att, vid = rows[("attention", "dense")], rows[("e2e", "dense")]
     assert att["rel_l2"] == 0.0 and att["cosine"] == pytest.approx(1.0, abs=1e-12)

@@ -18,7 +18,7 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-TIMEOUT_MS = 120_000  # a 2-step tiny run takes seconds, but CI machines are busy
+TIMEOUT_MS = 120_000  # a 25-step shapes-wan clip takes seconds, but CI machines are busy
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*no_silent_downcasting.*"),  # gradio's queue vs pandas 3
@@ -55,9 +55,9 @@ def test_generate_in_the_browser(tmp_path):
                 page.goto(f"http://127.0.0.1:{port}/")
                 # Generate is enabled once the page has filled in the model's defaults
                 page.wait_for_selector("#generate:not([disabled])")
-                assert page.input_value("#height input") == "128"  # tiny-wan's default, filled on load
+                assert page.input_value("#height input") == "128"  # shapes-wan's default, filled on load
                 page.fill("#frames input", "5")  # a shorter clip: 2 latent frames
-                page.fill("#prompt textarea", "a paper boat on a rainy street")
+                page.fill("#prompt textarea", "a green square moving up on a black background")
                 page.click("#generate")
                 page.wait_for_selector("#gen-video video[src]")
                 page.wait_for_selector("#gen-report :text('saved as')")
@@ -68,6 +68,6 @@ def test_generate_in_the_browser(tmp_path):
                 browser.close()
     finally:
         app.close()
-    assert "5 frames at 128×128" in report and "a-paper-boat-on-a-rainy-s42" in report
-    assert list((tmp_path / "outputs").glob("tiny-wan-dense-a-paper-boat-on-a-rainy-s42-*.mp4"))
+    assert "17 frames at 128×128" in report and "a-green-square-moving-up-on-s42" in report
+    assert list((tmp_path / "outputs").glob("shapes-wan-dense-a-green-square-moving-up-on-s42-*.mp4"))
     assert not errors, errors

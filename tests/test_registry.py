@@ -95,7 +95,10 @@ def _wan_video(pipe):
 def test_models_hold_the_tiny_and_real_entries():
     tiny = [name for name, spec in MODELS.items() if spec.is_tiny]
     assert tiny == ["tiny-wan", "tiny-wan-i2v", "tiny-hunyuan", "tiny-flux"]
-    assert {name: spec.repo_id for name, spec in MODELS.items() if not spec.is_tiny} == REAL
+    bundled = [name for name, spec in MODELS.items() if spec.is_bundled]
+    assert bundled == ["shapes-wan", "shapes-wan-causal"]
+    assert all(MODELS[n].is_local and not MODELS[n].is_tiny and MODELS[n].repo_id is None for n in bundled)
+    assert {name: spec.repo_id for name, spec in MODELS.items() if spec.repo_id} == REAL
     for name, spec in MODELS.items():
         assert isinstance(spec, ModelSpec) and spec.name == name
         assert spec.family in ("wan", "hunyuan", "flux") and spec.task in ("t2v", "i2v", "t2i")

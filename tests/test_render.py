@@ -30,7 +30,7 @@ def test_render_default_names_are_unique(tmp_path, monkeypatch):
     for _ in range(2):
         assert _render("a red ball", "--steps", "1").exit_code == 0
     files = sorted((tmp_path / "outputs").glob("*.mp4"))
-    assert len(files) == 2 and files[0].name.startswith("tiny-wan-dense-a-red-ball-s0-")
+    assert len(files) == 2 and files[0].name.startswith("shapes-wan-dense-a-red-ball-s0-")  # the built-in default
 
 
 def test_render_image_model_and_sparse_method(tmp_path):

@@ -15,7 +15,7 @@ from gen.pipelines.shapes.folder import MANIFEST, check_folder
 
 QUICK = TrainConfig(
     vae=VaeTrain(image_steps=2, image_batch=2, steps=1, batch=1, frames=5, crop=32, stats_clips=2),
-    dit=DitTrain(clips=4, steps=2, batch=2, warmup=1),
+    dit=DitTrain(clips=4, image_steps=2, image_batch=2, steps=2, batch=2, warmup=1),
     causal=CausalTrain(clips=2, frames=69, steps=2, batch=2, warmup=1),
 )
 
@@ -37,7 +37,7 @@ def test_published_folder_is_complete_and_records_its_training(trained):
         assert "transformer/diffusion_pytorch_model.safetensors" in manifest["files"]
         assert not list(folder.parent.glob(f".{folder.name}.tmp-*"))  # nothing half-written left behind
     logs = json.loads((t2v / MANIFEST).read_text())["logs"]
-    assert logs["vae"][-1]["latents"]["std"] and logs["transformer"][-1]["step"] == 2
+    assert logs["vae"][-1]["latents"]["std"] and logs["transformer"][-1]["step"] == 4  # 2 frame + 2 clip steps
 
 
 def test_trained_folder_loads_and_renders_through_the_registry(trained):

@@ -31,6 +31,10 @@ PRESETS: dict[str, dict[str, dict]] = {
         "tiny-wan": dict(decay=0.2, block_size=16, sink=True),
         "tiny-wan-i2v": dict(decay=0.2, block_size=16, sink=True),
         "tiny-hunyuan": dict(decay=0.95, block_size=16, sink=False),
+        # shapes-wan (trained, 5x8x8, 25 steps): the reference's schedule scaled to 25 steps
+        # (first 6 steps and the first of 4 layers dense), 16-token blocks
+        "shapes-wan": dict(decay=0.2, block_size=16, sink=True, dense_steps=6, dense_layers=1),
+        "shapes-wan-causal": dict(decay=0.2, block_size=16, sink=True, dense_steps=6, dense_layers=1),
     },
     # GNA: all fully block-sparse at the native grid (no partial tile pairs, so no PyTorch
     # correction). "density" = allowed token pairs (NATTEN's FLOP bound); "compute" = tile
@@ -60,6 +64,9 @@ PRESETS: dict[str, dict[str, dict]] = {
         "tiny-wan-i2v": dict(window=(3, 4, 4), stride=(1, 4, 4), tile=(1, 4, 4)),
         "tiny-hunyuan": dict(window=(3, 4, 4), stride=(1, 4, 4), tile=(1, 4, 4)),
         "tiny-flux": dict(window=(12, 12), stride=(4, 4), tile=(4, 4)),
+        # shapes-wan, 5x8x8: ±1 frame, 4x4 tiles: density 0.150 (as tiny-wan)
+        "shapes-wan": dict(window=(3, 4, 4), stride=(1, 4, 4), tile=(1, 4, 4)),
+        "shapes-wan-causal": dict(window=(3, 4, 4), stride=(1, 4, 4), tile=(1, 4, 4)),
     },
 }
 

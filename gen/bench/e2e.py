@@ -91,6 +91,10 @@ def transformer_config(spec) -> dict:
         from gen.pipelines.tiny import TINY_CONFIGS
 
         return dict(TINY_CONFIGS[spec.name]["transformer"])
+    if spec.is_bundled:
+        from gen.pipelines.shapes.config import COMPONENTS
+
+        return dict(COMPONENTS["transformer"])
     path = _config_dir() / spec.name / "transformer.json"
     if not path.is_file():
         have = sorted(p.parent.name for p in _config_dir().glob("*/transformer.json"))

@@ -272,7 +272,7 @@ def run_fidelity_bench(
     for c in choices:
         built.append((c.label, None if c.skip else c.build(spec), c.skip))
     attn_dtype = dtypes[dtype or "fp32"]
-    head_dim = 16 if spec.is_tiny else 128
+    head_dim = spec.head_dim
     sources = []
     if synthetic:
         sources.append(f"synthetic {'x'.join(map(str, spec.token_grid()))} x {spec.heads} heads x {head_dim}")
