@@ -119,7 +119,7 @@ def test_cli_long_checkpoint(wan_sd, tmp_path):
     ckpt = tmp_path / "self_forcing_dmd.pt"
     torch.save({"generator_ema": {f"model.{k}": v for k, v in wan_sd.items()}}, ckpt)
     out = tmp_path / "c.mp4"
-    args = ["long", "a cat", "--schedule", "chunk", "--seconds", "1", "--height", "32", "--width", "32",
+    args = ["long", "a cat", "--model", "tiny-wan", "--schedule", "chunk", "--seconds", "1", "--height", "32", "--width", "32",
             "--device", "cpu", "--out", str(out)]
     r = CliRunner().invoke(app, [*args, "--checkpoint", str(ckpt)])
     assert r.exit_code == 0, r.output

@@ -137,9 +137,12 @@ def test_masks_picture_density_and_schedule(demo):
                                              api_name="/masks")
     assert numbers["video_density"] == 1.0 and "dense_steps=1" in numbers["dense_reason"]
 
-    # the slider's own bound (every tiny model has 2 layers); the engine says the same in words
-    with pytest.raises(grc.exceptions.AppError, match="greater than maximum value 1"):
+    # the slider's own bound is the page's default model's (shapes-wan: 4 layers); inside it,
+    # the engine refuses a layer the chosen model lacks (tiny-wan has 2) in words
+    with pytest.raises(grc.exceptions.AppError, match="greater than maximum value 3"):
         demo.client.predict(model="tiny-wan", attention="mask", layer=5, api_name="/masks")
+    with pytest.raises(ValueError, match="layer must be between 0 and 1"):
+        demo.app.gen_engine.mask("tiny-wan", "dense", layer=3)
     with pytest.raises(ValueError, match="step must be between 0 and 1"):
         demo.app.gen_engine.mask("tiny-wan", "dense", step=2)
 

@@ -68,6 +68,6 @@ def test_generate_in_the_browser(tmp_path):
                 browser.close()
     finally:
         app.close()
-    assert "17 frames at 128×128" in report and "a-green-square-moving-up-on-s42" in report
+    assert "5 frames at 128×128" in report and "a-green-square-moving-up-on-s42" in report
     assert list((tmp_path / "outputs").glob("shapes-wan-dense-a-green-square-moving-up-on-s42-*.mp4"))
     assert not errors, errors
