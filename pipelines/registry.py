@@ -565,8 +565,9 @@ def _from_pretrained(spec: ModelSpec, source: Path, dtype: torch.dtype | str | N
             str(source), local_files_only=True, **_dtype_kwargs(spec, dtype)
         )
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-        missing = list(dict.fromkeys([*check_folder(source), *(f"{m} is missing" for m in _component_problems(source))]))
-        detail = f"; problems: {'; '.join(missing)}" if missing else ""
+        missing, problems = _component_problems(source), check_folder(source)
+        detail = (f"; missing: {', '.join(missing)}" if missing else "") + (
+            f"; problems: {'; '.join(problems)}" if problems else "")
         hint = _how_to_get(spec) if spec.repo_id else _restore_hint(spec)
         raise ModelNotAvailableError(
             f"Could not load {spec.name} from {what} {source} ({_first_line(exc)}){detail}. {hint}"

@@ -233,12 +233,12 @@ def test_cli_calibrate_then_render(tmp_path):
     assert not [p for p in plan.parent.iterdir() if p.name.startswith(".")]  # written atomically
     loaded = SparseVDiTPlan.load(plan)
     assert loaded.meta.prompts == ("a red ball", "a blue cube") and loaded.meta.block_size == 32
-    res = runner.invoke(app, ["render", "a red ball", "--steps", "1", "--attention", "sparse-vdit",
+    res = runner.invoke(app, ["render", "a red ball", "--model", "tiny-wan", "--steps", "1", "--attention", "sparse-vdit",
                               "--set", f"plan={plan}", "--out", str(tmp_path / "ball.mp4")])
     assert res.exit_code == 0, res.output
     assert "sparse" in res.output and (tmp_path / "ball.mp4").stat().st_size > 0
     (tmp_path / "bad.safetensors").write_bytes(plan.read_bytes()[:100])
-    res = runner.invoke(app, ["render", "a red ball", "--steps", "1", "--attention", "sparse-vdit",
+    res = runner.invoke(app, ["render", "a red ball", "--model", "tiny-wan", "--steps", "1", "--attention", "sparse-vdit",
                               "--set", f"plan={tmp_path / 'bad.safetensors'}", "--out", str(tmp_path / "b.mp4")])
     assert res.exit_code == 2 and "truncated or corrupt" in res.output
     res = runner.invoke(app, ["calibrate", "sparse-vdit", "--model", "tiny-flux", "--prompts", str(prompts),
