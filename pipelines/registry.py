@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 
 from ._compat import realign_cpu_tensors
-from .shapes.folder import check_folder, read_manifest
+from .shapes.folder import check_folder, component_keys, read_manifest
 from .tiny import TINY_CONFIGS, TINY_NAMES, build_tiny_pipeline
 from .tokenizers import vocabulary
 
@@ -171,6 +171,11 @@ _TINY = dict(steps=2, dtype="float32", repo_id=None)
 # shapes-wan sampling defaults: what `gen eval-tiny` scores and README reports.
 SHAPES_STEPS = 25
 SHAPES_GUIDANCE = 5.0
+_SHAPES = dict(
+    family="wan", task="t2v", pipeline_class="WanPipeline", repo_id=None, height=128, width=128, frames=17,
+    steps=SHAPES_STEPS, guidance=SHAPES_GUIDANCE, guidance_embedded=False, fps=8, dtype="float32",
+    text_tokens=512, heads=4, head_dim=32, prompt="a red circle moving right on a blue background",
+)  # fmt: skip
 
 _SPECS: tuple[ModelSpec, ...] = (
     # -- tiny offline models (random weights; see gen.pipelines.tiny) ----------------------
@@ -200,17 +205,11 @@ _SPECS: tuple[ModelSpec, ...] = (
     ),
     # -- small trained models, weights shipped with gen (see gen.pipelines.shapes) --------
     ModelSpec(
-        name="shapes-wan", family="wan", task="t2v", pipeline_class="WanPipeline", repo_id=None,
-        height=128, width=128, frames=17, steps=SHAPES_STEPS, guidance=SHAPES_GUIDANCE,
-        guidance_embedded=False, fps=8, dtype="float32", text_tokens=512, heads=4, head_dim=32,
-        bundled="shapes-wan", prompt="a red circle moving right on a blue background",
+        name="shapes-wan", bundled="shapes-wan", **_SHAPES,
         description="Wan 2.1 T2V trained by gen on procedural shape clips (4 layers, 4 heads x 32): 320 video tokens",
     ),
     ModelSpec(
-        name="shapes-wan-causal", family="wan", task="t2v", pipeline_class="WanPipeline", repo_id=None,
-        height=128, width=128, frames=17, steps=SHAPES_STEPS, guidance=SHAPES_GUIDANCE,
-        guidance_embedded=False, fps=8, dtype="float32", text_tokens=512, heads=4, head_dim=32,
-        bundled="shapes-wan-causal", prompt="a red circle moving right on a blue background",
+        name="shapes-wan-causal", bundled="shapes-wan-causal", **_SHAPES,
         description="shapes-wan fine-tuned block-causal (3-frame chunks, noise per chunk) for gen long",
     ),
     # -- real checkpoints (diffusers format) ------------------------------------------------
@@ -477,9 +476,7 @@ def _component_problems(folder: Path) -> list[str]:
     except (OSError, ValueError) as exc:
         return [f"model_index.json ({_first_line(exc)})"]
     missing: list[str] = []
-    for key, value in index.items():
-        if key.startswith("_") or not isinstance(value, list) or value[0] is None:
-            continue
+    for key in component_keys(index):
         sub = folder / key
         if not sub.is_dir():
             missing.append(f"{key}/")

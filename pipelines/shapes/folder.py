@@ -65,6 +65,12 @@ def _safetensors_ok(path: Path) -> str | None:
     return None
 
 
+def component_keys(index: dict) -> list[str]:
+    """The component entries of a parsed ``model_index.json`` (``"vae": ["diffusers",
+    "AutoencoderKLWan"]``; private ``_`` keys and ``[null, null]`` slots are not components)."""
+    return [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None]
+
+
 def check_folder(folder: str | os.PathLike) -> list[str]:
     """Everything wrong with a pipeline folder, one short line each (empty: it looks complete).
 
@@ -81,9 +87,7 @@ def check_folder(folder: str | os.PathLike) -> list[str]:
         return ["model_index.json is missing"]
     except ValueError:
         return ["model_index.json is not valid JSON"]
-    for key, value in index.items():
-        if key.startswith("_") or not isinstance(value, list) or value[0] is None:
-            continue
+    for key in component_keys(index):
         sub = folder / key
         if not sub.is_dir():
             problems.append(f"{key}/ is missing")

@@ -156,6 +156,17 @@ class _Ema:
             p.copy_(s)
 
 
+def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list, ema: _Ema) -> float:
+    """One optimiser step of a transformer stage (gradients clipped to norm 1, EMA updated);
+    returns the loss as a float."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    ema.update()
+    return loss.item()
+
+
 def _bar(total: int, desc: str, progress: bool):
     from tqdm.auto import tqdm
 
@@ -357,12 +368,7 @@ def train_t2v(transformer, text_encoder, tokenizer, data: LatentSet, cfg: TrainC
                     proc.set_lengths(lengths, text.shape[1])
                     pred = transformer(xt, (sigma * 1000).to(device), text, return_dict=False)[0]
                     loss = flow_loss(pred, noise.to(device), x0.to(device))
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(params, 1.0)
-                    opt.step()
-                    ema.update()
-                    acc.append(loss.item())
+                    acc.append(_step(opt, loss, params, ema))
                     bar.update(1)
                     step += 1
                     if step % 25 == 0 or step in (d.image_steps, total):
@@ -514,12 +520,7 @@ def train_causal(transformer, text_encoder, tokenizer, data: LatentSet, cfg: Tra
                 pred = transformer(xt, t_tok, text, return_dict=False)[0]
                 # clean frames (t = 0) are context only: no loss on them
                 loss = flow_loss(pred, noise.to(device), x0.to(device), weight=(sig_frames > 0).float().to(device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                ema.update()
-                acc.append(loss.item())
+                acc.append(_step(opt, loss, params, ema))
                 bar.update(1)
                 if (step + 1) % 25 == 0 or step + 1 == c.steps:
                     entry = dict(step=step + 1, loss=float(np.mean(acc)), seconds=time.perf_counter() - start)
