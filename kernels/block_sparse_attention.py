@@ -31,8 +31,7 @@ dots (no TF32) so fp32 means fp32.
 from __future__ import annotations
 
 import functools
-import math
-import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -47,38 +46,138 @@ from ._checks import (
     check_scale,
     check_triton_limits,
 )
+from ._common import (
+    LN2,
+    LOG2E,
+    SMEM_LIMIT,
+    estimate_shared_memory,
+    interpreting,
+    shared_memory_limit,
+    sm_count,
+    triton_available_for,
+)
 
-__all__ = ["block_sparse_attention", "HOPPER_CONFIGS", "keep_config", "triton_available_for"]
+__all__ = [
+    "AUTOTUNE_KEY",
+    "HOPPER_CONFIGS",
+    "LaunchSpec",
+    "block_sparse_attention",
+    "choose_kv_splits",
+    "estimate_shared_memory",
+    "fallback_config",
+    "keep_config",
+    "launch_spec",
+    "triton_available_for",
+]
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+
+@triton.jit
+def _count_visits_below(idx_base, stride_iv, cnt, bound, PLAN_BN: tl.constexpr, WHOLE: tl.constexpr):
+    """How many of a row's ascending visits lie below ``bound`` keys: with ``WHOLE`` the
+    visits whose whole block ends at or before ``bound``, else those that start before it.
+    A binary search over the visit list (log2(cnt) scalar loads)."""
+    lo = cnt * 0
+    hi = cnt
+    while lo < hi:
+        mid = (lo + hi) // 2
+        kb = tl.load(idx_base + mid * stride_iv)
+        if WHOLE:
+            below = (kb + 1) * PLAN_BN <= bound
+        else:
+            below = kb * PLAN_BN < bound
+        if below:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@triton.jit
+def _attend_tiles(
+    acc, l_i, m_i, q, k_base, v_base, idx_base, mask_base,  #
+    stride_iv, stride_kn, stride_kd, stride_vn, stride_vd,  #
+    offs_d, d_ok, kv_limit, qk_scale, t_begin, t_end,  #
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,  #
+    PLAN_BN: tl.constexpr, BLOCK_N: tl.constexpr,  #
+    MASKED: tl.constexpr, HAS_KV_MASK: tl.constexpr,  #
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,  #
+):
+    """Online softmax over the key tiles ``t_begin .. t_end`` of a row's visit list, one flat
+    loop over (visit, sub-tile). ``MASKED`` tiles may be ragged or carry a key mask; the
+    others are whole and load and score without any mask."""
+    SUB: tl.constexpr = PLAN_BN // BLOCK_N
+    for t in range(t_begin, t_end):
+        kb = tl.load(idx_base + (t // SUB) * stride_iv)
+        offs_n = kb * PLAN_BN + (t % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
+        # k is loaded transposed (D, BLOCK_N) so q @ k needs no permute
+        k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        if MASKED:
+            n_ok = offs_n < kv_limit
+            if HAS_KV_MASK:
+                n_ok = n_ok & (tl.load(mask_base + offs_n, mask=n_ok, other=0) != 0)
+            kt = tl.load(k_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            vt = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        elif HEAD_DIM == HEAD_DIM_PAD:
+            kt = tl.load(k_ptrs)
+            vt = tl.load(v_ptrs)
+        else:
+            kt = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+            vt = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        if MASKED:
+            qk = tl.where(n_ok[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            # a row that has seen only masked keys keeps m = -inf; subtracting 0 instead
+            # keeps exp2 away from (-inf) - (-inf) = nan
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_sub = m_new  # a whole tile has a valid key in every row: finite
+        # scale and running max fold into one FMA before exp2
+        p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 def _block_sparse_fwd_kernel(
-    Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid, KvMask,  #
+    Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid, KvMask, RowOrder,  #
     qk_scale,  #
     stride_qb, stride_qh, stride_qm, stride_qd,  #
     stride_kb, stride_kh, stride_kn, stride_kd,  #
     stride_vb, stride_vh, stride_vn, stride_vd,  #
-    stride_ob, stride_oh, stride_om, stride_od,  #
+    stride_os, stride_ob, stride_oh, stride_om, stride_od,  #
+    stride_ls,  #
     stride_ib, stride_ih, stride_im, stride_iv,  #
     stride_cb, stride_ch, stride_cm,  #
+    stride_rb, stride_rh,  #
     stride_mb,  #
-    H, Q_LEN, KV_LEN,  #
+    H, Q_LEN, KV_LEN, N_SPLITS,  #
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,  #
     PLAN_BM: tl.constexpr, PLAN_BN: tl.constexpr,  #
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
     HAS_KV_VALID: tl.constexpr, HAS_KV_MASK: tl.constexpr, RETURN_LSE: tl.constexpr,  #
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,  #
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, IO_DTYPE: tl.constexpr,  #
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # grid: (batch * heads, query tiles, key splits). Query tiles are taken in RowOrder
+    # (plan rows with the most visits first), so uneven plans do not leave a tail of long
+    # programs starting last. IO_DTYPE only keys the autotuner (bf16 and fp16 differ).
+    pid_bh = tl.program_id(0)
+    rank = tl.program_id(1)
+    split = tl.program_id(2)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    # The plan row this tile belongs to: BLOCK_M divides PLAN_BM (the launcher checks).
-    plan_row = (pid_m * BLOCK_M) // PLAN_BM
+    TILES_PER_ROW: tl.constexpr = PLAN_BM // BLOCK_M
+    plan_row = tl.load(RowOrder + b * stride_rb + h * stride_rh + rank // TILES_PER_ROW)
+    m_start = plan_row * PLAN_BM + (rank % TILES_PER_ROW) * BLOCK_M
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < Q_LEN
@@ -93,59 +192,56 @@ def _block_sparse_fwd_kernel(
     if HAS_KV_VALID:
         kv_limit = tl.minimum(tl.load(KvValid + b).to(tl.int32), KV_LEN)
 
-    cnt = tl.load(KvCnt + b * stride_cb + h * stride_ch + plan_row * stride_cm)
     idx_base = KvIdx + b * stride_ib + h * stride_ih + plan_row * stride_im
+    cnt = tl.load(KvCnt + b * stride_cb + h * stride_ch + plan_row * stride_cm)
+    cnt = tl.where(m_start < Q_LEN, cnt, 0)  # the last row's spare tiles walk nothing
+    # this program's share of the row's visits (N_SPLITS > 1 only for small grids)
+    per_split = tl.cdiv(cnt, N_SPLITS)
+    v_begin = tl.minimum(split * per_split, cnt)
+    v_end = tl.minimum(v_begin + per_split, cnt)
+    # visits are ascending, so whole blocks come first, then the (at most few) blocks that
+    # cross kv_limit, then blocks past it, which are skipped
+    if HAS_KV_MASK:
+        n_whole = cnt * 0
+    else:
+        n_whole = _count_visits_below(idx_base, stride_iv, cnt, kv_limit, PLAN_BN, True)
+    n_any = _count_visits_below(idx_base, stride_iv, cnt, kv_limit, PLAN_BN, False)
+    whole_end = tl.minimum(v_end, n_whole)
+    masked_begin = tl.maximum(v_begin, n_whole)
+    masked_end = tl.minimum(v_end, n_any)
+
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-
+    mask_base = KvMask + b * stride_mb
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-
-    for i in range(0, cnt):
-        kb = tl.load(idx_base + i * stride_iv)
-        for j in tl.static_range(PLAN_BN // BLOCK_N):
-            offs_n = kb * PLAN_BN + j * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < kv_limit
-            if HAS_KV_MASK:
-                n_ok = n_ok & (tl.load(KvMask + b * stride_mb + offs_n, mask=n_ok, other=0) != 0)
-            # k is loaded transposed (D, BLOCK_N) so q @ k needs no permute
-            kt = tl.load(
-                k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                mask=n_ok[None, :] & d_ok[:, None], other=0.0,
-            )
-            if UPCAST:
-                kt = kt.to(tl.float32)
-            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-            s = tl.where(n_ok[None, :], s, float("-inf"))
-            # -- update m_i and l_i; a row that has seen only masked keys keeps m = -inf,
-            # and subtracting 0 instead keeps exp2 away from (-inf) - (-inf) = nan.
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_sub[:, None])
-            alpha = tl.math.exp2(m_i - m_sub)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            vt = tl.load(
-                v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=n_ok[:, None] & d_ok[None, :], other=0.0,
-            )
-            if UPCAST:
-                vt = vt.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
-            m_i = m_new
+    SUB: tl.constexpr = PLAN_BN // BLOCK_N
+    acc, l_i, m_i = _attend_tiles(
+        acc, l_i, m_i, q, k_base, v_base, idx_base, mask_base,
+        stride_iv, stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_d, d_ok, kv_limit, qk_scale, v_begin * SUB, whole_end * SUB,
+        HEAD_DIM, HEAD_DIM_PAD, PLAN_BN, BLOCK_N, False, HAS_KV_MASK, UPCAST, DOT_PRECISION,
+    )
+    acc, l_i, m_i = _attend_tiles(
+        acc, l_i, m_i, q, k_base, v_base, idx_base, mask_base,
+        stride_iv, stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_d, d_ok, kv_limit, qk_scale, masked_begin * SUB, masked_end * SUB,
+        HEAD_DIM, HEAD_DIM_PAD, PLAN_BN, BLOCK_N, True, HAS_KV_MASK, UPCAST, DOT_PRECISION,
+    )
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    o_ptrs = (Out + split * stride_os + b * stride_ob + h * stride_oh
+              + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     if RETURN_LSE:
         lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
-        tl.store(Lse + pid_bh.to(tl.int64) * Q_LEN + offs_m, lse, mask=m_ok)
+        tl.store(Lse + split * stride_ls + pid_bh.to(tl.int64) * Q_LEN + offs_m, lse, mask=m_ok)
 
 
-# Autotune space for Hopper (H100/H200), written as data. keep_config prunes what
-# cannot tile the plan or would spill: a 128x128 tile at D>128 exceeds the register
-# budget of 8 warps.
+# Autotune space for Hopper (H100/H200) and Ampere, written as data. keep_config prunes
+# what cannot tile the plan, would spill, or would not fit the device's shared memory.
 HOPPER_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm in (64, 128)
@@ -155,39 +251,37 @@ HOPPER_CONFIGS = [
 ]
 
 
-def keep_config(conf: triton.Config, plan_bm: int, plan_bn: int, head_dim: int) -> bool:
-    """True when ``conf`` can run a plan with blocks ``plan_bm x plan_bn`` at ``head_dim``."""
+def keep_config(conf: triton.Config, plan_bm: int, plan_bn: int, head_dim: int,
+                elem_bytes: int = 2, smem_limit: int = SMEM_LIMIT[90]) -> bool:
+    """True when ``conf`` can run a plan with blocks ``plan_bm x plan_bn`` at ``head_dim``
+    with ``elem_bytes``-byte inputs on a device allowing ``smem_limit`` bytes per program."""
     bm, bn = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"]
     if plan_bm % bm or plan_bn % bn:
         return False
-    if head_dim > 128 and bm * bn > 64 * 128:
+    if head_dim > 128 and bm * bn > 64 * 64:  # 128x64 at D=256 spills on sm_90 (ptxas, 32 B)
         return False
     if bm == 128 and conf.num_warps == 4 and head_dim >= 128:
         return False
-    return True
+    return estimate_shared_memory(conf, head_dim, elem_bytes) <= smem_limit
 
 
 def _prune(configs, named_args, **kwargs):
-    kept = [
-        c for c in configs
-        if keep_config(c, named_args["PLAN_BM"], named_args["PLAN_BN"], named_args["HEAD_DIM"])
-    ]
+    q = named_args["Q"]
+    limit = shared_memory_limit(q.device)
+    plan_bm, plan_bn, head_dim = named_args["PLAN_BM"], named_args["PLAN_BN"], named_args["HEAD_DIM"]
+    kept = [c for c in configs if keep_config(c, plan_bm, plan_bn, head_dim, q.element_size(), limit)]
     if kept:
         return kept
     # Plans with blocks smaller than every tuned tile (e.g. 16x16) get the plan's own tile.
-    return [triton.Config({"BLOCK_M": named_args["PLAN_BM"], "BLOCK_N": named_args["PLAN_BN"]}, num_warps=4, num_stages=2)]
+    return [fallback_config(plan_bm, plan_bn)]
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+def fallback_config(plan_bm: int, plan_bn: int) -> triton.Config:
+    """The config used when no tuned tile divides the plan's blocks."""
+    return triton.Config({"BLOCK_M": plan_bm, "BLOCK_N": plan_bn}, num_warps=4, num_stages=2)
 
 
-def _interpreter_ready() -> bool:
-    # Triton builds its own library functions (tl.zeros, tl.sum, ...) for the
-    # interpreter only when TRITON_INTERPRET is set before triton is first imported.
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(tl.zeros, InterpretedFunction)
+AUTOTUNE_KEY = ["HEAD_DIM", "PLAN_BM", "PLAN_BN", "HAS_KV_VALID", "HAS_KV_MASK", "RETURN_LSE", "IO_DTYPE"]
 
 
 @functools.cache
@@ -198,26 +292,9 @@ def _kernel(interpret: bool):
         return jitted
     return triton.autotune(
         configs=HOPPER_CONFIGS,
-        key=["HEAD_DIM", "PLAN_BM", "PLAN_BN", "HAS_KV_VALID", "HAS_KV_MASK"],
+        key=AUTOTUNE_KEY,
         prune_configs_by={"early_config_prune": _prune},
     )(jitted)
-
-
-def triton_available_for(device: torch.device) -> tuple[bool, str]:
-    """Whether the Triton kernel can run on ``device``, and why not."""
-    if device.type == "cuda":
-        return True, "CUDA device"
-    if _interpreting():
-        if not _interpreter_ready():
-            return False, (
-                "TRITON_INTERPRET=1 was set after triton was imported; set it before the first "
-                "`import triton` / `import gen` (e.g. in the shell), or use backend='torch'."
-            )
-        return True, "TRITON_INTERPRET=1 (interpreter, slow: for testing)"
-    return False, (
-        f"Triton kernels need a CUDA device, got {device.type}; set TRITON_INTERPRET=1 to run "
-        "them through the (slow) interpreter, or use backend='torch'."
-    )
 
 
 def block_sparse_attention(
@@ -230,6 +307,7 @@ def block_sparse_attention(
     kv_valid: torch.Tensor | None = None,
     kv_mask: torch.Tensor | None = None,
     return_lse: bool = False,
+    kv_splits: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention forward with the Triton kernel.
 
@@ -243,6 +321,10 @@ def block_sparse_attention(
             keys at positions ``>= kv_valid[b]`` are ignored.
         kv_mask: optional bool ``(Skv,)`` or ``(B, Skv)``; keys flagged False are ignored.
         return_lse: also return the natural-log log-sum-exp, fp32 ``(B, H, Sq)``.
+        kv_splits: split each query row's visits over this many programs and merge the
+            parts by log-sum-exp. None (default) decides per call: on CUDA, calls that
+            launch fewer programs than the device has multiprocessors (few query rows,
+            many keys: the text queries of a joint call) are split; elsewhere 1.
 
     Returns:
         ``out (B, H, Sq, D)`` in ``q.dtype`` (contiguous), and ``lse`` when asked.
@@ -257,6 +339,8 @@ def block_sparse_attention(
     check_plan(plan, q, k)
     sm_scale = check_scale(scale, head_dim)
     check_triton_limits(head_dim, plan)
+    if kv_splits is not None and (not isinstance(kv_splits, int) or kv_splits < 1):
+        raise ValueError(f"kv_splits must be a positive int or None (automatic), got {kv_splits!r}.")
     if not torch.compiler.is_compiling():
         # value checks sync with the device; inside a compiled graph the op checks at run time
         check_kv_valid(kv_valid, bsz, kv_len, q.device)
@@ -264,28 +348,54 @@ def block_sparse_attention(
         ok, why = triton_available_for(q.device)
         if not ok:
             raise ValueError(why)
+    splits = kv_splits or choose_kv_splits(q.device, bsz * heads, plan.kv_counts.shape[2],
+                                           plan.kv_indices.shape[3])
     out, lse = _block_sparse_attn_fwd(q, k, v, plan.kv_indices, plan.kv_counts, kv_valid, kv_mask,
-                                      plan.block_m, plan.block_n, sm_scale, return_lse)
+                                      plan.block_m, plan.block_n, sm_scale, return_lse, splits)
     return (out, lse) if return_lse else out
 
 
-# The launch is a custom op so torch.compile treats it as one opaque call (no tracing into
-# the launcher's Python or the autotuner) with shapes given by the fake implementation.
-@torch.library.custom_op("gen::block_sparse_attn_fwd", mutates_args=())
-def _block_sparse_attn_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor, kv_counts: torch.Tensor,
-    kv_valid: torch.Tensor | None, kv_mask: torch.Tensor | None, block_m: int, block_n: int,
-    sm_scale: float, return_lse: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    ok, why = triton_available_for(q.device)
-    if not ok:
-        raise ValueError(why)
+def choose_kv_splits(device: torch.device, programs: int, q_blocks: int, max_visits: int) -> int:
+    """Key splits for a call with ``programs`` (batch x heads) and ``q_blocks`` plan rows
+    of up to ``max_visits`` visits: enough programs to fill the device's multiprocessors,
+    at least 4 visits per split, at most 16 splits. 1 off CUDA."""
+    sms = sm_count(device)
+    rows = programs * q_blocks
+    if sms == 0 or rows >= sms:
+        return 1
+    return max(1, min(-(-sms // rows), max_visits // 4, 16))
+
+
+class LaunchSpec(NamedTuple):
+    """Everything one kernel launch takes, built by :func:`launch_spec`."""
+
+    args: tuple
+    meta: dict
+    out: torch.Tensor  # (B, H, Sq, D) in q.dtype, or fp32 (splits, B, H, Sq, D) partials
+    lse: torch.Tensor  # (B, H, Sq) fp32, or (splits, B, H, Sq) partials, or (1,) unused
+    row_tiles: int  # plan rows (query tiles come per row)
+    splits: int
+
+
+def launch_spec(q, k, v, kv_indices, kv_counts, kv_valid, kv_mask, block_m: int, block_n: int,
+                sm_scale: float, return_lse: bool, splits: int = 1, *, interpret: bool = False) -> LaunchSpec:
+    """Kernel arguments for one call, allocating the outputs on ``q``'s device.
+
+    Also used by the ahead-of-time compile check (``gen.check.kernels``) on ``meta``
+    tensors, so the signature it compiles is exactly the one a real call specialises.
+    """
     bsz, heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
-    interpret = _interpreting()
-    out = torch.empty((bsz, heads, q_len, head_dim), dtype=q.dtype, device=q.device)
-    lse = torch.empty((bsz, heads, q_len) if return_lse else (1,), dtype=torch.float32, device=q.device)
+    dev = q.device
+    if splits > 1:
+        out = torch.empty((splits, bsz, heads, q_len, head_dim), dtype=torch.float32, device=dev)
+        lse = torch.empty((splits, bsz, heads, q_len), dtype=torch.float32, device=dev)
+    else:
+        out = torch.empty((1, bsz, heads, q_len, head_dim), dtype=q.dtype, device=dev)
+        lse = torch.empty((1, bsz, heads, q_len) if return_lse else (1, 1), dtype=torch.float32, device=dev)
     idx, cnt = kv_indices, kv_counts
+    # longest rows first; a stable sort keeps equal rows in order (K/V reuse in L2)
+    order = torch.argsort(cnt, dim=-1, descending=True, stable=True).to(torch.int32)
     if kv_valid is not None:
         kv_valid = kv_valid.to(torch.int32)
     if kv_mask is not None:
@@ -297,13 +407,15 @@ def _block_sparse_attn_fwd(
 
     args = (
         q, k, v, out, lse, idx, cnt, kv_valid if kv_valid is not None else cnt,
-        kv_mask if kv_mask is not None else cnt,
+        kv_mask if kv_mask is not None else cnt, order,
         sm_scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        lse.stride(0) if splits > 1 else 0,
         bstride(idx, 0), bstride(idx, 1), idx.stride(2), idx.stride(3),
         bstride(cnt, 0), bstride(cnt, 1), cnt.stride(2),
+        bstride(order, 0), bstride(order, 1),
         kv_mask.stride(0) if kv_mask is not None and kv_mask.dim() == 2 else 0,
-        heads, q_len, kv_len,
+        heads, q_len, kv_len, splits,
     )
     meta = dict(
         HEAD_DIM=head_dim,
@@ -312,23 +424,54 @@ def _block_sparse_attn_fwd(
         PLAN_BN=block_n,
         HAS_KV_VALID=kv_valid is not None,
         HAS_KV_MASK=kv_mask is not None,
-        RETURN_LSE=return_lse,
+        RETURN_LSE=return_lse or splits > 1,
         UPCAST=interpret and q.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        IO_DTYPE=str(q.dtype).removeprefix("torch."),
     )
+    return LaunchSpec(args, meta, out, lse, cnt.shape[2], splits)
+
+
+def _merge_splits(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # out (S, B, H, Sq, D) normalised per split, lse (S, B, H, Sq); empty splits have lse -inf
+    total = torch.logsumexp(lse, dim=0)
+    weight = torch.exp(lse - total.masked_fill(torch.isneginf(total), 0.0))
+    merged = (weight.unsqueeze(-1) * out).sum(0)
+    return merged.to(dtype), total
+
+
+# The launch is a custom op so torch.compile treats it as one opaque call (no tracing into
+# the launcher's Python or the autotuner) with shapes given by the fake implementation.
+@torch.library.custom_op("gen::block_sparse_attn_fwd", mutates_args=())
+def _block_sparse_attn_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor, kv_counts: torch.Tensor,
+    kv_valid: torch.Tensor | None, kv_mask: torch.Tensor | None, block_m: int, block_n: int,
+    sm_scale: float, return_lse: bool, splits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    ok, why = triton_available_for(q.device)
+    if not ok:
+        raise ValueError(why)
+    bsz, heads, q_len, head_dim = q.shape
+    interpret = interpreting()
+    spec = launch_spec(q, k, v, kv_indices, kv_counts, kv_valid, kv_mask, block_m, block_n,
+                       sm_scale, return_lse, splits, interpret=interpret)
     kernel = _kernel(interpret)
     if interpret:
         bm, bn = min(64, block_m), min(64, block_n)
-        kernel[(math.ceil(q_len / bm), bsz * heads)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn)
+        grid = (bsz * heads, spec.row_tiles * (block_m // bm), splits)
+        kernel[grid](*spec.args, **spec.meta, BLOCK_M=bm, BLOCK_N=bn)
     else:
-        grid = lambda m: (triton.cdiv(q_len, m["BLOCK_M"]), bsz * heads)
+        grid = lambda m: (bsz * heads, spec.row_tiles * (block_m // m["BLOCK_M"]), splits)
         with torch.cuda.device(q.device):
-            kernel[grid](*args, **meta)
-    return out, lse
+            kernel[grid](*spec.args, **spec.meta)
+    if splits > 1:
+        out, lse = _merge_splits(spec.out, spec.lse, q.dtype)
+        return out, (lse if return_lse else lse.new_empty((1,)))
+    return spec.out[0], (spec.lse[0] if return_lse else spec.lse.new_empty((1,)))
 
 
 @_block_sparse_attn_fwd.register_fake
-def _(q, k, v, kv_indices, kv_counts, kv_valid, kv_mask, block_m, block_n, sm_scale, return_lse):
+def _(q, k, v, kv_indices, kv_counts, kv_valid, kv_mask, block_m, block_n, sm_scale, return_lse, splits):
     bsz, heads, q_len, head_dim = q.shape
     out = q.new_empty((bsz, heads, q_len, head_dim))
     lse = q.new_empty((bsz, heads, q_len) if return_lse else (1,), dtype=torch.float32)

@@ -26,14 +26,92 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["cache_attention", "check_cache_inputs"]
+__all__ = ["HOPPER_CONFIGS", "LaunchSpec", "cache_attention", "check_cache_inputs", "keep_config", "launch_spec"]
 
-from .block_sparse_attention import LN2, LOG2E, _interpreting, triton_available_for
+from ._common import (
+    LN2,
+    LOG2E,
+    SMEM_LIMIT,
+    estimate_shared_memory,
+    interpreting,
+    shared_memory_limit,
+    triton_available_for,
+)
+
+
+@triton.jit
+def _cache_tiles(
+    acc, l_i, m_i, q, k_base, v_base, Slots, KeyPos, Cos, Sin,  #
+    stride_kn, stride_kd, stride_vn, stride_vd,  #
+    offs_d, d_ok, qk_scale, start_begin, start_end, KV_LEN, TPF, N_FRAMES,  #
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,  #
+    HAS_ROPE: tl.constexpr, FRAME_SPAN2: tl.constexpr, MASKED: tl.constexpr,  #
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,  #
+):
+    """Online softmax over key tiles starting at ``start_begin .. start_end`` (step
+    ``BLOCK_N``). ``MASKED``: the tile may run past ``KV_LEN`` (the last one only)."""
+    HALF: tl.constexpr = HEAD_DIM_PAD // 2
+    offs_h = tl.arange(0, HALF)
+    for start in range(start_begin, start_end, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < KV_LEN
+        frame = offs_n // TPF
+        if MASKED:
+            slot = tl.load(Slots + frame, mask=n_ok, other=0).to(tl.int64)
+        else:
+            slot = tl.load(Slots + frame).to(tl.int64)
+        row = slot * TPF + (offs_n % TPF)
+        k_ptrs = k_base + row[:, None] * stride_kn + offs_d[None, :] * stride_kd
+        v_ptrs = v_base + row[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        if MASKED:
+            k = tl.load(k_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            vt = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        elif HEAD_DIM == HEAD_DIM_PAD:
+            k = tl.load(k_ptrs)
+            vt = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+            vt = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        if HAS_ROPE:
+            # one load of K, split into its interleaved (even, odd) pairs, rotated in fp32
+            # and joined back: no second load of the partner element
+            k_even, k_odd = tl.split(tl.reshape(k, [BLOCK_N, HALF, 2]))
+            if FRAME_SPAN2:
+                # a tile spans at most two frames: two cos/sin vectors per tile, not tiles
+                f0 = start // TPF
+                f1 = tl.minimum(f0 + 1, N_FRAMES - 1)
+                p0 = tl.load(KeyPos + f0).to(tl.int64) * HALF
+                p1 = tl.load(KeyPos + f1).to(tl.int64) * HALF
+                first = (frame == f0)[:, None]
+                c = tl.where(first, tl.load(Cos + p0 + offs_h)[None, :], tl.load(Cos + p1 + offs_h)[None, :])
+                s = tl.where(first, tl.load(Sin + p0 + offs_h)[None, :], tl.load(Sin + p1 + offs_h)[None, :])
+            else:
+                pos = tl.load(KeyPos + frame, mask=n_ok, other=0).to(tl.int64) * HALF
+                c = tl.load(Cos + pos[:, None] + offs_h[None, :])
+                s = tl.load(Sin + pos[:, None] + offs_h[None, :])
+            ke = k_even.to(tl.float32)
+            ko = k_odd.to(tl.float32)
+            k = tl.reshape(tl.join(ke * c - ko * s, ke * s + ko * c), [BLOCK_N, HEAD_DIM_PAD]).to(vt.dtype)
+        if UPCAST:
+            k = k.to(tl.float32)
+            vt = vt.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if MASKED:
+            qk = tl.where(n_ok[None, :], qk, float("-inf"))
+        # every row sees at least one valid key per tile, so m_new is finite
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 def _cache_attn_fwd_kernel(
@@ -43,11 +121,13 @@ def _cache_attn_fwd_kernel(
     stride_kb, stride_kn, stride_kh, stride_kd,  #
     stride_vb, stride_vn, stride_vh, stride_vd,  #
     stride_ob, stride_om, stride_oh, stride_od,  #
-    H, Q_LEN, KV_LEN, TPF,  #
+    H, Q_LEN, KV_LEN, TPF, N_FRAMES,  #
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,  #
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
-    HAS_ROPE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,  #
+    HAS_ROPE: tl.constexpr, FRAME_SPAN2: tl.constexpr,  #
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, IO_DTYPE: tl.constexpr,  #
 ):
+    # IO_DTYPE only keys the autotuner; FRAME_SPAN2: BLOCK_N <= TPF (launcher decides)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -65,45 +145,23 @@ def _cache_attn_fwd_kernel(
         q = q.to(tl.float32)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    # interleaved pairs: element d's partner is d ^ 1; even members take -sin
-    offs_p = offs_d ^ 1
-    sign = tl.where((offs_d % 2) == 0, -1.0, 1.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-
-    for start in range(0, KV_LEN, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < KV_LEN
-        frame = offs_n // TPF
-        slot = tl.load(Slots + frame, mask=n_ok, other=0).to(tl.int64)
-        row = slot * TPF + (offs_n % TPF)
-        kmask = n_ok[None, :] & d_ok[:, None]
-        # k is loaded transposed (D, BLOCK_N) so q @ k needs no permute
-        kt = tl.load(k_base + row[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=kmask, other=0.0)
-        if HAS_ROPE:
-            kp = tl.load(k_base + row[None, :] * stride_kn + offs_p[:, None] * stride_kd, mask=kmask, other=0.0)
-            pos = tl.load(KeyPos + frame, mask=n_ok, other=0).to(tl.int64)
-            c = tl.load(Cos + pos[None, :] * HEAD_DIM + offs_d[:, None], mask=kmask, other=1.0)
-            s_ = tl.load(Sin + pos[None, :] * HEAD_DIM + offs_d[:, None], mask=kmask, other=0.0)
-            kt = (kt.to(tl.float32) * c + kp.to(tl.float32) * s_ * sign[:, None]).to(kt.dtype)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(
-            v_base + row[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-            mask=n_ok[:, None] & d_ok[None, :], other=0.0,
-        )
-        if UPCAST:
-            vt = vt.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
-        m_i = m_new
+    whole = (KV_LEN // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _cache_tiles(
+        acc, l_i, m_i, q, k_base, v_base, Slots, KeyPos, Cos, Sin,
+        stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_d, d_ok, qk_scale, 0, whole, KV_LEN, TPF, N_FRAMES,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, HAS_ROPE, FRAME_SPAN2, False, UPCAST, DOT_PRECISION,
+    )
+    acc, l_i, m_i = _cache_tiles(
+        acc, l_i, m_i, q, k_base, v_base, Slots, KeyPos, Cos, Sin,
+        stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_d, d_ok, qk_scale, whole, KV_LEN, KV_LEN, TPF, N_FRAMES,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, HAS_ROPE, FRAME_SPAN2, True, UPCAST, DOT_PRECISION,
+    )
 
     out = acc / l_i[:, None]
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
@@ -112,11 +170,29 @@ def _cache_attn_fwd_kernel(
     tl.store(Lse + pid_bh.to(tl.int64) * Q_LEN + offs_m, lse, mask=m_ok)
 
 
-# Tiles for Hopper, written as data: (BLOCK_M, BLOCK_N, warps, stages).
+# Tiles for Hopper and Ampere, written as data; keep_config prunes by shared memory.
 HOPPER_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3)
 ]
+
+
+def keep_config(conf: triton.Config, head_dim: int, elem_bytes: int = 2, smem_limit: int = SMEM_LIMIT[90]) -> bool:
+    """True when ``conf`` fits ``smem_limit`` bytes of shared memory at ``head_dim`` and
+    stays inside the register budget (128x128 tiles at D > 128 spill)."""
+    bm, bn = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"]
+    if head_dim > 128 and bm * bn > 64 * 64:  # 128x64 at D=256 spills on sm_90 (ptxas, 32 B)
+        return False
+    if bm == 128 and conf.num_warps == 4 and head_dim >= 128:
+        return False
+    return estimate_shared_memory(conf, head_dim, elem_bytes) <= smem_limit
+
+
+def _prune(configs, named_args, **kwargs):
+    q = named_args["Q"]
+    limit = shared_memory_limit(q.device)
+    kept = [c for c in configs if keep_config(c, named_args["HEAD_DIM"], q.element_size(), limit)]
+    return kept or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
 
 
 @functools.cache
@@ -124,7 +200,11 @@ def _kernel(interpret: bool):
     jitted = triton.jit(_cache_attn_fwd_kernel)
     if interpret:
         return jitted
-    return triton.autotune(configs=HOPPER_CONFIGS, key=["HEAD_DIM", "HAS_ROPE"])(jitted)
+    return triton.autotune(
+        configs=HOPPER_CONFIGS,
+        key=["HEAD_DIM", "HAS_ROPE", "FRAME_SPAN2", "IO_DTYPE"],
+        prune_configs_by={"early_config_prune": _prune},
+    )(jitted)
 
 
 def check_cache_inputs(q, k_cache, v_cache, frame_slots, tokens_per_frame, key_pos, rope_cos, rope_sin):
@@ -223,12 +303,63 @@ def cache_attention(
     has_rope = rope_cos is not None
     if has_rope:
         pos = key_pos.to(torch.int32).contiguous()
-        cos = rope_cos.to(device=q.device, dtype=torch.float32).contiguous()
-        sin = rope_sin.to(device=q.device, dtype=torch.float32).contiguous()
+        cos, sin = half_tables(rope_cos, rope_sin, q.device)
     else:
         pos, cos, sin = slots, slots, slots  # unused placeholders
     out, lse = _cache_attn_fwd(q, k_cache, v_cache, slots, pos, cos, sin, tokens_per_frame, sm_scale, has_rope)
     return (out, lse) if return_lse else out
+
+
+def half_tables(rope_cos: torch.Tensor, rope_sin: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One cos and one sin per interleaved pair, fp32 ``(P, D_pad / 2)``: the tables hold
+    each pair's value on both members (the reference reads cos at even, sin at odd
+    columns); padded columns rotate by nothing (cos 1, sin 0)."""
+    d = rope_cos.shape[1]
+    half_pad = triton.next_power_of_2(d) // 2
+    cos = rope_cos[:, 0::2].to(device=device, dtype=torch.float32)
+    sin = rope_sin[:, 1::2].to(device=device, dtype=torch.float32)
+    if half_pad > d // 2:
+        cos = torch.nn.functional.pad(cos, (0, half_pad - d // 2), value=1.0)
+        sin = torch.nn.functional.pad(sin, (0, half_pad - d // 2), value=0.0)
+    return cos.contiguous(), sin.contiguous()
+
+
+# Under the interpreter a fixed tile is used (the autotuner is for compiled runs).
+_INTERPRET_TILE = (32, 32)
+
+
+class LaunchSpec(NamedTuple):
+    """Everything one kernel launch takes, built by :func:`launch_spec`."""
+
+    args: tuple
+    meta: dict
+    out: torch.Tensor  # (B, Sq, H, D) in q.dtype
+    lse: torch.Tensor  # (B, H, Sq) fp32
+
+
+def launch_spec(q, k, v, slots, pos, cos, sin, tokens_per_frame: int, sm_scale: float, has_rope: bool,
+                *, interpret: bool = False) -> LaunchSpec:
+    """Kernel arguments for one call, allocating the outputs on ``q``'s device. Also used
+    by the ahead-of-time compile check on ``meta`` tensors (``gen.kernels.aot``)."""
+    bsz, q_len, heads, head_dim = q.shape
+    kv_len = slots.shape[0] * tokens_per_frame
+    out = torch.empty((bsz, q_len, heads, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((bsz, heads, q_len), dtype=torch.float32, device=q.device)
+    args = (
+        q, k, v, out, lse, slots, pos, cos, sin, sm_scale * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        heads, q_len, kv_len, tokens_per_frame, slots.shape[0],
+    )
+    # a key tile spans at most two frames when no tile is longer than a frame
+    longest_tile = _INTERPRET_TILE[1] if interpret else max(c.kwargs["BLOCK_N"] for c in HOPPER_CONFIGS)
+    meta = dict(
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), HAS_ROPE=has_rope,
+        FRAME_SPAN2=tokens_per_frame >= longest_tile,
+        UPCAST=interpret and q.dtype == torch.bfloat16,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        IO_DTYPE=str(q.dtype).removeprefix("torch."),
+    )
+    return LaunchSpec(args, meta, out, lse)
 
 
 # A custom op so torch.compile treats the launch as one opaque call.
@@ -238,28 +369,17 @@ def _cache_attn_fwd(
     cos: torch.Tensor, sin: torch.Tensor, tokens_per_frame: int, sm_scale: float, has_rope: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     bsz, q_len, heads, head_dim = q.shape
-    kv_len = slots.numel() * tokens_per_frame
-    interpret = _interpreting()
-    out = torch.empty((bsz, q_len, heads, head_dim), dtype=q.dtype, device=q.device)
-    lse = torch.empty((bsz, heads, q_len), dtype=torch.float32, device=q.device)
-    args = (
-        q, k, v, out, lse, slots, pos, cos, sin, sm_scale * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        heads, q_len, kv_len, tokens_per_frame,
-    )
-    meta = dict(
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), HAS_ROPE=has_rope,
-        UPCAST=interpret and q.dtype == torch.bfloat16,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-    )
+    interpret = interpreting()
+    spec = launch_spec(q, k, v, slots, pos, cos, sin, tokens_per_frame, sm_scale, has_rope, interpret=interpret)
     kernel = _kernel(interpret)
     if interpret:
-        kernel[(triton.cdiv(q_len, 32), bsz * heads)](*args, **meta, BLOCK_M=32, BLOCK_N=32)
+        bm, bn = _INTERPRET_TILE
+        kernel[(triton.cdiv(q_len, bm), bsz * heads)](*spec.args, **spec.meta, BLOCK_M=bm, BLOCK_N=bn)
     else:
         grid = lambda m: (triton.cdiv(q_len, m["BLOCK_M"]), bsz * heads)
         with torch.cuda.device(q.device):
-            kernel[grid](*args, **meta)
-    return out, lse
+            kernel[grid](*spec.args, **spec.meta)
+    return spec.out, spec.lse
 
 
 @_cache_attn_fwd.register_fake

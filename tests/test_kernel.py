@@ -164,3 +164,51 @@ def test_reference_memory_stays_linear_in_visits(seed):
         keys = torch.cat([torch.arange(j * 128, min(s, (j + 1) * 128)) for j in plan.kv_indices[0, 0, qb].tolist()])
         p = torch.softmax((q[0, 0, r].double() @ k[0, 0, keys].double().T) * 16**-0.5, -1)
         torch.testing.assert_close(out[0, 0, r].double(), p @ v[0, 0, keys].double(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("splits", [2, 3, 7])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_key_splits_merge_to_the_same_result(seed, splits, dtype):
+    """Splitting each row's visits over programs (few query rows, many keys: the text
+    queries of a joint call) and merging by LSE equals the fp64 reference, with padding,
+    a key mask, rows with no visits and more splits than some rows have visits."""
+    from gen.kernels import block_sparse_attention as triton_bsa
+
+    b, h, sq, skv, d = 2, 2, 150, 700, 64
+    q, k, v = _inputs(b, h, sq, skv, d, dtype)
+    plan = BlockPlan.random(sq, skv, 0.4, batch=b, heads=h, block_m=64, block_n=64)
+    kv_valid = torch.tensor([skv, 301])
+    kv_mask = torch.rand(skv) < 0.8
+    out, lse = triton_bsa(q, k, v, plan, kv_valid=kv_valid, kv_mask=kv_mask, return_lse=True, kv_splits=splits)
+    _check(out, lse, q, k, v, plan, kv_valid=kv_valid, kv_mask=kv_mask)
+    plain = triton_bsa(q, k, v, plan, kv_valid=kv_valid, kv_mask=kv_mask, kv_splits=splits)
+    assert torch.equal(plain, out)
+
+
+@pytest.mark.parametrize("valid", [128, 129, 127, 0, 1])
+def test_valid_length_on_and_around_block_edges(seed, valid):
+    """The whole/masked split of a row's visits (binary search on the valid length) at
+    block edges: keys past ``kv_valid`` never count, whole blocks before it always do."""
+    q, k, v = _inputs(1, 2, 100, 384, 32, torch.float32)
+    plan = BlockPlan.random(100, 384, 0.7, heads=2, block_m=64, block_n=64)
+    kv_valid = torch.tensor([valid])
+    out, lse = block_sparse_attention(q, k, v, plan, kv_valid=kv_valid, return_lse=True, backend="triton")
+    _check(out, lse, q, k, v, plan, kv_valid=kv_valid)
+
+
+def test_key_split_choice(monkeypatch):
+    """Automatic splits: only when a call launches fewer programs than the GPU has SMs."""
+    import importlib
+
+    m = importlib.import_module("gen.kernels.block_sparse_attention")
+    cuda = torch.device("cuda", 0)
+    assert m.choose_kv_splits(torch.device("cpu"), 1, 1, 1000) == 1
+    monkeypatch.setattr(m, "sm_count", lambda device: 132)  # an H100 SXM
+    # HunyuanVideo 720p text queries: 24 heads x 2 rows of 128 against ~932 key blocks
+    assert m.choose_kv_splits(cuda, 24, 2, 932) == 3
+    assert m.choose_kv_splits(cuda, 12, 256, 256) == 1  # Wan video: thousands of programs
+    assert m.choose_kv_splits(cuda, 1, 1, 8) == 2  # at least 4 visits per split
+    assert m.choose_kv_splits(cuda, 1, 1, 10000) == 16  # at most 16
+    with pytest.raises(ValueError, match="kv_splits"):
+        q = torch.randn(1, 1, 64, 16)
+        m.block_sparse_attention(q, q, q, BlockPlan.dense(64, block_m=64, block_n=64), kv_splits=0)

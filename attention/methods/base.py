@@ -99,7 +99,10 @@ class SparseMethod:
         self.config = config
         # plans per (layout, heads, device) key; see plan_key / build_plan
         self._plans = PlanCache(self.build_plan)
-        self._dense_plans = PlanCache(lambda key: BlockPlan.dense(key[0], key[1], 64, 64, device=key[2]))
+        # text parts are dense: 128x128 blocks let the kernel take 128-row tiles (the text
+        # queries of a joint call are few rows against every key; the kernel splits keys
+        # when such a call launches fewer programs than the GPU has multiprocessors)
+        self._dense_plans = PlanCache(lambda key: BlockPlan.dense(key[0], key[1], 128, 128, device=key[2]))
         self._orders: dict[TokenLayout, TokenPermutation | None] = {}
 
     def __repr__(self) -> str:
