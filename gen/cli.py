@@ -6,7 +6,9 @@
     gen masks --method M           picture of a method's mask at a model's geometry
     gen calibrate sparse-vdit      offline per-head mode search, writes a plan file
     gen demo                       the Gradio app
-    gen info                       versions, devices and the attention backend gen would pick
+    gen info                       versions, devices, the attention backend gen would pick, kernel status
+    gen check kernels [--full]     compile every Triton kernel ahead of time for sm_80/sm_90 (no GPU needed)
+    gen check gpu [--dry-run]      the prepared GPU check: correctness, kernel speed, long-video FPS, one report
     gen bench kernels [--quick]    block-sparse kernel vs dense SDPA (time, TFLOP/s, speedup)
     gen bench e2e [--quick]        whole denoising runs per method: latency, memory, attention share
     gen bench fidelity [--quick]   error vs dense: attention (rel. L2, cosine) and video (PSNR, SSIM)
@@ -37,6 +39,8 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(help="Benchmarks: kernels vs dense baselines.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+check_app = typer.Typer(help="Checks that gen's kernels compile and run on a machine's GPUs.", no_args_is_help=True)
+app.add_typer(check_app, name="check")
 
 console = Console()
 
@@ -104,6 +108,18 @@ def info() -> None:
     dev = torch.device("cuda" if cuda else "cpu")
     table.add_row("attention backend", f"{select_backend(dev)} on {dev.type}")
     table.add_row("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "unset"))
+    if cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        from gen.kernels.status import kernel_status
+
+        for row in kernel_status(dev):
+            if row["ok"]:
+                text = f"compiled and ran; autotuned {row['config']}; bf16 error vs SDPA {row['error_vs_sdpa']:.1e}"
+            else:
+                text = "[red]failed: " + escape(row["error"])
+            table.add_row(f"kernel {row['name']}", text)
+    else:
+        table.add_row("kernels", "no compiled run here (no CUDA device, or TRITON_INTERPRET set); "
+                                 "`gen check kernels` compiles them for sm_80/sm_90 without a GPU")
     console.print(table)
 
 
@@ -611,6 +627,77 @@ def demo(
 
     _setup_logging(verbose)
     serve(host=host, port=port, share=share, outputs_dir=outputs, device=device)
+
+
+@check_app.command("kernels")
+def check_kernels(
+    full: bool = typer.Option(False, "--full", help="every config the autotuners may keep (minutes), not the fast subset"),
+    arch: str = typer.Option("80,90", help="compute capabilities to compile for, comma-separated (80: A100, 90: H100/H200)"),
+    kernel: str = typer.Option(None, help="only these kernel functions, comma-separated (default: all)"),
+    jobs: int = typer.Option(None, help="compile processes (default: one per CPU core)"),
+    json_out: Path = typer.Option(None, "--json", help="write every row as JSON"),
+    markdown: Path = typer.Option(None, help="write the table as markdown"),
+) -> None:
+    """Compile every Triton kernel ahead of time for sm_80/sm_90 (no GPU needed) and check
+    shared memory, register spills and tensor-core instructions. Exits 1 on any problem."""
+    import json as _json
+
+    from gen._io import atomic_write_text
+    from gen.check.kernels import markdown_table, rows_as_dicts, run_checks
+    from gen.kernels.aot import KERNELS, TARGETS
+
+    try:
+        archs = tuple(int(a) for a in arch.split(",") if a.strip())
+    except ValueError:
+        raise typer.BadParameter(f"--arch takes compute capabilities such as 80,90; got {arch!r}") from None
+    if not archs or any(a not in TARGETS for a in archs):
+        raise typer.BadParameter(f"--arch must name some of {', '.join(map(str, TARGETS))}; got {arch!r}")
+    kernels = tuple(k.strip() for k in kernel.split(",")) if kernel else None
+    if kernels and (unknown := [k for k in kernels if k not in KERNELS]):
+        raise typer.BadParameter(f"unknown kernel {unknown[0]!r}; known: {', '.join(KERNELS)}")
+    if jobs is not None and jobs < 1:
+        raise typer.BadParameter("--jobs must be at least 1")
+    bar, update = _progress_bar()
+    with bar:
+        rows = run_checks(full=full, archs=archs, kernels=kernels, jobs=jobs,
+                          on_row=lambda row, done, total: update(done, total, f"{row.case} {row.arch} {row.tile}"))
+    bad = [r for r in rows if not r.ok]
+    table = Table(title=f"{len(rows)} compiles, {len(bad)} with problems")
+    for col in ("kernel", "case", "arch", "tile", "w", "s", "regs", "spills", "smem KiB", "wgmma", "mma", "status"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.kernel.strip("_"), r.case, r.arch, r.tile, str(r.warps), str(r.stages), str(r.registers),
+                      f"{r.spill_stores}/{r.spill_loads}", "" if r.shared is None else f"{r.shared / 1024:.0f}",
+                      str(r.wgmma), str(r.mma_sync), "ok" if r.ok else "[red]" + escape("; ".join(r.problems)))
+    console.print(table)
+    if json_out:
+        atomic_write_text(json_out, _json.dumps(rows_as_dicts(rows), indent=1))
+    if markdown:
+        atomic_write_text(markdown, markdown_table(rows))
+    if bad:
+        raise typer.Exit(1)
+
+
+@check_app.command("gpu")
+def check_gpu(
+    out: Path = typer.Option(Path("gpu-check"), help="folder for the report (gpu_check.md, gpu_check.json) and logs"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="say what would run, run nothing heavy (any machine)"),
+    budget_s: float = typer.Option(480.0, help="time budget for all steps, seconds"),
+    quick: bool = typer.Option(False, "--quick", help="tiny sizes, to check the plumbing on a CPU"),
+) -> None:
+    """The prepared GPU check: GPU correctness tests at real shapes, kernel speed against
+    SDPA and flex, the cache kernel, long-video FPS; one markdown report."""
+    from gen.check.gpu import NoGPUError, run_gpu_check
+
+    if not budget_s > 0:
+        raise typer.BadParameter("--budget-s must be a positive number of seconds")
+    try:
+        report = run_gpu_check(out, dry_run=dry_run, budget_s=budget_s, quick=quick)
+    except NoGPUError as exc:
+        console.print(f"[red]{escape(str(exc))}")
+        raise typer.Exit(2) from None
+    console.print("report:")
+    console.print(escape(str(report)), soft_wrap=True)
 
 
 def _method_plans(methods: str, model: str):

@@ -21,6 +21,7 @@ __all__ = [
     "LOG2E",
     "SMEM_LIMIT",
     "estimate_shared_memory",
+    "tile_fits_registers",
     "interpreting",
     "interpreter_ready",
     "shared_memory_limit",
@@ -52,6 +53,20 @@ def estimate_shared_memory(conf: triton.Config, head_dim: int, elem_bytes: int) 
     d = 1 << (head_dim - 1).bit_length()
     kv = 2 * bn * d * elem_bytes * conf.num_stages
     return kv + bm * bn * elem_bytes + bm * d * elem_bytes
+
+
+def tile_fits_registers(conf: triton.Config, head_dim: int) -> bool:
+    """Whether ``conf``'s tile stays inside the register budget at ``head_dim`` (bf16/fp16,
+    sm_90): the score tile ``BLOCK_M x BLOCK_N`` plus the accumulator ``BLOCK_M x D`` per
+    warp group. Measured with ptxas by ``gen check kernels --full`` (Triton 3.9): with 4
+    warps, 64x128 at D=128 and 128x128 at D=64 spill (80-190 B) while 64x64 at D=128 and
+    64x128 at D=64 do not; with 8 warps 128x128 at D=128 fits (254 registers); at D=256
+    only tiles up to 64x64 fit."""
+    bm, bn = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"]
+    d = 1 << (head_dim - 1).bit_length()
+    if d > 128 and bm * bn > 64 * 64:
+        return False
+    return bm * bn + bm * d <= (12288 if conf.num_warps <= 4 else 32768)
 
 
 def interpreting() -> bool:

@@ -31,6 +31,7 @@ dots (no TF32) so fp32 means fp32.
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import torch
@@ -54,6 +55,7 @@ from ._common import (
     interpreting,
     shared_memory_limit,
     sm_count,
+    tile_fits_registers,
     triton_available_for,
 )
 
@@ -67,6 +69,7 @@ __all__ = [
     "fallback_config",
     "keep_config",
     "launch_spec",
+    "tma_usable",
     "triton_available_for",
 ]
 
@@ -94,21 +97,23 @@ def _count_visits_below(idx_base, stride_iv, cnt, bound, PLAN_BN: tl.constexpr, 
 
 @triton.jit
 def _attend_tiles(
-    acc, l_i, m_i, q, k_base, v_base, idx_base, mask_base,  #
+    acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, idx_base, mask_base,  #
     stride_iv, stride_kn, stride_kd, stride_vn, stride_vd,  #
     offs_d, d_ok, kv_limit, qk_scale, t_begin, t_end,  #
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,  #
     PLAN_BN: tl.constexpr, BLOCK_N: tl.constexpr,  #
-    MASKED: tl.constexpr, HAS_KV_MASK: tl.constexpr,  #
+    MASKED: tl.constexpr, HAS_KV_MASK: tl.constexpr, USE_TMA: tl.constexpr,  #
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,  #
 ):
     """Online softmax over the key tiles ``t_begin .. t_end`` of a row's visit list, one flat
     loop over (visit, sub-tile). ``MASKED`` tiles may be ragged or carry a key mask; the
-    others are whole and load and score without any mask."""
+    others are whole and load and score without any mask. ``USE_TMA``: K/V tiles come
+    through tensor descriptors (Hopper's bulk copy engine; rows past the end read zeros)."""
     SUB: tl.constexpr = PLAN_BN // BLOCK_N
     for t in range(t_begin, t_end):
         kb = tl.load(idx_base + (t // SUB) * stride_iv)
-        offs_n = kb * PLAN_BN + (t % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
+        start_n = kb * PLAN_BN + (t % SUB) * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
         # k is loaded transposed (D, BLOCK_N) so q @ k needs no permute
         k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
         v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
@@ -116,6 +121,13 @@ def _attend_tiles(
             n_ok = offs_n < kv_limit
             if HAS_KV_MASK:
                 n_ok = n_ok & (tl.load(mask_base + offs_n, mask=n_ok, other=0) != 0)
+        if USE_TMA:
+            kt = tl.trans(k_desc.load([start_n, 0]))
+            vt = v_desc.load([start_n, 0])
+            if MASKED:
+                # masked keys score -inf below; zero their values too (0 * nan = nan)
+                vt = tl.where(n_ok[:, None], vt, 0.0)
+        elif MASKED:
             kt = tl.load(k_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
             vt = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         elif HEAD_DIM == HEAD_DIM_PAD:
@@ -163,7 +175,7 @@ def _block_sparse_fwd_kernel(
     PLAN_BM: tl.constexpr, PLAN_BN: tl.constexpr,  #
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
     HAS_KV_VALID: tl.constexpr, HAS_KV_MASK: tl.constexpr, RETURN_LSE: tl.constexpr,  #
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, IO_DTYPE: tl.constexpr,  #
+    USE_TMA: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, IO_DTYPE: tl.constexpr,  #
 ):
     # grid: (batch * heads, query tiles, key splits). Query tiles are taken in RowOrder
     # (plan rows with the most visits first), so uneven plans do not leave a tail of long
@@ -213,21 +225,31 @@ def _block_sparse_fwd_kernel(
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     mask_base = KvMask + b * stride_mb
+    if USE_TMA:
+        # per-(batch, head) 2-D views [KV_LEN, D]; the launcher checked alignment and
+        # that D is contiguous and a power of two
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[KV_LEN, HEAD_DIM], strides=[stride_kn, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[KV_LEN, HEAD_DIM], strides=[stride_vn, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+    else:
+        k_desc = k_base
+        v_desc = v_base
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     SUB: tl.constexpr = PLAN_BN // BLOCK_N
     acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, k_base, v_base, idx_base, mask_base,
+        acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, idx_base, mask_base,
         stride_iv, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_d, d_ok, kv_limit, qk_scale, v_begin * SUB, whole_end * SUB,
-        HEAD_DIM, HEAD_DIM_PAD, PLAN_BN, BLOCK_N, False, HAS_KV_MASK, UPCAST, DOT_PRECISION,
+        HEAD_DIM, HEAD_DIM_PAD, PLAN_BN, BLOCK_N, False, HAS_KV_MASK, USE_TMA, UPCAST, DOT_PRECISION,
     )
     acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, k_base, v_base, idx_base, mask_base,
+        acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, idx_base, mask_base,
         stride_iv, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_d, d_ok, kv_limit, qk_scale, masked_begin * SUB, masked_end * SUB,
-        HEAD_DIM, HEAD_DIM_PAD, PLAN_BN, BLOCK_N, True, HAS_KV_MASK, UPCAST, DOT_PRECISION,
+        HEAD_DIM, HEAD_DIM_PAD, PLAN_BN, BLOCK_N, True, HAS_KV_MASK, USE_TMA, UPCAST, DOT_PRECISION,
     )
 
     empty = l_i == 0.0
@@ -258,9 +280,7 @@ def keep_config(conf: triton.Config, plan_bm: int, plan_bn: int, head_dim: int,
     bm, bn = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"]
     if plan_bm % bm or plan_bn % bn:
         return False
-    if head_dim > 128 and bm * bn > 64 * 64:  # 128x64 at D=256 spills on sm_90 (ptxas, 32 B)
-        return False
-    if bm == 128 and conf.num_warps == 4 and head_dim >= 128:
+    if not tile_fits_registers(conf, head_dim):
         return False
     return estimate_shared_memory(conf, head_dim, elem_bytes) <= smem_limit
 
@@ -281,7 +301,7 @@ def fallback_config(plan_bm: int, plan_bn: int) -> triton.Config:
     return triton.Config({"BLOCK_M": plan_bm, "BLOCK_N": plan_bn}, num_warps=4, num_stages=2)
 
 
-AUTOTUNE_KEY = ["HEAD_DIM", "PLAN_BM", "PLAN_BN", "HAS_KV_VALID", "HAS_KV_MASK", "RETURN_LSE", "IO_DTYPE"]
+AUTOTUNE_KEY = ["HEAD_DIM", "PLAN_BM", "PLAN_BN", "HAS_KV_VALID", "HAS_KV_MASK", "RETURN_LSE", "USE_TMA", "IO_DTYPE"]
 
 
 @functools.cache
@@ -308,6 +328,7 @@ def block_sparse_attention(
     kv_mask: torch.Tensor | None = None,
     return_lse: bool = False,
     kv_splits: int | None = None,
+    tma: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention forward with the Triton kernel.
 
@@ -325,6 +346,12 @@ def block_sparse_attention(
             parts by log-sum-exp. None (default) decides per call: on CUDA, calls that
             launch fewer programs than the device has multiprocessors (few query rows,
             many keys: the text queries of a joint call) are split; elsewhere 1.
+        tma: load K/V tiles through tensor descriptors (Hopper's bulk copy engine) instead
+            of pointer loads. None (default) follows the environment variable
+            ``GEN_TMA=1`` (off otherwise: the path compiles for sm_90 but has not yet been
+            measured on a GPU) and falls back where it cannot run; True raises if it cannot
+            (needs sm_90+, a power-of-two head dim, contiguous head dim, 16-byte aligned
+            rows).
 
     Returns:
         ``out (B, H, Sq, D)`` in ``q.dtype`` (contiguous), and ``lse`` when asked.
@@ -350,9 +377,42 @@ def block_sparse_attention(
             raise ValueError(why)
     splits = kv_splits or choose_kv_splits(q.device, bsz * heads, plan.kv_counts.shape[2],
                                            plan.kv_indices.shape[3])
+    use_tma, why_not = tma_usable(q, k, v)
+    if tma is True and not use_tma:
+        raise ValueError(f"tma=True but tensor-descriptor loads cannot run here: {why_not}")
+    if tma is None:
+        use_tma = use_tma and os.environ.get("GEN_TMA", "0") not in ("", "0", "false", "False")
+    else:
+        use_tma = use_tma and tma
     out, lse = _block_sparse_attn_fwd(q, k, v, plan.kv_indices, plan.kv_counts, kv_valid, kv_mask,
-                                      plan.block_m, plan.block_n, sm_scale, return_lse, splits)
+                                      plan.block_m, plan.block_n, sm_scale, return_lse, splits, use_tma)
     return (out, lse) if return_lse else out
+
+
+def tma_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[bool, str]:
+    """Whether K/V can be read through tensor descriptors, and why not: a compute
+    capability of 9.0 or more (or the interpreter), a power-of-two head dim, the head dim
+    contiguous, and every (batch, head) row start and row stride 16-byte aligned."""
+    if q.device.type == "cuda":
+        if torch.cuda.get_device_capability(q.device)[0] < 9:
+            return False, "tensor descriptors need sm_90 or newer"
+    elif not interpreting():
+        return False, "not a CUDA device"
+    d = q.shape[-1]
+    if d & (d - 1):
+        return False, f"head_dim {d} is not a power of two"
+    for name, t in (("k", k), ("v", v)):
+        if t.stride(3) != 1:
+            return False, f"{name}'s head dim is not contiguous (stride {t.stride(3)})"
+        size = t.element_size()
+        if t.data_ptr() % 16 or any((t.stride(i) * size) % 16 for i in range(3)):
+            return False, f"{name}'s rows are not 16-byte aligned"
+    return True, ""
+
+
+def _allocate_descriptor_memory(size: int, alignment: int, stream) -> torch.Tensor:
+    # device-side tensor descriptors live in a small global scratch buffer per launch
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def choose_kv_splits(device: torch.device, programs: int, q_blocks: int, max_visits: int) -> int:
@@ -378,7 +438,8 @@ class LaunchSpec(NamedTuple):
 
 
 def launch_spec(q, k, v, kv_indices, kv_counts, kv_valid, kv_mask, block_m: int, block_n: int,
-                sm_scale: float, return_lse: bool, splits: int = 1, *, interpret: bool = False) -> LaunchSpec:
+                sm_scale: float, return_lse: bool, splits: int = 1, use_tma: bool = False, *,
+                interpret: bool = False) -> LaunchSpec:
     """Kernel arguments for one call, allocating the outputs on ``q``'s device.
 
     Also used by the ahead-of-time compile check (``gen.check.kernels``) on ``meta``
@@ -425,6 +486,7 @@ def launch_spec(q, k, v, kv_indices, kv_counts, kv_valid, kv_mask, block_m: int,
         HAS_KV_VALID=kv_valid is not None,
         HAS_KV_MASK=kv_mask is not None,
         RETURN_LSE=return_lse or splits > 1,
+        USE_TMA=use_tma,
         UPCAST=interpret and q.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         IO_DTYPE=str(q.dtype).removeprefix("torch."),
@@ -446,7 +508,7 @@ def _merge_splits(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> t
 def _block_sparse_attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor, kv_counts: torch.Tensor,
     kv_valid: torch.Tensor | None, kv_mask: torch.Tensor | None, block_m: int, block_n: int,
-    sm_scale: float, return_lse: bool, splits: int,
+    sm_scale: float, return_lse: bool, splits: int, use_tma: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     ok, why = triton_available_for(q.device)
     if not ok:
@@ -454,7 +516,9 @@ def _block_sparse_attn_fwd(
     bsz, heads, q_len, head_dim = q.shape
     interpret = interpreting()
     spec = launch_spec(q, k, v, kv_indices, kv_counts, kv_valid, kv_mask, block_m, block_n,
-                       sm_scale, return_lse, splits, interpret=interpret)
+                       sm_scale, return_lse, splits, use_tma, interpret=interpret)
+    if use_tma and not interpret:
+        triton.set_allocator(_allocate_descriptor_memory)
     kernel = _kernel(interpret)
     if interpret:
         bm, bn = min(64, block_m), min(64, block_n)
@@ -471,7 +535,7 @@ def _block_sparse_attn_fwd(
 
 
 @_block_sparse_attn_fwd.register_fake
-def _(q, k, v, kv_indices, kv_counts, kv_valid, kv_mask, block_m, block_n, sm_scale, return_lse, splits):
+def _(q, k, v, kv_indices, kv_counts, kv_valid, kv_mask, block_m, block_n, sm_scale, return_lse, splits, use_tma):
     bsz, heads, q_len, head_dim = q.shape
     out = q.new_empty((bsz, heads, q_len, head_dim))
     lse = q.new_empty((bsz, heads, q_len) if return_lse else (1,), dtype=torch.float32)

@@ -41,6 +41,7 @@ from ._common import (
     estimate_shared_memory,
     interpreting,
     shared_memory_limit,
+    tile_fits_registers,
     triton_available_for,
 )
 
@@ -179,11 +180,8 @@ HOPPER_CONFIGS = [
 
 def keep_config(conf: triton.Config, head_dim: int, elem_bytes: int = 2, smem_limit: int = SMEM_LIMIT[90]) -> bool:
     """True when ``conf`` fits ``smem_limit`` bytes of shared memory at ``head_dim`` and
-    stays inside the register budget (128x128 tiles at D > 128 spill)."""
-    bm, bn = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"]
-    if head_dim > 128 and bm * bn > 64 * 64:  # 128x64 at D=256 spills on sm_90 (ptxas, 32 B)
-        return False
-    if bm == 128 and conf.num_warps == 4 and head_dim >= 128:
+    stays inside the register budget (``tile_fits_registers``)."""
+    if not tile_fits_registers(conf, head_dim):
         return False
     return estimate_shared_memory(conf, head_dim, elem_bytes) <= smem_limit
 

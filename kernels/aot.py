@@ -1,0 +1,251 @@
+"""What the ahead-of-time compile check compiles: every Triton kernel, at real shapes.
+
+The interpreter (``TRITON_INTERPRET=1``) proves a kernel's arithmetic, not that it
+compiles: it reads Python globals the compiler refuses and ignores shared-memory limits.
+So every kernel is also compiled for sm_80 and sm_90 on any machine (no GPU needed),
+over every config its launcher's autotuner may choose there after pruning, for the
+dtypes and head dims the launcher accepts, with arguments built by the launcher itself
+(on ``meta`` tensors at Wan 2.1 1.3B 480p / HunyuanVideo 720p sizes), so the signature
+compiled is the one a real call specialises. ``gen check kernels`` runs it and
+``gen.check.kernels`` reads the compiler's report.
+
+**Adding a kernel**: add one entry to :data:`KERNELS` (its module, the kernel function's
+name and a case generator). ``tests/test_aot_compile.py`` fails for any ``_*_kernel``
+function in this folder that has no entry.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["AotCase", "KERNELS", "TARGETS", "cases", "signature_of"]
+
+# compute capabilities checked: A100 (sm_80) and H100/H200 (sm_90)
+TARGETS = (80, 90)
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class AotCase:
+    """One kernel specialisation and config to compile for one target.
+
+    ``runtime`` holds the launch's non-constexpr values as the JIT sees them (tensor
+    dtype strings for pointers, ints, floats); ``constexprs`` the meta-parameters,
+    the config's tile included.
+    """
+
+    module: str  # importable module path, e.g. gen.kernels.block_sparse_attention
+    kernel: str
+    label: str
+    arch: int
+    dtype: str
+    runtime: dict = field(hash=False)
+    constexprs: dict = field(hash=False)
+    num_warps: int = 4
+    num_stages: int = 2
+    smem_estimate: int | None = None  # what the launcher's pruning assumed, bytes
+
+    @property
+    def tile(self) -> str:
+        return "x".join(str(v) for k, v in self.constexprs.items() if k.startswith("BLOCK"))
+
+    @property
+    def half(self) -> bool:
+        """bf16/fp16 inputs: the ones that must use tensor cores and never spill."""
+        return self.dtype in ("bf16", "fp16")
+
+
+def _runtime_values(args: tuple, arg_names: list[str], constexpr_names: set[str]) -> dict:
+    """The launch's positional args as the JIT sees them: tensors become pointer types."""
+    names = [n for n in arg_names if n not in constexpr_names]
+    if len(names) != len(args):
+        raise AssertionError(f"kernel takes {len(names)} runtime args, launcher passes {len(args)}")
+    out = {}
+    for name, value in zip(names, args):
+        if isinstance(value, torch.Tensor):
+            out[name] = "*" + {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+                               torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8"}[value.dtype]
+        else:
+            out[name] = value
+    return out
+
+
+def signature_of(fn, runtime: dict, constexprs: dict):
+    """``(signature, constants, attrs)`` for ``triton.compiler.ASTSource``, specialised the
+    way the JIT launcher specialises a call: an int equal to 1 becomes a constant, ints
+    divisible by 16 and pointers (torch allocations are 16-byte aligned) get
+    ``tt.divisibility = 16``."""
+    sig, consts, attrs = {}, dict(constexprs), {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+            continue
+        value = runtime[name]
+        if isinstance(value, str):
+            sig[name], attrs[(i,)] = value, [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            sig[name] = "fp32"
+        elif value == 1:
+            sig[name], consts[name] = "constexpr", 1
+        else:
+            sig[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
+
+
+def _module(name: str):
+    # the package re-exports functions named like their modules, so import by full name
+    return importlib.import_module(f"{__package__}.{name}")
+
+
+def _params(fn) -> tuple[list[str], set[str]]:
+    """A kernel function's argument names and its ``tl.constexpr`` ones (read from the
+    plain function, so this works whether or not triton runs interpreted here)."""
+    params = inspect.signature(fn).parameters
+    names = list(params)
+    consts = {n for n, p in params.items() if "constexpr" in str(p.annotation)}
+    return names, consts
+
+
+def triton_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _bshd(b: int, s: int, h: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    # diffusers processors hold (B, S, H, D); gen's kernels see it as (B, H, S, D)
+    return torch.empty(b, s, h, d, dtype=dtype, device="meta").transpose(1, 2)
+
+
+# (label, dtype, head_dim, heads, q_len, kv_len, plan_bm, plan_bn, flags) at model sizes:
+# Wan 2.1 1.3B 480p: 12 heads x 32760 tokens; HunyuanVideo 720p: 24 heads, 119040 video
+# tokens + 256 text (the text-query call: 256 rows against every key, padded text).
+_BSA_MAIN = [
+    ("wan480 video", "bf16", 128, 12, 32760, 32760, 128, 128, ("lse",)),
+    ("wan480 video", "bf16", 128, 12, 32760, 32760, 128, 64, ("lse",)),
+    ("hunyuan720 video", "bf16", 128, 24, 119040, 119040, 64, 64, ("lse",)),
+]
+_BSA_EXTRA = [
+    ("wan480 video", "fp16", 128, 12, 32760, 32760, 128, 64, ("lse",)),
+    ("wan480 video", "fp32", 128, 12, 32760, 32760, 128, 64, ("lse",)),
+    ("wan480 video", "bf16", 64, 12, 32760, 32760, 128, 128, ("lse",)),
+    ("wan480 padded order", "bf16", 128, 12, 32760, 32768, 128, 128, ("lse", "mask")),
+    ("hunyuan720 text queries", "bf16", 128, 24, 256, 119296, 128, 128, ("valid", "split")),
+    ("hunyuan720 video-text", "bf16", 128, 24, 119040, 256, 128, 128, ("lse", "valid")),
+    ("wan480 video", "bf16", 256, 12, 32760, 32760, 128, 64, ("lse",)),
+    ("wan480 video", "bf16", 128, 12, 32760, 32760, 128, 64, ("lse", "tma")),
+    ("hunyuan720 video-text", "bf16", 128, 24, 119040, 256, 128, 128, ("lse", "valid", "tma")),
+]
+
+
+def _bsa_cases(arch: int, full: bool) -> list[AotCase]:
+    from ._common import SMEM_LIMIT, estimate_shared_memory
+
+    m = _module("block_sparse_attention")
+    arg_names, const_names = _params(m._block_sparse_fwd_kernel)
+    out = []
+    for i, (label, dt, d, h, sq, skv, pbm, pbn, flags) in enumerate(_BSA_MAIN + _BSA_EXTRA):
+        if "tma" in flags and arch < 90:
+            continue  # tensor descriptors are a Hopper path; sm_80 keeps pointer loads
+        dtype = _DTYPES[dt]
+        q, k, v = _bshd(1, sq, h, d, dtype), _bshd(1, skv, h, d, dtype), _bshd(1, skv, h, d, dtype)
+        nqb, nkb = math.ceil(sq / pbm), math.ceil(skv / pbn)
+        idx = torch.empty(1, 1, nqb, nkb, dtype=torch.int32, device="meta")
+        cnt = torch.empty(1, 1, nqb, dtype=torch.int32, device="meta")
+        kv_valid = torch.empty(1, dtype=torch.int32, device="meta") if "valid" in flags else None
+        kv_mask = torch.empty(skv, dtype=torch.bool, device="meta") if "mask" in flags else None
+        splits = 3 if "split" in flags else 1
+        spec = m.launch_spec(q, k, v, idx, cnt, kv_valid, kv_mask, pbm, pbn, 1 / math.sqrt(d),
+                             "lse" in flags, splits, "tma" in flags)
+        runtime = _runtime_values(spec.args, arg_names, const_names)
+        kept = [c for c in m.HOPPER_CONFIGS
+                if m.keep_config(c, pbm, pbn, d, dtype.itemsize, SMEM_LIMIT[arch])] or [m.fallback_config(pbm, pbn)]
+        if not full:
+            if not _in_quick(i < len(_BSA_MAIN), dt, arch):
+                continue
+            kept = _quick_pick(kept, main=i < len(_BSA_MAIN))
+        name = f"{label} {dt} D{d} plan{pbm}x{pbn} " + "+".join(flags)
+        for c in kept:
+            out.append(AotCase(m.__name__, "_block_sparse_fwd_kernel", name, arch, dt, runtime,
+                               {**spec.meta, **c.kwargs}, c.num_warps, c.num_stages,
+                               estimate_shared_memory(c, d, dtype.itemsize)))
+    return out
+
+
+def _in_quick(main: bool, dtype: str, arch: int) -> bool:
+    # the fast subset: main cases on both targets; the others on sm_90, fp32 (slow to
+    # compile, never on tensor cores) only in the full sweep
+    return main or (arch == 90 and dtype != "fp32")
+
+
+def _quick_pick(configs: list, main: bool) -> list:
+    # the fast subset: the largest and the smallest kept tile for the main cases, one
+    # (the largest) for the others
+    ordered = sorted(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_warps, c.num_stages))
+    picked = [ordered[-1], ordered[0]] if main and len(ordered) > 1 else [ordered[-1]]
+    return picked
+
+
+# (label, dtype, head_dim, rope): the long-video runner at Wan 2.1 1.3B 480p, a 3-frame
+# chunk attending sink + window + chunk (9 frames) of a 12-slot cache, 1560 tokens a frame.
+_CACHE_MAIN = [("wan480 AR chunk", "bf16", 128, True)]
+_CACHE_EXTRA = [
+    ("wan480 AR chunk", "bf16", 128, False),
+    ("wan480 AR chunk", "fp16", 128, True),
+    ("wan480 AR chunk", "fp32", 128, True),
+    ("wan480 AR chunk", "bf16", 64, True),
+]
+
+
+def _cache_cases(arch: int, full: bool) -> list[AotCase]:
+    from ._common import SMEM_LIMIT, estimate_shared_memory
+
+    m = _module("cache_attention")
+    arg_names, const_names = _params(m._cache_attn_fwd_kernel)
+    tpf, chunk, frames, slots, h = 1560, 3, 9, 12, 12
+    out = []
+    for i, (label, dt, d, rope) in enumerate(_CACHE_MAIN + _CACHE_EXTRA):
+        dtype = _DTYPES[dt]
+        q = torch.empty(1, chunk * tpf, h, d, dtype=dtype, device="meta")
+        kc = torch.empty(1, slots * tpf, h, d, dtype=dtype, device="meta")
+        frame_slots = torch.empty(frames, dtype=torch.int32, device="meta")
+        # without RoPE the launcher passes the slots as placeholders, as here
+        cos = torch.empty(64, triton_pow2(d) // 2, dtype=torch.float32, device="meta") if rope else frame_slots
+        pos = frame_slots
+        spec = m.launch_spec(q, kc, kc, frame_slots, pos, cos, cos, tpf, 1 / math.sqrt(d), rope)
+        runtime = _runtime_values(spec.args, arg_names, const_names)
+        kept = [c for c in m.HOPPER_CONFIGS if m.keep_config(c, d, dtype.itemsize, SMEM_LIMIT[arch])]
+        if not full:
+            if not _in_quick(i < len(_CACHE_MAIN), dt, arch):
+                continue
+            kept = _quick_pick(kept, main=i < len(_CACHE_MAIN))
+        name = f"{label} {dt} D{d}" + (" rope" if rope else "")
+        for c in kept:
+            out.append(AotCase(m.__name__, "_cache_attn_fwd_kernel", name, arch, dt, runtime,
+                               {**spec.meta, **c.kwargs}, c.num_warps, c.num_stages,
+                               estimate_shared_memory(c, d, dtype.itemsize)))
+    return out
+
+
+# kernel function name -> (module in this folder, case generator(arch, full))
+KERNELS: dict[str, tuple[str, Callable[[int, bool], list[AotCase]]]] = {
+    "_block_sparse_fwd_kernel": ("block_sparse_attention", _bsa_cases),
+    "_cache_attn_fwd_kernel": ("cache_attention", _cache_cases),
+}
+
+
+def cases(full: bool = False, archs: tuple[int, ...] = TARGETS, kernels: tuple[str, ...] | None = None) -> list[AotCase]:
+    """Every case to compile: all kept configs with ``full``, else a fast subset."""
+    out = []
+    for name, (_, make) in KERNELS.items():
+        if kernels is None or name in kernels:
+            for arch in archs:
+                out.extend(make(arch, full))
+    return out
