@@ -184,7 +184,9 @@ class CausalWanRunner:
         self.tokens_per_frame = self.hp * self.wp
         heads = cfg.num_attention_heads
         head_dim = cfg.attention_head_dim
-        param = next(transformer.parameters())
+        # the compute dtype: the first parameter may be one diffusers keeps in float32
+        # (``scale_shift_table``, ``_keep_in_fp32_modules``) in a bf16/fp16 model
+        param = transformer.patch_embedding.weight
         self.device, self.dtype = param.device, param.dtype
         self.cache = KVCache(
             num_layers=len(transformer.blocks), batch=batch, heads=heads, head_dim=head_dim,
