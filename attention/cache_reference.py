@@ -17,7 +17,8 @@ frequencies be swapped in without touching the cache.
 
 ``cache_attention_reference`` here is the oracle; ``gen.kernels.cache_attention`` is the
 Triton kernel with the same contract, and ``cache_attention(..., backend=None)`` picks
-one (Triton on CUDA, this reference elsewhere).
+one through the backend registry (``gen.attention.backends``, op ``"cache"``: Triton on
+CUDA, this reference elsewhere).
 """
 
 from __future__ import annotations
@@ -110,15 +111,14 @@ def cache_attention(
     scale: float | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Cache attention with a chosen backend: ``"triton"``, ``"torch"`` or None (Triton on
-    CUDA, the PyTorch reference elsewhere). Same arguments as the reference."""
-    if backend is None:
-        backend = "triton" if q.is_cuda else "torch"
-    kwargs = dict(tokens_per_frame=tokens_per_frame, key_pos=key_pos, rope_cos=rope_cos, rope_sin=rope_sin, scale=scale)
-    if backend == "torch":
-        return cache_attention_reference(q, k_cache, v_cache, frame_slots, **kwargs)
-    if backend == "triton":
-        from gen.kernels.cache_attention import cache_attention as triton_cache_attention
+    """Cache attention with a chosen backend from ``gen.attention.backends`` (op
+    ``"cache"``): ``"triton"``, ``"torch"`` or None (Triton on CUDA, the PyTorch reference
+    elsewhere). Same arguments as the reference."""
+    from .backends import choose
+    from .backends.cache import describe
 
-        return triton_cache_attention(q, k_cache, v_cache, frame_slots, **kwargs)
-    raise ValueError(f"Unknown backend {backend!r}; use 'triton', 'torch' or None.")
+    kwargs = dict(tokens_per_frame=tokens_per_frame, key_pos=key_pos, rope_cos=rope_cos, rope_sin=rope_sin, scale=scale)
+    if not isinstance(q, torch.Tensor) or q.dim() != 4 or not isinstance(frame_slots, torch.Tensor):
+        return cache_attention_reference(q, k_cache, v_cache, frame_slots, **kwargs)  # raises, saying what is wrong
+    call = describe(q, k_cache, frame_slots.numel() * tokens_per_frame, rope=rope_cos is not None)
+    return choose("cache", call, backend).backend.run(q, k_cache, v_cache, frame_slots, **kwargs)

@@ -1,48 +1,34 @@
-"""Backend choice for block-sparse attention.
+"""Backend choice for block-sparse attention: one entry point over the backend registry.
 
-``backend=None`` picks ``"triton"`` for CUDA tensors and ``"torch"`` (the reference)
-otherwise, and logs the choice and why at DEBUG level on the ``gen.attention`` logger
-(``logging.getLogger("gen.attention").setLevel("DEBUG")`` to see it). An explicit
+``backend=None`` picks the first backend of ``gen.attention.backends`` that can run the
+call (gen's Triton kernel on CUDA; on the CPU torch's fused attention for dense plans,
+compiled ``flex_attention`` for large sparse ones, the PyTorch reference otherwise) and
+logs the choice and why the others were skipped at DEBUG level on the ``gen.attention``
+logger (``logging.getLogger("gen.attention").setLevel("DEBUG")`` to see it). An explicit
 backend that cannot run raises ``ValueError`` saying why.
 """
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from gen.kernels import block_sparse_attention as _triton_bsa
-from gen.kernels import triton_available_for
-
-from . import reference
+from .backends import backends, choose
+from .backends.block_sparse import describe
 
 __all__ = ["BACKENDS", "block_sparse_attention", "select_backend"]
 
-logger = logging.getLogger("gen.attention")
-
-BACKENDS = ("triton", "torch")
-_logged: set[tuple[str, str]] = set()
+BACKENDS = tuple(b.name for b in backends("block_sparse"))
 
 
 def select_backend(device: torch.device, backend: str | None = None) -> str:
-    """Resolve ``backend`` (None, "triton" or "torch") for tensors on ``device``."""
-    if backend is not None:
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} or None (automatic).")
-        if backend == "triton":
-            ok, why = triton_available_for(device)
-            if not ok:
-                raise ValueError(why)
-        return backend
-    ok, why = triton_available_for(device)
-    choice = "triton" if device.type == "cuda" and ok else "torch"
-    reason = why if choice == "triton" else f"{device.type} tensors: the PyTorch reference is the CPU path"
-    key = (device.type, choice)
-    if key not in _logged and not torch.compiler.is_compiling():  # once per device type
-        _logged.add(key)
-        logger.debug("block-sparse attention backend: %s (%s)", choice, reason)
-    return choice
+    """The backend a typical call on ``device`` gets: ``backend`` if it can run there,
+    else (None) the first that can for a sparse plan of a mid-size call. Per-call choices
+    depend on the plan and size too; see :func:`gen.attention.backends.explain`."""
+    from .backends.registry import Call
+
+    call = Call(device=torch.device(device), dtype=torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16,
+                batch=1, heads=1, q_len=1024, kv_len=1024, head_dim=64, full=False, density=0.5)
+    return choose("block_sparse", call, backend).name
 
 
 def block_sparse_attention(
@@ -60,9 +46,15 @@ def block_sparse_attention(
     """Block-sparse attention on the chosen backend.
 
     Same arguments and result as ``gen.kernels.block_sparse_attention`` (shapes
-    ``(B, H, S, D)``), plus ``backend``: None (automatic), ``"triton"`` or ``"torch"``.
+    ``(B, H, S, D)``), plus ``backend``: None (automatic) or one of :data:`BACKENDS`
+    (``"triton"``, ``"sdpa"``, ``"flex"``, ``"torch"``).
     """
     if not isinstance(q, torch.Tensor):
         raise ValueError(f"q must be a torch.Tensor, got {type(q).__name__}.")
-    fn = _triton_bsa if select_backend(q.device, backend) == "triton" else reference.block_sparse_attention
-    return fn(q, k, v, plan, scale=scale, kv_valid=kv_valid, kv_mask=kv_mask, return_lse=return_lse)
+    if not isinstance(k, torch.Tensor):
+        raise ValueError(f"k must be a torch.Tensor, got {type(k).__name__}.")
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be 4-dim (batch, heads, seq_len, head_dim); got {tuple(q.shape)} and {tuple(k.shape)}.")
+    call = describe(q, k, plan, kv_valid=kv_valid, kv_mask=kv_mask, return_lse=return_lse)
+    chosen = choose("block_sparse", call, backend)
+    return chosen.backend.run(q, k, v, plan, scale=scale, kv_valid=kv_valid, kv_mask=kv_mask, return_lse=return_lse)

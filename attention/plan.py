@@ -119,6 +119,26 @@ class BlockPlan:
     def device(self) -> torch.device:
         return self.kv_indices.device
 
+    @property
+    def is_full(self) -> bool | None:
+        """Whether every query block visits every key block (the plan is dense). Computed
+        once per plan (one device sync) and kept; inside a compiled graph it is what the
+        plan cache recorded eagerly, or None (unknown)."""
+        full = self.__dict__.get("_full")
+        if full is None and not torch.compiler.is_compiling():
+            full = bool((self.kv_counts == self.n_kv_blocks).all())
+            object.__setattr__(self, "_full", full)  # frozen dataclass: a cache, not state
+        return full
+
+    def cached_density(self) -> float | None:
+        """:meth:`density`, computed once per plan and kept (None inside a compiled graph
+        unless recorded eagerly by the plan cache)."""
+        dens = self.__dict__.get("_density")
+        if dens is None and not torch.compiler.is_compiling():
+            dens = self.density()
+            object.__setattr__(self, "_density", dens)
+        return dens
+
     # -- constructors ------------------------------------------------------------
     @classmethod
     def from_block_mask(

@@ -40,7 +40,8 @@ def _lookup(cache_id: int, key: str) -> BlockPlan:
 @torch.compiler.assume_constant_result
 def _plan_meta(cache_id: int, key: str) -> tuple:
     plan = _lookup(cache_id, key)
-    return plan.block_m, plan.block_n, plan.q_len, plan.kv_len, tuple(sorted(plan.visit_data))
+    return (plan.block_m, plan.block_n, plan.q_len, plan.kv_len, tuple(sorted(plan.visit_data)),
+            plan.is_full, plan.cached_density())
 
 
 @torch.library.custom_op("gen::cached_plan", mutates_args=())
@@ -89,7 +90,11 @@ class PlanCache:
         if not torch.compiler.is_compiling():
             return self._get_eager(key)
         skey = repr(key)
-        block_m, block_n, q_len, kv_len, names = _plan_meta(self._id, skey)
+        block_m, block_n, q_len, kv_len, names, full, density = _plan_meta(self._id, skey)
         tensors = _cached_plan(self._id, skey)
         visit = dict(zip(names, tensors[2:]))
-        return BlockPlan(block_m, block_n, q_len, kv_len, tensors[0], tensors[1], visit, check_values=False)
+        plan = BlockPlan(block_m, block_n, q_len, kv_len, tensors[0], tensors[1], visit, check_values=False)
+        # what backend choice needs, recorded eagerly (a graph must not sync to learn it)
+        object.__setattr__(plan, "_full", full)
+        object.__setattr__(plan, "_density", density)
+        return plan

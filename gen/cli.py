@@ -91,7 +91,6 @@ def info() -> None:
     import torch
 
     import gen
-    from gen.attention import select_backend
 
     table = Table(show_header=False)
     table.add_row("gen", gen.__version__)
@@ -106,7 +105,18 @@ def info() -> None:
     cuda = torch.cuda.is_available()
     table.add_row("CUDA", torch.cuda.get_device_name(0) if cuda else "no CUDA device")
     dev = torch.device("cuda" if cuda else "cpu")
-    table.add_row("attention backend", f"{select_backend(dev)} on {dev.type}")
+    from gen.attention.backends import choose
+    from gen.attention.backends.registry import Call
+
+    dt = torch.bfloat16 if cuda else torch.float32
+    for what, full, dens in (("dense plan", True, 1.0), ("sparse plan", False, 0.25)):
+        # a Wan 2.1 1.3B 480p-sized call; the choice is made per call by shape, plan and device
+        call = Call(device=dev, dtype=dt, batch=1, heads=12, q_len=32760, kv_len=32760, head_dim=128,
+                    full=full, density=dens, return_lse=True)
+        got = choose("block_sparse", call)
+        why_not = "; ".join(f"{n}: {w}" for n, w in got.skipped)
+        table.add_row(f"attention backend ({what})",
+                      escape(f"{got.name} on {dev.type}: {got.reason}" + (f" (skipped {why_not})" if why_not else "")))
     table.add_row("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "unset"))
     if cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         from gen.kernels.status import kernel_status
@@ -269,7 +279,7 @@ def bench_kernels(
     density: str = typer.Option("1,0.5,0.25,0.1", help="plan densities, comma-separated (1 = dense plan)"),
     dtype: str = typer.Option(None, help="bf16 | fp16 | fp32 (default bf16 on CUDA, fp32 on CPU)"),
     device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)"),
-    backend: str = typer.Option(None, help="our backends to time, comma-separated: triton,torch"),
+    backend: str = typer.Option(None, help="gen backends to time, comma-separated: auto (the automatic choice), triton, sdpa, gather, flex, torch (default: triton on CUDA; all of them on the CPU)"),
     block_m: int = typer.Option(128, help="plan query block (tokens)"),
     block_n: int = typer.Option(64, help="plan key block (tokens)"),
     reps: int = typer.Option(5, help="timed repetitions on CPU (CUDA uses triton.testing.do_bench)"),
@@ -306,9 +316,15 @@ def bench_kernels(
         raise typer.BadParameter(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)} (or --quick)")
     on_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
     dtype = dtype or ("bf16" if on_cuda else "fp32")
-    backends = [b.strip() for b in backend.split(",")] if backend else None
+    backends = [b.strip() for b in backend.split(",") if b.strip()] if backend else None
+    if backends:
+        from gen.attention import BACKENDS
+
+        if unknown := [b for b in backends if b not in ("auto", *BACKENDS)]:
+            raise typer.BadParameter(f"unknown backend {unknown[0]!r}; choose from auto, {', '.join(BACKENDS)}")
     if backends is None and quick and not on_cuda:
-        backends = ["torch", "triton"]  # show the Triton kernel too, through the interpreter
+        # every CPU backend side by side, and the Triton kernel through the interpreter
+        backends = ["auto", "sdpa", "gather", "flex", "torch", "triton"]
     if backends and "triton" in backends and not on_cuda:
         log.info("no CUDA: the Triton kernel runs through the interpreter (correctness only, timing meaningless)")
     if not on_cuda and not quick:

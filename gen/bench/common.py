@@ -67,7 +67,9 @@ class MethodChoice:
 
 
 def resolve_methods(text: str, spec, *, plan: str | Path | None = None, allow_stock: bool = True) -> list[MethodChoice]:
-    """Parse ``"dense,radial,gna"`` for ``spec`` (a ``ModelSpec``).
+    """Parse ``"dense,radial,gna"`` for ``spec`` (a ``ModelSpec``). ``name@backend``
+    (``"gna@gather"``, ``"dense@torch"``) runs a method on a named attention backend
+    (``gen.attention.BACKENDS``) instead of the automatic choice, for side-by-side rows.
 
     ``mask`` is always skipped (it needs a pattern function: use ``gen.sparsify(pipe,
     "mask", pattern=fn)`` from Python), ``sparse-vdit`` is skipped unless ``plan`` (a
@@ -84,6 +86,18 @@ def resolve_methods(text: str, spec, *, plan: str | Path | None = None, allow_st
         raise ValueError("--attention needs at least one method, e.g. --attention dense,radial.")
     out = []
     for label in dict.fromkeys(names):
+        label, _, backend = label.partition("@")  # "gna@gather": a method on a named backend
+        if backend:
+            from gen.attention import BACKENDS
+
+            if backend not in BACKENDS:
+                raise ValueError(f"unknown backend {backend!r} in {label}@{backend}; backends: {', '.join(BACKENDS)}.")
+            if label == STOCK:
+                raise ValueError(f"'{STOCK}' is the model's own attention; it takes no @backend.")
+            choice = resolve_methods(label, spec, plan=plan, allow_stock=allow_stock)[0]
+            out.append(MethodChoice(f"{label}@{backend}", choice.name,
+                                    {**choice.overrides, "backend": backend} if choice.name else {}, choice.skip))
+            continue
         if label == STOCK:
             if not allow_stock:
                 raise ValueError(f"'{STOCK}' is only for `gen bench e2e`; methods here: {', '.join(list_methods())}.")

@@ -168,6 +168,7 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({os.cpu_count()} cores)"
 
 
+@torch.no_grad()  # an inference benchmark (compiled flex on the CPU also needs it)
 def run_kernel_bench(
     shape: AttentionShape,
     densities: list[float],
@@ -192,8 +193,11 @@ def run_kernel_bench(
             a fixed number of key blocks per query block.
         dtype: "bf16", "fp16" or "fp32".
         device: "cuda", "cpu" or None (CUDA when available).
-        backends: our backends to time ("triton", "torch"); default: triton on CUDA,
-            torch on CPU.
+        backends: gen backends to time (``gen.attention.BACKENDS``, or ``"auto"``: the
+            automatic choice, labelled with what it chose); default: triton on CUDA; on
+            the CPU auto, sdpa, gather, flex and torch side by side. A named backend that
+            cannot run a plan (sdpa on a sparse plan, say) is listed in ``meta["skipped"]``
+            with the reason.
         block_m, block_n: plan block sizes in tokens.
         reps: timed repetitions on the CPU (CUDA uses do_bench's own).
         seed: seed for inputs and random plans.
@@ -205,13 +209,15 @@ def run_kernel_bench(
     """
     from gen.attention import BlockPlan, block_sparse_attention
     from gen.attention import reference as ref_mod
+    from gen.attention.backends import choose
+    from gen.attention.backends.block_sparse import describe
 
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' asked for but torch sees no CUDA device; use --device cpu.")
-    backends = backends or (["triton"] if dev.type == "cuda" else ["torch"])
+    backends = backends or (["triton"] if dev.type == "cuda" else ["auto", "sdpa", "gather", "flex", "torch"])
     gen_ = torch.Generator().manual_seed(seed)
     b, h, s, d = shape.batch, shape.heads, shape.seq_len, shape.head_dim
     tdtype = _DTYPES[dtype]
@@ -278,7 +284,14 @@ def run_kernel_bench(
         for be in backends:
             interp = be == "triton" and dev.type != "cuda"
             say(f"timing {be} on {label}")
-            fn = lambda be=be, plan=plan: block_sparse_attention(q, k, v, plan, backend=be)
+            call = describe(q, k, plan)
+            try:
+                impl = f"auto ({choose('block_sparse', call).name})" if be == "auto" else choose("block_sparse", call, be).name
+                impl = "gen-sdpa" if impl == "sdpa" else impl  # not the stock "sdpa" row
+            except ValueError as why:
+                result.meta["skipped"].append(f"{be} on {label}: {why}")
+                continue
+            fn = lambda be=be, plan=plan: block_sparse_attention(q, k, v, plan, backend=None if be == "auto" else be)
             out = fn()
             t = _time_ms(fn, dev, 1 if interp else reps)
             speed = best_sdpa / t if math.isfinite(best_sdpa) else None
@@ -286,7 +299,7 @@ def run_kernel_bench(
             if ref_out is not None:
                 err = float((out.double() - ref_out).norm() / ref_out.norm().clamp_min(1e-300))
             result.rows.append(KernelBenchRow(
-                be, label, dens, t, flops_dense * dens / t / 1e9, speed,
+                impl, label, dens, t, flops_dense * dens / t / 1e9, speed,
                 None if speed is None or dens == 0 else 100.0 * speed * dens, err,
                 note="Triton interpreter on the CPU: checks correctness; its time means nothing" if interp else "",
             ))

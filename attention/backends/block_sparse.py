@@ -1,0 +1,127 @@
+"""The block-sparse attention backends, in order of preference, and the call record.
+
+* ``triton``: gen's kernel, on CUDA tensors.
+* ``sdpa``: plans that visit every block, through torch's fused attention (CPU): the
+  same kernel stock attention runs, with the LSE from the same call.
+* ``gather``: sparse plans on the CPU: each query block's visited key blocks gathered and
+  run through torch's fused attention, which also gives the LSE.
+* ``flex``: sparse plans through compiled ``flex_attention`` (CPU), when the call is big
+  enough for the sparse kernel to pay (``FLEX_MIN_WORK``), needs no LSE (torch 2.13's
+  compiled CPU flex returns none), runs without autograd and not inside a compiled graph.
+* ``torch``: the PyTorch reference, which runs everything (the oracle, and the fallback).
+
+``backend=`` may name any of them; a named backend that cannot run raises saying why.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gen.kernels import triton_available_for
+
+from .. import reference
+from .flex import flex_available, flex_block_sparse_attention
+from .gather import flash_cpu_available, gathered_attention
+from .registry import Backend, Call, register
+from .sdpa import dense_attention
+
+__all__ = ["FLEX_MIN_WORK", "describe"]
+
+#: Smallest call (``B*H*Sq*Skv*density`` score elements) sent to compiled flex_attention
+#: on the CPU; below it the reference's few batched matmuls win (measured in
+#: BENCHMARKS.md, "CPU backends").
+FLEX_MIN_WORK = 2_000_000
+
+
+def describe(q: torch.Tensor, k: torch.Tensor, plan, *, kv_valid=None, kv_mask=None,
+             return_lse: bool = False) -> Call:
+    """The :class:`Call` record of a block-sparse call (no device sync on CUDA)."""
+    compiling = torch.compiler.is_compiling()
+    full = density = None
+    if q.device.type != "cuda":  # on CUDA no chooser needs them: Triton runs every plan
+        full = getattr(plan, "is_full", None)
+        dens = getattr(plan, "cached_density", None)
+        density = dens() if callable(dens) else None
+    return Call(device=q.device, dtype=q.dtype, batch=q.shape[0], heads=q.shape[1], q_len=q.shape[2],
+                kv_len=k.shape[2], head_dim=q.shape[3], full=full, density=density,
+                has_kv_valid=kv_valid is not None, has_kv_mask=kv_mask is not None,
+                return_lse=return_lse, compiling=compiling, grad=torch.is_grad_enabled())
+
+
+def _triton_can_run(call: Call) -> str | None:
+    ok, why = triton_available_for(call.device)  # CUDA, or the interpreter (tests)
+    return None if ok else why
+
+
+def _triton_worth_it(call: Call) -> str | None:
+    if call.device.type != "cuda":
+        return f"{call.device.type} tensors: the interpreter is for tests (ask for backend='triton')"
+    return None
+
+
+def _triton_run(q, k, v, plan, **kw):
+    from gen.kernels import block_sparse_attention
+
+    return block_sparse_attention(q, k, v, plan, **kw)
+
+
+def _sdpa_can_run(call: Call) -> str | None:
+    if call.device.type != "cpu":
+        return "used on the CPU only (on CUDA gen's kernel runs dense plans too)"
+    if call.full is None:
+        return "plan fullness unknown (a plan built inside a compiled graph)"
+    if not call.full:
+        return "the plan skips blocks"
+    if call.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"{call.dtype} (fused attention takes fp32/bf16/fp16)"
+    return None
+
+
+def _gather_can_run(call: Call) -> str | None:
+    if call.device.type != "cpu":
+        return "used on the CPU only"
+    if call.compiling:
+        return "inside a compiled graph (its chunking reads mask values on the host)"
+    why = flash_cpu_available()
+    if why:
+        return why
+    if call.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"{call.dtype} (fused attention takes fp32/bf16/fp16)"
+    return None
+
+
+def _flex_can_run(call: Call) -> str | None:
+    if call.device.type != "cpu":
+        return "used on the CPU only (on CUDA it is the benchmark baseline)"
+    why = flex_available()
+    if why:
+        return why
+    if call.compiling:
+        return "inside a compiled graph (flex is compiled on its own)"
+    if call.return_lse:
+        # torch 2.13's inductor: "torch.compile on CPU only supports inference and
+        # return_lse is not supported yet"
+        return "compiled flex on the CPU returns no log-sum-exp (torch's limit), which this call needs"
+    if call.grad:
+        return "compiled flex on the CPU is inference-only (run under torch.no_grad())"
+    if call.dtype not in (torch.float32, torch.bfloat16):
+        return f"{call.dtype} (compiled flex on the CPU takes fp32/bf16)"
+    return None
+
+
+def _flex_worth_it(call: Call) -> str | None:
+    if call.work < FLEX_MIN_WORK:
+        return f"call too small for the compiled sparse kernel to pay ({call.work:.3g} < {FLEX_MIN_WORK:.3g} score elements)"
+    return None
+
+
+register(Backend("triton", "block_sparse", _triton_run, _triton_can_run, "gen's Triton kernel on CUDA",
+                 _triton_worth_it))
+register(Backend("sdpa", "block_sparse", dense_attention, _sdpa_can_run,
+                 "dense plan: torch's fused attention (the kernel stock attention runs)"))
+register(Backend("gather", "block_sparse", gathered_attention, _gather_can_run,
+                 "sparse plan: torch's fused attention on each query block's gathered key blocks"))
+register(Backend("flex", "block_sparse", flex_block_sparse_attention, _flex_can_run,
+                 "sparse plan: compiled flex_attention with the plan as its BlockMask", _flex_worth_it))
+register(Backend("torch", "block_sparse", reference.block_sparse_attention, lambda call: None,
+                 "the PyTorch reference (runs anything)"))
