@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from gen.kernels._checks import check_plan, check_qkv
+
 from .backends import backends, choose
 from .backends.block_sparse import describe
 
@@ -49,12 +51,9 @@ def block_sparse_attention(
     ``(B, H, S, D)``), plus ``backend``: None (automatic) or one of :data:`BACKENDS`
     (``"triton"``, ``"sdpa"``, ``"flex"``, ``"torch"``).
     """
-    if not isinstance(q, torch.Tensor):
-        raise ValueError(f"q must be a torch.Tensor, got {type(q).__name__}.")
-    if not isinstance(k, torch.Tensor):
-        raise ValueError(f"k must be a torch.Tensor, got {type(k).__name__}.")
-    if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"q and k must be 4-dim (batch, heads, seq_len, head_dim); got {tuple(q.shape)} and {tuple(k.shape)}.")
+    # the checks every backend shares, first: one message per mistake, whichever backend
+    check_qkv(q, k, v, allowed_dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    check_plan(plan, q, k)
     call = describe(q, k, plan, kv_valid=kv_valid, kv_mask=kv_mask, return_lse=return_lse)
     chosen = choose("block_sparse", call, backend)
     return chosen.backend.run(q, k, v, plan, scale=scale, kv_valid=kv_valid, kv_mask=kv_mask, return_lse=return_lse)

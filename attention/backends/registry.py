@@ -133,7 +133,7 @@ def choose(op: str, call: Call, requested: str | None = None) -> Choice:
                              f"{', '.join(named)} or None (automatic).")
         why = named[requested].can_run(call)
         if why is not None:
-            raise ValueError(f"backend {requested!r} cannot run this call: {why}")
+            raise ValueError(f"{why} (backend={requested!r} cannot run this call)")
         return Choice(named[requested], "asked for")
     skipped = []
     for b in entries:
