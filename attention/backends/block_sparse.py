@@ -25,7 +25,7 @@ from .gather import flash_cpu_available, gathered_attention
 from .registry import Backend, Call, register
 from .sdpa import dense_attention
 
-__all__ = ["FLEX_MIN_WORK", "describe"]
+__all__ = ["FLEX_MIN_WORK", "describe", "triton_can_run", "triton_worth_it"]
 
 #: Smallest call (``B*H*Sq*Skv*density`` score elements) sent to compiled flex_attention
 #: on the CPU; below it the reference's few batched matmuls win (measured in
@@ -48,12 +48,12 @@ def describe(q: torch.Tensor, k: torch.Tensor, plan, *, kv_valid=None, kv_mask=N
                 return_lse=return_lse, compiling=compiling, grad=torch.is_grad_enabled())
 
 
-def _triton_can_run(call: Call) -> str | None:
+def triton_can_run(call: Call) -> str | None:
     ok, why = triton_available_for(call.device)  # CUDA, or the interpreter (tests)
     return None if ok else why
 
 
-def _triton_worth_it(call: Call) -> str | None:
+def triton_worth_it(call: Call) -> str | None:
     if call.device.type != "cuda":
         return f"{call.device.type} tensors: the interpreter is for tests (ask for backend='triton')"
     return None
@@ -115,8 +115,8 @@ def _flex_worth_it(call: Call) -> str | None:
     return None
 
 
-register(Backend("triton", "block_sparse", _triton_run, _triton_can_run, "gen's Triton kernel on CUDA",
-                 _triton_worth_it))
+register(Backend("triton", "block_sparse", _triton_run, triton_can_run, "gen's Triton kernel on CUDA",
+                 triton_worth_it))
 register(Backend("sdpa", "block_sparse", dense_attention, _sdpa_can_run,
                  "dense plan: torch's fused attention (the kernel stock attention runs)"))
 register(Backend("gather", "block_sparse", gathered_attention, _gather_can_run,

@@ -145,3 +145,15 @@ class BenchResult:
         m = self.meta
         return (f"`{m['command']}` — {m['device']}, torch {m['torch']}, triton {m['triton']}, "
                 f"commit {m['commit']}, {m['date']}")
+
+
+def print_and_save(result, json_out: str | None) -> int:
+    """What a ``python -m gen.bench.X`` entry point ends with: the markdown table on
+    stdout, the JSON (atomically) where asked; returns the exit status 0."""
+    print(result.to_markdown())
+    if json_out:
+        from gen._io import atomic_write_text
+
+        atomic_write_text(json_out, result.to_json() + "\n")
+        print(f"wrote {json_out}")
+    return 0

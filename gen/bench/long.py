@@ -342,13 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(result.to_markdown())
-    if args.json_out:
-        from gen._io import atomic_write_text
+    from .common import print_and_save
 
-        atomic_write_text(args.json_out, result.to_json() + "\n")
-        print(f"wrote {args.json_out}")
-    return 0
+    return print_and_save(result, args.json_out)
 
 
 if __name__ == "__main__":
