@@ -120,5 +120,5 @@ def cache_attention(
     kwargs = dict(tokens_per_frame=tokens_per_frame, key_pos=key_pos, rope_cos=rope_cos, rope_sin=rope_sin, scale=scale)
     if not isinstance(q, torch.Tensor) or q.dim() != 4 or not isinstance(frame_slots, torch.Tensor):
         return cache_attention_reference(q, k_cache, v_cache, frame_slots, **kwargs)  # raises, saying what is wrong
-    call = describe(q, k_cache, frame_slots.numel() * tokens_per_frame, rope=rope_cos is not None)
+    call = describe(q, frame_slots.numel() * tokens_per_frame)
     return choose("cache", call, backend).backend.run(q, k_cache, v_cache, frame_slots, **kwargs)

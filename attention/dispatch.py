@@ -2,7 +2,7 @@
 
 ``backend=None`` picks the first backend of ``gen.attention.backends`` that can run the
 call (gen's Triton kernel on CUDA; on the CPU torch's fused attention for dense plans,
-compiled ``flex_attention`` for large sparse ones, the PyTorch reference otherwise) and
+the same kernel on gathered key blocks for sparse ones, the PyTorch reference otherwise) and
 logs the choice and why the others were skipped at DEBUG level on the ``gen.attention``
 logger (``logging.getLogger("gen.attention").setLevel("DEBUG")`` to see it). An explicit
 backend that cannot run raises ``ValueError`` saying why.
@@ -49,11 +49,11 @@ def block_sparse_attention(
 
     Same arguments and result as ``gen.kernels.block_sparse_attention`` (shapes
     ``(B, H, S, D)``), plus ``backend``: None (automatic) or one of :data:`BACKENDS`
-    (``"triton"``, ``"sdpa"``, ``"flex"``, ``"torch"``).
+    (``"triton"``, ``"sdpa"``, ``"gather"``, ``"flex"``, ``"torch"``).
     """
     # the checks every backend shares, first: one message per mistake, whichever backend
     check_qkv(q, k, v, allowed_dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
     check_plan(plan, q, k)
-    call = describe(q, k, plan, kv_valid=kv_valid, kv_mask=kv_mask, return_lse=return_lse)
+    call = describe(q, k, plan, return_lse=return_lse)
     chosen = choose("block_sparse", call, backend)
     return chosen.backend.run(q, k, v, plan, scale=scale, kv_valid=kv_valid, kv_mask=kv_mask, return_lse=return_lse)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from gen.kernels._checks import check_kv_mask, check_kv_valid, check_plan, check_qkv, check_scale
+from gen.kernels._checks import check_call
 
 __all__ = ["block_sparse_attention"]
 
@@ -48,13 +48,10 @@ def block_sparse_attention(
         ``out (B, H, Sq, D)`` in ``q.dtype`` and optionally ``lse``; rows with no valid
         key give zeros and ``lse = -inf``.
     """
-    bsz, heads, q_len, kv_len, head_dim = check_qkv(
-        q, k, v, allowed_dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    bsz, heads, q_len, kv_len, head_dim, sm_scale = check_call(
+        q, k, v, plan, scale=scale, kv_valid=kv_valid, kv_mask=kv_mask,
+        allowed_dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
     )
-    check_plan(plan, q, k)
-    check_kv_valid(kv_valid, bsz, kv_len, q.device)
-    check_kv_mask(kv_mask, bsz, kv_len, q.device)
-    sm_scale = check_scale(scale, head_dim)
 
     bm, bn = plan.block_m, plan.block_n
     nq, nk = plan.kv_counts.shape[2], -(-kv_len // bn)

@@ -198,6 +198,26 @@ def check_scale(scale: float | None, head_dim: int) -> float:
     return scale
 
 
+def check_call(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: BlockPlanLike,
+    *,
+    scale: float | None,
+    kv_valid: torch.Tensor | None,
+    kv_mask: torch.Tensor | None,
+    allowed_dtypes: tuple[torch.dtype, ...] = SUPPORTED_DTYPES,
+) -> tuple[int, int, int, int, int, float]:
+    """Every check of one block-sparse call, in the order the backends make them: inputs,
+    plan, padding, key mask, scale. Returns ``(B, H, Sq, Skv, D, softmax scale)``."""
+    bsz, heads, q_len, kv_len, head_dim = check_qkv(q, k, v, allowed_dtypes=allowed_dtypes)
+    check_plan(plan, q, k)
+    check_kv_valid(kv_valid, bsz, kv_len, q.device)
+    check_kv_mask(kv_mask, bsz, kv_len, q.device)
+    return bsz, heads, q_len, kv_len, head_dim, check_scale(scale, head_dim)
+
+
 def check_triton_limits(head_dim: int, plan: BlockPlanLike) -> None:
     """Limits of the Triton kernel beyond the shared contract."""
     if head_dim % 16 != 0 or not 16 <= head_dim <= 256:

@@ -21,20 +21,19 @@ from gen.kernels import triton_available_for
 
 from .. import reference
 from .flex import flex_available, flex_block_sparse_attention
-from .gather import flash_cpu_available, gathered_attention
+from .gather import gathered_attention
 from .registry import Backend, Call, register
-from .sdpa import dense_attention
+from .sdpa import dense_attention, flash_cpu_available
 
 __all__ = ["FLEX_MIN_WORK", "describe", "triton_can_run", "triton_worth_it"]
 
-#: Smallest call (``B*H*Sq*Skv*density`` score elements) sent to compiled flex_attention
-#: on the CPU; below it the reference's few batched matmuls win (measured in
-#: BENCHMARKS.md, "CPU backends").
+#: Smallest call (``B*H*Sq*Skv*density`` score elements) the automatic choice sends to
+#: compiled flex_attention on the CPU: its first call per shape compiles (12 s seen on a
+#: 2-core CPU), which a small call does not repay. A judgement, not a measured crossover.
 FLEX_MIN_WORK = 2_000_000
 
 
-def describe(q: torch.Tensor, k: torch.Tensor, plan, *, kv_valid=None, kv_mask=None,
-             return_lse: bool = False) -> Call:
+def describe(q: torch.Tensor, k: torch.Tensor, plan, *, return_lse: bool = False) -> Call:
     """The :class:`Call` record of a block-sparse call (no device sync on CUDA)."""
     compiling = torch.compiler.is_compiling()
     full = density = None
@@ -43,9 +42,7 @@ def describe(q: torch.Tensor, k: torch.Tensor, plan, *, kv_valid=None, kv_mask=N
         dens = getattr(plan, "cached_density", None)
         density = dens() if callable(dens) else None
     return Call(device=q.device, dtype=q.dtype, batch=q.shape[0], heads=q.shape[1], q_len=q.shape[2],
-                kv_len=k.shape[2], head_dim=q.shape[3], full=full, density=density,
-                has_kv_valid=kv_valid is not None, has_kv_mask=kv_mask is not None,
-                return_lse=return_lse, compiling=compiling, grad=torch.is_grad_enabled())
+                kv_len=k.shape[2], head_dim=q.shape[3], full=full, density=density, return_lse=return_lse, compiling=compiling, grad=torch.is_grad_enabled())
 
 
 def triton_can_run(call: Call) -> str | None:

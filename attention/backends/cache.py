@@ -12,11 +12,11 @@ from .registry import Backend, Call, register
 __all__ = ["describe"]
 
 
-def describe(q: torch.Tensor, k_cache: torch.Tensor, n_keys: int, *, rope: bool) -> Call:
+def describe(q: torch.Tensor, n_keys: int) -> Call:
     """The :class:`Call` record of a cache-attention call ``q (B, Sq, H, D)``."""
     return Call(device=q.device, dtype=q.dtype, batch=q.shape[0], heads=q.shape[2], q_len=q.shape[1],
                 kv_len=n_keys, head_dim=q.shape[3], full=True, density=1.0,
-                compiling=torch.compiler.is_compiling(), extra=(("rope", rope),))
+                compiling=torch.compiler.is_compiling())
 
 
 def _triton_run(q, k_cache, v_cache, frame_slots, **kw):

@@ -6,11 +6,12 @@ whose keys are all valid are *full* blocks (flex runs them without evaluating an
 as gen's kernel does), the few that hold padding, masked keys or the ragged end are
 *partial* blocks, where the ``mask_mod`` reads the key-validity vector. The compiled
 ``flex_attention`` (inductor: C++ on the CPU, Triton on CUDA) is built on first use per
-shape and reused; it returns the LSE gen needs for joint text.
+shape and reused.
 
-On the CPU this is the fast path for sparse plans (the PyTorch reference is an oracle
-written for clarity); on CUDA gen's own kernel comes first and flex is the baseline
-``gen bench kernels`` times against it.
+On the CPU torch 2.13's compiled flex returns no LSE and runs without autograd only, so
+the automatic choice takes it just for calls that need neither (``gather`` covers the
+rest); on CUDA gen's own kernel comes first and flex is the baseline ``gen bench
+kernels`` times against it.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import functools
 
 import torch
 
-from gen.kernels._checks import check_kv_mask, check_kv_valid, check_plan, check_qkv, check_scale
+from gen.kernels._checks import check_call
 
-from .sdpa import key_mask
+from .sdpa import key_blocks, key_mask
 
 __all__ = ["flex_available", "flex_block_sparse_attention", "plan_to_block_mask"]
 
@@ -49,12 +50,9 @@ def plan_to_block_mask(plan, batch: int, heads: int, key_ok: torch.Tensor | None
     idx = plan.kv_indices.expand(batch, heads, -1, -1).long()
     visits = idx.shape[-1]
     used = torch.arange(visits, device=dev) < counts[..., None]  # (B, H, nq, V)
-    if key_ok is None:
-        ok = torch.nn.functional.pad(torch.ones(1, kv_len, dtype=torch.bool, device=dev), (0, nk * bn - kv_len))
-    else:
-        ok = torch.nn.functional.pad(key_ok, (0, nk * bn - kv_len))
-    whole = ok.view(ok.shape[0], nk, bn).all(-1).expand(batch, nk)  # (B, nk): every key valid
-    some = ok.view(ok.shape[0], nk, bn).any(-1).expand(batch, nk)  # (B, nk): any key valid
+    okb = key_blocks(key_ok, kv_len, nk, bn, dev)
+    whole = okb.all(-1).expand(batch, nk)  # (B, nk): every key valid
+    some = okb.any(-1).expand(batch, nk)  # (B, nk): any key valid
     b_index = torch.arange(batch, device=dev).view(batch, 1, 1, 1)
     full = used & whole[b_index, idx]
     partial = used & ~whole[b_index, idx] & some[b_index, idx]  # all-invalid blocks: skipped
@@ -106,11 +104,8 @@ def flex_block_sparse_attention(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention with compiled ``flex_attention``. Same arguments and result
     as ``gen.attention.reference.block_sparse_attention``."""
-    bsz, heads, q_len, kv_len, head_dim = check_qkv(q, k, v)
-    check_plan(plan, q, k)
-    check_kv_valid(kv_valid, bsz, kv_len, q.device)
-    check_kv_mask(kv_mask, bsz, kv_len, q.device)
-    sm_scale = check_scale(scale, head_dim)
+    bsz, heads, q_len, kv_len, head_dim, sm_scale = check_call(q, k, v, plan, scale=scale, kv_valid=kv_valid,
+                                                               kv_mask=kv_mask)
     mask = plan_to_block_mask(plan, bsz, heads, key_mask(bsz, kv_len, kv_valid, kv_mask, q.device))
     if not return_lse:  # compiled flex on the CPU (torch 2.13) cannot return it
         return _compiled_flex()(q, k, v, block_mask=mask, scale=sm_scale)

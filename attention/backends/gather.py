@@ -15,22 +15,14 @@ from __future__ import annotations
 
 import torch
 
-from gen.kernels._checks import check_kv_mask, check_kv_valid, check_plan, check_qkv, check_scale
+from gen.kernels._checks import check_call
 
-from .sdpa import key_mask
+from .sdpa import FLASH_CPU, key_blocks, key_mask
 
-__all__ = ["gathered_attention", "flash_cpu_available"]
+__all__ = ["gathered_attention"]
 
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 # gathered key + value elements held at once per chunk (2**24 fp32 = 64 MiB)
 _GATHER_BUDGET = 1 << 24
-
-
-def flash_cpu_available() -> str | None:
-    """None when torch's fused CPU attention with LSE is available, else why not."""
-    if _FLASH_CPU is None:
-        return f"torch {torch.__version__} has no aten._scaled_dot_product_flash_attention_for_cpu"
-    return None
 
 
 def gathered_attention(
@@ -49,11 +41,8 @@ def gathered_attention(
     running torch's fused CPU attention on them. Same arguments and result as
     ``gen.attention.reference.block_sparse_attention`` (``budget``: most gathered key +
     value elements held at once)."""
-    bsz, heads, q_len, kv_len, head_dim = check_qkv(q, k, v)
-    check_plan(plan, q, k)
-    check_kv_valid(kv_valid, bsz, kv_len, q.device)
-    check_kv_mask(kv_mask, bsz, kv_len, q.device)
-    sm_scale = check_scale(scale, head_dim)
+    bsz, heads, q_len, kv_len, head_dim, sm_scale = check_call(q, k, v, plan, scale=scale, kv_valid=kv_valid,
+                                                               kv_mask=kv_mask)
     bm, bn = plan.block_m, plan.block_n
     nq, nk, visits = plan.n_q_blocks, plan.n_kv_blocks, plan.max_visits
     dev, dt = q.device, q.dtype
@@ -67,9 +56,7 @@ def gathered_attention(
     qb, kb, vb = blocks(q, bm, nq), blocks(k, bn, nk), blocks(v, bn, nk)
     idx = plan.kv_indices.long().expand(bsz, heads, nq, visits)
     cnt = plan.kv_counts.long().expand(bsz, heads, nq)
-    ok = key_mask(bsz, kv_len, kv_valid, kv_mask, dev)
-    ok = torch.ones(1, kv_len, dtype=torch.bool, device=dev) if ok is None else ok
-    okb = torch.nn.functional.pad(ok, (0, nk * bn - kv_len)).view(ok.shape[0], nk, bn).expand(bsz, nk, bn)
+    okb = key_blocks(key_mask(bsz, kv_len, kv_valid, kv_mask, dev), kv_len, nk, bn, dev).expand(bsz, nk, bn)
     bi = torch.arange(bsz, device=dev).view(bsz, 1, 1, 1)
     hi = torch.arange(heads, device=dev).view(1, heads, 1, 1)
 
@@ -92,7 +79,7 @@ def gathered_attention(
             o = torch.zeros_like(qq)
             lo = torch.full(qq.shape[:3], float("-inf"), device=dev)
         else:
-            o, lo = _FLASH_CPU(qq, kg, vg, attn_mask=bias, scale=sm_scale)
+            o, lo = FLASH_CPU(qq, kg, vg, attn_mask=bias, scale=sm_scale)
         empty = ~valid.any(-1)  # (B, H*c, 1): rows of a query block that see nothing
         if bool(empty.any()):
             o = o.masked_fill(empty[..., None], 0.0)

@@ -9,7 +9,8 @@ name, and logs the choice and why the ones before it were skipped (DEBUG on the
 same decisions through :func:`explain`.
 
 A call is described by a small frozen record (:class:`Call`) of what choosers may look
-at: device, dtype, lengths, head dim, whether the plan visits every block, masks. It
+at: device, dtype, lengths, head dim, whether the plan visits every block, whether the
+LSE is needed, whether autograd or a compiled graph is active. It
 holds no tensors, so choosing costs nothing and is the same inside ``torch.compile``.
 """
 
@@ -44,12 +45,9 @@ class Call:
     head_dim: int
     full: bool | None = None
     density: float | None = None
-    has_kv_valid: bool = False
-    has_kv_mask: bool = False
     return_lse: bool = False
     compiling: bool = False
     grad: bool = False
-    extra: tuple = ()
 
     @property
     def work(self) -> float:

@@ -16,13 +16,21 @@ from __future__ import annotations
 
 import torch
 
-from gen.kernels._checks import check_kv_mask, check_kv_valid, check_plan, check_qkv, check_scale
+from gen.kernels._checks import check_call
 
-__all__ = ["dense_attention", "key_mask"]
+__all__ = ["FLASH_CPU", "dense_attention", "flash_cpu_available", "key_blocks", "key_mask"]
 
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+#: torch's fused CPU attention that returns the LSE beside the output (None if missing)
+FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 # query rows per chunk when the LSE has to be computed apart (rows x keys fp32 scores)
 _LSE_CHUNK_ELEMENTS = 1 << 24
+
+
+def flash_cpu_available() -> str | None:
+    """None when torch's fused CPU attention with LSE is available, else why not."""
+    if FLASH_CPU is None:
+        return f"torch {torch.__version__} has no aten._scaled_dot_product_flash_attention_for_cpu"
+    return None
 
 
 def key_mask(batch: int, kv_len: int, kv_valid: torch.Tensor | None, kv_mask: torch.Tensor | None,
@@ -36,6 +44,14 @@ def key_mask(batch: int, kv_len: int, kv_valid: torch.Tensor | None, kv_mask: to
     if kv_mask is not None:
         ok &= kv_mask.to(device).expand(batch, kv_len)
     return ok
+
+
+def key_blocks(key_ok: torch.Tensor | None, kv_len: int, n_blocks: int, block: int,
+               device: torch.device) -> torch.Tensor:
+    """Valid keys per key block, bool ``(B|1, n_blocks, block)``, from :func:`key_mask`'s
+    ``(B, Skv)`` (None: every key valid); slots past ``kv_len`` (a ragged end) are False."""
+    ok = torch.ones(1, kv_len, dtype=torch.bool, device=device) if key_ok is None else key_ok
+    return torch.nn.functional.pad(ok, (0, n_blocks * block - kv_len)).view(ok.shape[0], n_blocks, block)
 
 
 def dense_attention(
@@ -53,18 +69,15 @@ def dense_attention(
     torch's fused kernel; ``plan`` must visit every block (checked by the chooser, which
     only picks this backend for full plans). Same arguments and result as
     ``gen.attention.reference.block_sparse_attention``."""
-    bsz, heads, q_len, kv_len, head_dim = check_qkv(q, k, v)
-    check_plan(plan, q, k)
-    check_kv_valid(kv_valid, bsz, kv_len, q.device)
-    check_kv_mask(kv_mask, bsz, kv_len, q.device)
-    sm_scale = check_scale(scale, head_dim)
+    bsz, heads, q_len, kv_len, head_dim, sm_scale = check_call(q, k, v, plan, scale=scale, kv_valid=kv_valid,
+                                                               kv_mask=kv_mask)
     ok = key_mask(bsz, kv_len, kv_valid, kv_mask, q.device)
     bias = None
     if ok is not None:
         bias = torch.zeros(bsz, 1, 1, kv_len, dtype=q.dtype, device=q.device).masked_fill(
             ~ok[:, None, None, :], float("-inf"))
-    if q.device.type == "cpu" and _FLASH_CPU is not None:
-        out, lse = _FLASH_CPU(q, k, v, attn_mask=bias, scale=sm_scale)
+    if q.device.type == "cpu" and FLASH_CPU is not None:
+        out, lse = FLASH_CPU(q, k, v, attn_mask=bias, scale=sm_scale)
     else:
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=sm_scale)
         lse = _chunked_lse(q, k, sm_scale, bias) if return_lse else None
