@@ -21,6 +21,7 @@ __all__ = [
     "LOG2E",
     "SMEM_LIMIT",
     "estimate_shared_memory",
+    "fits_device",
     "tile_fits_registers",
     "interpreting",
     "interpreter_ready",
@@ -67,6 +68,13 @@ def tile_fits_registers(conf: triton.Config, head_dim: int) -> bool:
     if d > 128 and bm * bn > 64 * 64:
         return False
     return bm * bn + bm * d <= (12288 if conf.num_warps <= 4 else 32768)
+
+
+def fits_device(conf: triton.Config, head_dim: int, elem_bytes: int, smem_limit: int) -> bool:
+    """Whether ``conf`` at ``head_dim`` stays inside the register budget
+    (:func:`tile_fits_registers`) and ``smem_limit`` bytes of shared memory
+    (:func:`estimate_shared_memory`): what every kernel's autotune pruning checks."""
+    return tile_fits_registers(conf, head_dim) and estimate_shared_memory(conf, head_dim, elem_bytes) <= smem_limit
 
 
 def interpreting() -> bool:

@@ -52,10 +52,10 @@ from ._common import (
     LOG2E,
     SMEM_LIMIT,
     estimate_shared_memory,
+    fits_device,
     interpreting,
     shared_memory_limit,
     sm_count,
-    tile_fits_registers,
     triton_available_for,
 )
 
@@ -280,9 +280,7 @@ def keep_config(conf: triton.Config, plan_bm: int, plan_bn: int, head_dim: int,
     bm, bn = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"]
     if plan_bm % bm or plan_bn % bn:
         return False
-    if not tile_fits_registers(conf, head_dim):
-        return False
-    return estimate_shared_memory(conf, head_dim, elem_bytes) <= smem_limit
+    return fits_device(conf, head_dim, elem_bytes, smem_limit)
 
 
 def _prune(configs, named_args, **kwargs):

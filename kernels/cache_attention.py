@@ -38,10 +38,9 @@ from ._common import (
     LN2,
     LOG2E,
     SMEM_LIMIT,
-    estimate_shared_memory,
+    fits_device,
     interpreting,
     shared_memory_limit,
-    tile_fits_registers,
     triton_available_for,
 )
 
@@ -179,11 +178,9 @@ HOPPER_CONFIGS = [
 
 
 def keep_config(conf: triton.Config, head_dim: int, elem_bytes: int = 2, smem_limit: int = SMEM_LIMIT[90]) -> bool:
-    """True when ``conf`` fits ``smem_limit`` bytes of shared memory at ``head_dim`` and
-    stays inside the register budget (``tile_fits_registers``)."""
-    if not tile_fits_registers(conf, head_dim):
-        return False
-    return estimate_shared_memory(conf, head_dim, elem_bytes) <= smem_limit
+    """True when ``conf`` fits the register budget and ``smem_limit`` bytes of shared
+    memory at ``head_dim`` (:func:`fits_device`)."""
+    return fits_device(conf, head_dim, elem_bytes, smem_limit)
 
 
 def _prune(configs, named_args, **kwargs):
