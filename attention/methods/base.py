@@ -146,17 +146,10 @@ class SparseMethod:
         if kv_valid is not None and layout.text_first:
             raise ValueError("per-sample key padding is only supported with text after the video.")
         vs, ts = layout.video_slice, layout.text_slice
-        qv, kv_, vv = q[:, :, vs], k[:, :, vs], v[:, :, vs]
-        kt, vt = k[:, :, ts], v[:, :, ts]
         backend = self.config.backend
-        # video queries: sparse over video keys, dense over the valid text keys
-        out_vv, lse_vv = self.video_attention(qv, kv_, vv, layout, ctx)
         text_valid = None if kv_valid is None else (kv_valid - layout.video_len).clamp(min=0)
-        out_vt, lse_vt = block_sparse_attention(
-            qv, kt, vt, self._dense_plan(layout.video_len, layout.text_len, q.device),
-            kv_valid=text_valid, return_lse=True, backend=backend,
-        )
-        out_v, _ = merge_attention(out_vv, lse_vv, out_vt, lse_vt)
+        out_v = self.joint_video_attention(q[:, :, vs], k[:, :, vs], v[:, :, vs], k[:, :, ts], v[:, :, ts],
+                                           text_valid, layout, ctx)
         # text queries: dense over all valid keys
         out_t = block_sparse_attention(
             q[:, :, ts], k, v, self._dense_plan(layout.text_len, layout.seq_len, q.device),
@@ -164,6 +157,22 @@ class SparseMethod:
         )
         parts = [out_t, out_v] if layout.text_first else [out_v, out_t]
         return torch.cat(parts, dim=2)
+
+    def joint_video_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_text: torch.Tensor,
+                              v_text: torch.Tensor, text_valid: torch.Tensor | None, layout: TokenLayout,
+                              ctx: AttentionContext) -> torch.Tensor:
+        """Video queries of a call with text: sparse over the video keys
+        (:meth:`video_attention`), dense over the valid text keys, merged by log-sum-exp.
+        ``q, k, v (B, H, Sv, D)``, ``k_text, v_text (B, H, St, D)``, ``text_valid`` int
+        ``(B,)`` or None; returns ``(B, H, Sv, D)``. Methods that post-process the merged
+        output (Rectified SpaAttn's ``R·O + C``) override this."""
+        out_vv, lse_vv = self.video_attention(q, k, v, layout, ctx)
+        out_vt, lse_vt = block_sparse_attention(
+            q, k_text, v_text, self._dense_plan(layout.video_len, layout.text_len, q.device),
+            kv_valid=text_valid, return_lse=True, backend=self.config.backend,
+        )
+        out_v, _ = merge_attention(out_vv, lse_vv, out_vt, lse_vt)
+        return out_v
 
     def video_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
                         ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:

@@ -68,6 +68,32 @@ PRESETS: dict[str, dict[str, dict]] = {
         "shapes-wan": dict(window=(3, 4, 4), stride=(1, 4, 4), tile=(1, 4, 4)),
         "shapes-wan-causal": dict(window=(3, 4, 4), stride=(1, 4, 4), tile=(1, 4, 4)),
     },
+    # Rectified SpaAttn: the authors' scripts (128-token blocks, p 0.3). Wan 2.1: drop 0.75,
+    # the first 2 layers and the first 10 forward calls (5 steps with CFG) dense, for 14B and
+    # (same parameters, commented out in their script) 1.3B; I2V: 2 layers only.
+    # HunyuanVideo: drop 0.8, nothing dense. FLUX: drop 0.9, processors 37-56 (the last 20
+    # single blocks) dense; one frame, so no first-frame blocks.
+    "rectified": {
+        "wan2.1-t2v-14b": dict(p=0.3, drop_rate=0.75, dense_steps=5, dense_layers=2),
+        "wan2.1-t2v-1.3b": dict(p=0.3, drop_rate=0.75, dense_steps=5, dense_layers=2),
+        "wan2.1-i2v-14b-480p": dict(p=0.3, drop_rate=0.75, dense_layers=2),
+        "wan2.1-i2v-14b-720p": dict(p=0.3, drop_rate=0.75, dense_layers=2),
+        "hunyuanvideo": dict(p=0.3, drop_rate=0.8),
+        "flux.1-dev": dict(p=0.3, drop_rate=0.9, dense_layers=tuple(range(37, 57)), first_frame=False),
+        "flux.1-schnell": dict(p=0.3, drop_rate=0.9, dense_layers=tuple(range(37, 57)), first_frame=False),
+        "wan": dict(p=0.3, drop_rate=0.75, dense_steps=5, dense_layers=2),
+        "hunyuan": dict(p=0.3, drop_rate=0.8),
+        "flux": dict(p=0.3, drop_rate=0.9, dense_layers=tuple(range(37, 57)), first_frame=False),
+        # tiny models (256-320 tokens, 2 steps): 16-token blocks so there is something to drop
+        "tiny-wan": dict(block_size=16),
+        "tiny-wan-i2v": dict(block_size=16),
+        "tiny-hunyuan": dict(block_size=16),
+        "tiny-flux": dict(block_size=16, first_frame=False),
+        # shapes-wan (5x8x8, 25 steps, 4 layers): 16-token blocks, the authors' schedule
+        # scaled (first 3 of 25 steps and the first of 4 layers dense)
+        "shapes-wan": dict(block_size=16, p=0.3, drop_rate=0.75, dense_steps=3, dense_layers=1),
+        "shapes-wan-causal": dict(block_size=16, p=0.3, drop_rate=0.75, dense_steps=3, dense_layers=1),
+    },
 }
 
 
