@@ -51,6 +51,8 @@ class AotCase:
     num_warps: int = 4
     num_stages: int = 2
     smem_estimate: int | None = None  # what the launcher's pruning assumed, bytes
+    # the kernel multiplies tiles (tl.dot): its bf16/fp16 code must use tensor cores
+    tensor_cores: bool = True
 
     @property
     def tile(self) -> str:
@@ -234,10 +236,78 @@ def _cache_cases(arch: int, full: bool) -> list[AotCase]:
     return out
 
 
+# (label, dtype, heads, seq_len, head_dim, block, flags): block statistics of q/k as the
+# dynamic methods pool them, read in place from diffusers' (B, S, H, D) layout. Wan 2.1 14B
+# 720p: 40 heads x 75600 video tokens (591 blocks of 128, the last one short);
+# HunyuanVideo 720p: 24 heads x 119040 (930 blocks). "valid": a padded token order
+# (592 whole blocks, padding slots flagged); "nodev": means only.
+_STATS_MAIN = [("wan14b720 q/k", "bf16", 40, 75600, 128, 128, ())]
+_STATS_EXTRA = [
+    ("hunyuan720 q/k", "bf16", 24, 119040, 128, 128, ()),
+    ("wan14b720 padded order", "bf16", 40, 75776, 128, 128, ("valid",)),
+    ("wan14b720 q/k", "bf16", 40, 75600, 128, 128, ("nodev",)),
+    ("wan14b720 q/k", "fp16", 40, 75600, 128, 128, ()),
+    ("wan14b720 q/k", "fp32", 40, 75600, 128, 128, ()),
+    ("wan14b720 q/k", "bf16", 40, 75600, 64, 128, ()),
+    ("wan14b720 q/k", "bf16", 40, 75600, 256, 128, ()),
+    ("wan14b720 q/k blocks of 256", "bf16", 40, 75600, 128, 256, ("valid",)),
+    ("wan14b720 q/k blocks of 64", "bf16", 40, 75600, 128, 64, ()),
+]
+
+
+def _stats_cases(arch: int, full: bool) -> list[AotCase]:
+    m = _module("block_estimate")
+    arg_names, const_names = _params(m._block_stats_kernel)
+    out = []
+    for i, (label, dt, h, s, d, block, flags) in enumerate(_STATS_MAIN + _STATS_EXTRA):
+        if not full and not _in_quick(i < len(_STATS_MAIN), dt, arch):
+            continue
+        x = _bshd(1, s, h, d, _DTYPES[dt])
+        valid = torch.empty(s, dtype=torch.bool, device="meta") if "valid" in flags else None
+        spec = m.stats_launch_spec(x, block, valid, "nodev" not in flags)
+        runtime = _runtime_values(spec.args, arg_names, const_names)
+        name = f"{label} {dt} D{d} block{block}" + "".join(f" {f}" for f in flags)
+        out.append(AotCase(m.__name__, "_block_stats_kernel", name, arch, dt, runtime, spec.meta,
+                           spec.num_warps, 1, m.stats_shared_memory(block, d, spec.num_warps), tensor_cores=False))
+    return out
+
+
+# (label, heads, query blocks, key blocks, text column): cumulative-mass selection on the
+# pooled logits (fp32). Wan 2.1 14B 720p: 591 x 591 blocks, no text (cross-attention
+# carries it); HunyuanVideo 720p: 930 x 930 with the text column; the longest row the
+# kernel accepts (MAX_KEY_BLOCKS).
+_SELECT_MAIN = [("wan14b720", 40, 591, 591, False)]
+_SELECT_EXTRA = [
+    ("hunyuan720", 24, 930, 930, True),
+    ("longest row", 24, 64, 2048, True),
+]
+
+
+def _select_cases(arch: int, full: bool) -> list[AotCase]:
+    m = _module("block_estimate")
+    arg_names, const_names = _params(m._block_select_kernel)
+    out = []
+    for i, (label, h, nq, nk, text) in enumerate(_SELECT_MAIN + _SELECT_EXTRA):
+        if not full and i >= len(_SELECT_MAIN):
+            continue  # fp32 only: the extras are in the full sweep
+        logits = torch.empty(1, h, nq, nk, dtype=torch.float32, device="meta")
+        text_logit = torch.empty(1, h, nq, dtype=torch.float32, device="meta") if text else None
+        rect = torch.empty(1, h, nq, nk, dtype=torch.bool, device="meta")
+        forced = torch.empty(nq, nk, dtype=torch.bool, device="meta")
+        spec = m.select_launch_spec(logits, text_logit, rect, forced, 0.9, 8)
+        runtime = _runtime_values(spec.args, arg_names, const_names)
+        name = f"{label} {nq}x{nk} blocks" + (" +text" if text else "")
+        out.append(AotCase(m.__name__, "_block_select_kernel", name, arch, "fp32", runtime, spec.meta,
+                           spec.num_warps, 1, m.select_shared_memory(nk), tensor_cores=False))
+    return out
+
+
 # kernel function name -> (module in this folder, case generator(arch, full))
 KERNELS: dict[str, tuple[str, Callable[[int, bool], list[AotCase]]]] = {
     "_block_sparse_fwd_kernel": ("block_sparse_attention", _bsa_cases),
     "_cache_attn_fwd_kernel": ("cache_attention", _cache_cases),
+    "_block_stats_kernel": ("block_estimate", _stats_cases),
+    "_block_select_kernel": ("block_estimate", _select_cases),
 }
 
 

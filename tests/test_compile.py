@@ -35,3 +35,30 @@ def test_compiled_wan_two_steps_without_recompiling():
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
         assert (out - st).abs().max() > 1e-4  # the sparse pattern really ran
     torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compiled_wan_with_a_dynamic_method_two_steps_without_recompiling():
+    # rectified builds its plan from each call's q and k: estimation, plan and R/C trace
+    # into the graph (no graph break), and a new step reuses the graph
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    t = tiny_wan()
+    x = wan_inputs()
+    torch._dynamo.reset()
+    counters.clear()
+    with gen.sparse(t, "rectified", block_size=16, p=0.2, dense_steps=0, dense_layers=0) as handle:
+        with torch.no_grad():
+            eager = [t(**dict(x, timestep=torch.tensor([ts])))[0] for ts in (900, 600)]
+        handle.patches[0].method._forced.clear()
+        compiled = torch.compile(t, fullgraph=True)
+        with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
+            outs = []
+            for step, ts in enumerate((900, 600)):
+                with t.cache_context("cond", step_index=step, num_inference_steps=2):
+                    outs.append(compiled(**dict(x, timestep=torch.tensor([ts])))[0])
+    assert counters["stats"]["unique_graphs"] == 1
+    for out, ref in zip(outs, eager):
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    torch._dynamo.reset()

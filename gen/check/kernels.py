@@ -9,7 +9,9 @@ uses, and flags what would fail or run slow on the GPU:
 * a compile error (for example a module-level global that is not ``tl.constexpr``);
 * shared memory over the target's limit (227 KiB sm_90, 163 KiB sm_80): a launch error;
 * register spills for bf16/fp16 on sm_90;
-* bf16/fp16 code without tensor-core instructions (``wgmma`` on sm_90, ``mma.sync`` on sm_80).
+* bf16/fp16 code without tensor-core instructions (``wgmma`` on sm_90, ``mma.sync`` on sm_80),
+  for kernels that multiply tiles (``AotCase.tensor_cores``; reductions such as the block
+  statistics have no matmul to put on tensor cores).
 
 Compiles run in worker processes with ``TRITON_INTERPRET=0`` (the interpreter and the
 compiler cannot share a process: Triton decides at import) and an empty Triton cache, so
@@ -55,6 +57,7 @@ class CompileRow:
     shared_limit: int = 0
     shared_estimate: int | None = None
     expects_tma: bool = False
+    expects_mma: bool = True  # a kernel with tile matmuls (tl.dot); reductions have none
     wgmma: int = 0
     mma_sync: int = 0
     tma: int = 0
@@ -101,7 +104,8 @@ def compile_case(case) -> CompileRow:
     row = CompileRow(kernel=case.kernel, case=case.label, arch=f"sm_{case.arch}", dtype=case.dtype,
                      tile=case.tile, warps=case.num_warps, stages=case.num_stages,
                      shared_limit=SMEM_LIMIT[case.arch], shared_estimate=case.smem_estimate,
-                     expects_tma=bool(case.constexprs.get("USE_TMA", False)))
+                     expects_tma=bool(case.constexprs.get("USE_TMA", False)),
+                     expects_mma=case.tensor_cores)
     triton.knobs.nvidia.dump_ptxas_log = True
     triton.knobs.compilation.always_compile = True
     log, start = io.StringIO(), time.perf_counter()
@@ -147,9 +151,9 @@ def problems(row: CompileRow, *, half: bool) -> list[str]:
         found.append("no ptxas register report")
     if half and row.arch == "sm_90" and ((row.spill_stores or 0) or (row.spill_loads or 0)):
         found.append(f"register spills ({row.spill_stores}/{row.spill_loads} B stores/loads)")
-    if half and row.arch == "sm_90" and row.wgmma == 0:
+    if half and row.expects_mma and row.arch == "sm_90" and row.wgmma == 0:
         found.append("no wgmma (Hopper tensor cores) in sm_90 code")
-    if half and row.arch == "sm_80" and row.mma_sync == 0:
+    if half and row.expects_mma and row.arch == "sm_80" and row.mma_sync == 0:
         found.append("no mma.sync (tensor cores) in sm_80 code")
     if row.expects_tma and row.tma == 0:
         found.append("tensor-descriptor variant without TMA copies (cp.async.bulk.tensor)")
