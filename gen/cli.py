@@ -117,6 +117,9 @@ def info() -> None:
         why_not = "; ".join(f"{n}: {w}" for n, w in got.skipped)
         table.add_row(f"attention backend ({what})",
                       escape(f"{got.name} on {dev.type}: {got.reason}" + (f" (skipped {why_not})" if why_not else "")))
+    est = Call(device=dev, dtype=dt, batch=1, heads=12, q_len=256, kv_len=256, head_dim=128)
+    got = choose("block_stats", est)
+    table.add_row("block estimation (dynamic methods)", escape(f"{got.name} on {dev.type}: {got.reason}"))
     table.add_row("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "unset"))
     if cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         from gen.kernels.status import kernel_status
@@ -255,15 +258,20 @@ def masks(
     step: int = typer.Option(0, help="denoising step"),
     set_: list[str] = typer.Option(None, "--set", help="method parameter override key=value (repeatable)"),
     out: Path = typer.Option(Path("mask.png"), "--out", "-o", help="PNG to write"),
+    capture_file: Path = typer.Option(None, "--capture", help="a `gen capture` file: draw the plan a dynamic method (rectified) makes for its --step/--layer call (default: record one from a short run of --model)"),
 ) -> None:
-    """Draw a method's block mask (and token mask for small layouts) at a model's geometry."""
+    """Draw a method's block mask (and token mask for small layouts) at a model's geometry.
+
+    Dynamic methods (rectified) decide per call from q and k: their picture is the plan of a
+    real call, from --capture or from a dense run of the model recorded on the fly."""
     from gen.attention.methods import parse_overrides
     from gen.masks import mask_picture
 
     _setup_logging(False)
     try:
         pic = mask_picture(method, model, out=out, height=height, width=width, frames=frames, layer=layer,
-                           head=head, step=step, overrides=parse_overrides(method, set_ or []))
+                           head=head, step=step, overrides=parse_overrides(method, set_ or []),
+                           capture=capture_file)
     except ValueError as err:
         console.print(f"[red]error:[/red] {escape(str(err))}")
         raise typer.Exit(2) from None
@@ -348,7 +356,8 @@ def bench_kernels(
     m = result.meta
     table = Table(title=f"{the_shape.name}: B={the_shape.batch} H={the_shape.heads} S={the_shape.seq_len} "
                         f"D={the_shape.head_dim} {dtype} on {m['device']}")
-    for col in ("impl", "plan", "density", "ms", "TFLOP/s", "speedup", "% ideal", "rel err"):
+    with_plan_ms = any(r.plan_ms is not None for r in result.rows)
+    for col in ("impl", "plan", "density", "ms", "TFLOP/s", "speedup", "% ideal", "rel err") + (("plan ms",) if with_plan_ms else ()):
         table.add_column(col, justify="left" if col in ("impl", "plan") else "right", no_wrap=True)
     notes = []
     for r in result.rows:
@@ -361,6 +370,7 @@ def bench_kernels(
             "–" if r.speedup is None else f"{r.speedup:.2f}x",
             "–" if r.pct_ideal is None else f"{r.pct_ideal:.0f}%",
             "–" if r.rel_err is None else f"{r.rel_err:.1e}",
+            *(("–" if r.plan_ms is None else f"{r.plan_ms:.2f}",) if with_plan_ms else ()),
         )
     console.print(table)
     for i, note in enumerate(dict.fromkeys(notes), 1):
@@ -459,7 +469,7 @@ def bench_e2e(
 def bench_fidelity(
     ctx: typer.Context,
     model: str = typer.Option("shapes-wan", "--model", "-m", help="model whose presets, grid and pipeline to use"),
-    attention: str = typer.Option("dense,radial,gna,sparse-vdit", "--attention", "-a", help="methods at their presets, comma-separated"),
+    attention: str = typer.Option("dense,radial,gna,rectified,sparse-vdit", "--attention", "-a", help="methods at their presets, comma-separated"),
     quick: bool = typer.Option(False, "--quick", help="a CPU-sized model (shapes-wan unless --model is one), 2 steps"),
     capture: Path = typer.Option(None, help="a `gen capture` file to measure attention error on"),
     synthetic: bool = typer.Option(True, help="measure attention error on the synthetic video-like inputs"),
@@ -728,8 +738,19 @@ def _method_plans(methods: str, model: str):
     layout = TokenLayout(t, h, w)
     plans, length = [], None
     for name in [m.strip() for m in methods.split(",") if m.strip()]:
+        meth = get_method(name, model=spec.name, family=spec.family)
+        if not meth.static:
+            # dynamic: a planner run on the bench's own inputs (taken as already in the
+            # method's token order), its estimation timed apart
+            if not hasattr(meth, "estimate"):
+                raise ValueError(f"method {name!r} has no plan to time (its pattern depends on the inputs).")
+            if length is not None and layout.video_len != length:
+                raise ValueError("the methods plan over different token counts (padded orders); time them one at a time.")
+            length = layout.video_len
+            plans.append((name, lambda q, k, v, meth=meth: meth.estimate(q, k, v, layout).plan))
+            continue
         try:
-            plan = get_method(name, model=spec.name, family=spec.family).plan(layout, spec.heads)
+            plan = meth.plan(layout, spec.heads)
         except NotImplementedError:
             raise ValueError(f"method {name!r} has no static plan to time (its pattern depends on the inputs).") from None
         if length is not None and plan.q_len != length:

@@ -29,4 +29,21 @@ def test_kernel_bench_records_skipped_baselines():
 
     res = run_kernel_bench(QUICK_SHAPE, [0.5], dtype="fp32", device="cpu", backends=["torch"], reps=1)
     assert any(s.startswith("flex: ") for s in res.meta["skipped"])  # CUDA only
-    assert all(r.plan_ms is None for r in res.rows)  # no dynamic method yet
+    assert all(r.plan_ms is None for r in res.rows)  # static plans: no estimation time
+
+
+def test_kernel_bench_times_a_dynamic_methods_estimation_apart(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from gen.cli import app
+
+    out = tmp_path / "k.json"
+    res = CliRunner().invoke(app, ["bench", "kernels", "--quick", "--method", "rectified", "--density", "1",
+                                   "--backend", "torch", "--reps", "1", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(out.read_text())["rows"]
+    rect = [r for r in rows if r["plan"] == "rectified"]
+    assert rect and all(r["plan_ms"] > 0 and 0 < r["density"] < 1 for r in rect)
+    assert all(r["plan_ms"] is None for r in rows if r["plan"] != "rectified")

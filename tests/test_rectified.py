@@ -214,3 +214,25 @@ def test_rectified_on_tiny_pipelines(name):
     assert np.isfinite(out).all()
     assert np.abs(out - stock).max() > 1e-4
     assert np.array_equal(_run(pipe, name), stock)
+
+
+def test_masks_command_draws_the_plan_of_a_captured_call(tmp_path):
+    from typer.testing import CliRunner
+
+    from gen.capture import capture
+    from gen.cli import app
+
+    cap = tmp_path / "cap.safetensors"
+    capture("tiny-hunyuan", "a cat", steps=[1], layers=[1], heads=[1], out=cap)
+    runner = CliRunner()
+    out = tmp_path / "m.png"
+    res = runner.invoke(app, ["masks", "--method", "rectified", "--capture", str(cap), "--step", "1", "--layer", "1",
+                              "--head", "1", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert out.stat().st_size > 0 and (tmp_path / "m-tokens.png").stat().st_size > 0
+    assert "video density" in res.output
+    res = runner.invoke(app, ["masks", "--method", "rectified", "--capture", str(cap), "--step", "0", "--out", str(out)])
+    assert res.exit_code == 2 and "step 1 layer 1" in res.output  # says which calls it has
+    res = runner.invoke(app, ["masks", "--method", "rectified", "--capture", str(cap), "--step", "1", "--layer", "1",
+                              "--head", "0", "--out", str(out)])
+    assert res.exit_code == 2 and "kept heads" in res.output

@@ -10,9 +10,9 @@ attention shapes below, time our kernel and torch's ``scaled_dot_product_attenti
 * ``pct_ideal``: speedup / (1 / density) in percent (100 % = time scales with density);
 * ``rel_err``: ``||out - ref|| / ||ref||`` against the PyTorch reference in fp64 on the
   same plan (a correctness check riding along, not a benchmark figure);
-* ``plan_ms``: planning time per call of a dynamic method (one whose plan depends on
-  ``q``/``k``): the hook for when one lands; static plans are built once and cached, so
-  ``None`` for every method so far.
+* ``plan_ms``: estimation time per call of a dynamic method (one whose plan depends on
+  ``q``/``k``, e.g. ``rectified``: pooling, pooled scores, selection, R and C), timed
+  apart from the attention it plans; static plans are built once and cached (``None``).
 
 Third-party baselines in the same run (``gen.bench.baselines``): ``flex`` (compiled torch
 ``flex_attention`` with a ``BlockMask`` of the same plan, CUDA only) and dense
@@ -105,8 +105,8 @@ class KernelBenchResult:
             f"D={m['shape']['head_dim']}), {m['dtype']}, torch {m['torch']}, triton {m['triton']}, "
             f"commit {m['commit']}, {m['date']}",
             "",
-            "| impl | plan | density | time (ms) | TFLOP/s | speedup vs best SDPA | % of ideal | rel. err | note |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| impl | plan | density | time (ms) | TFLOP/s | speedup vs best SDPA | % of ideal | rel. err | estimation (ms) | note |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
 
         def f(x, fmt):
@@ -115,7 +115,8 @@ class KernelBenchResult:
         for r in self.rows:
             lines.append(
                 f"| {r.impl} | {r.plan} | {r.density:.3f} | {r.time_ms:.3f} | {r.tflops:.2f} | "
-                f"{f(r.speedup, '.2f')} | {f(r.pct_ideal, '.0f')} | {f(r.rel_err, '.1e')} | {r.note} |"
+                f"{f(r.speedup, '.2f')} | {f(r.pct_ideal, '.0f')} | {f(r.rel_err, '.1e')} | "
+                f"{f(r.plan_ms, '.3f')} | {r.note} |"
             )
         return "\n".join(lines)
 
@@ -204,7 +205,9 @@ def run_kernel_bench(
         check: also compute ``rel_err`` against the fp64 PyTorch reference.
         plans: extra ``(label, BlockPlan)`` pairs to time, e.g. a method preset's plan at
             the shape (``gen bench kernels --method radial``); their ``q_len`` must equal
-            ``shape.seq_len``.
+            ``shape.seq_len``. A dynamic method gives a planner instead of a plan,
+            ``planner(q, k, v) -> BlockPlan``: it runs on the bench's inputs, and its own
+            time is reported as ``plan_ms``.
         progress: optional callable(str) told what runs next.
     """
     from gen.attention import BlockPlan, block_sparse_attention
@@ -271,7 +274,13 @@ def run_kernel_bench(
         else:
             todo.append(("random", BlockPlan.random(s, s, density, batch=1, heads=h, block_m=block_m,
                                                     block_n=block_n, generator=gen_, device=dev)))
+    plan_times = {}
     for label, plan in plans or []:
+        if callable(plan):
+            say(f"estimating {label}")
+            planner = plan
+            plan = planner(q, k, v)
+            plan_times[label] = _time_ms(lambda planner=planner: planner(q, k, v), dev, reps)
         if plan.q_len != s:
             raise ValueError(f"plan {label!r} covers {plan.q_len} tokens but the shape has {s}.")
         todo.append((label, plan.to(dev)))
@@ -302,6 +311,7 @@ def run_kernel_bench(
                 impl, label, dens, t, flops_dense * dens / t / 1e9, speed,
                 None if speed is None or dens == 0 else 100.0 * speed * dens, err,
                 note="Triton interpreter on the CPU: checks correctness; its time means nothing" if interp else "",
+                plan_ms=plan_times.get(label),
             ))
         try:
             say(f"timing flex_attention on {label}")
