@@ -191,6 +191,8 @@ def attention_fidelity(q, k, v, layout, methods, *, source: str, ctx=None) -> li
             rows.append(FidelityRow("attention", source, label, note=f"skipped: {skip}"))
             continue
         try:
+            if hasattr(method, "reset_observed"):
+                method.reset_observed()  # a dynamic method's density: this call's alone
             out = method.attention(q, k, v, layout, ctx)
             try:
                 dens = method.density(layout, q.shape[1], ctx)
