@@ -25,6 +25,8 @@ class AttentionContext:
         branch: the pipeline's name for the call (``"cond"``/``"uncond"``), when known.
         kv_valid: optional int ``(B,)``, valid keys per sample (padding at the end of the
             sequence, e.g. HunyuanVideo's short prompts).
+        need_lse: whether the caller merges the video part's log-sum-exp (joint text);
+            False for a video-only call, so backends that cannot return one may run.
         extras: anything else a method needs (e.g. a per-run cache).
     """
 
@@ -33,4 +35,5 @@ class AttentionContext:
     layer_index: int | None = None
     branch: str | None = None
     kv_valid: torch.Tensor | None = None
+    need_lse: bool = True
     extras: dict[str, Any] = field(default_factory=dict)

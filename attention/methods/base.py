@@ -15,6 +15,7 @@ stock dense attention of the model instead of the method.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
@@ -141,7 +142,9 @@ class SparseMethod:
             )
         kv_valid = ctx.kv_valid
         if layout.text_len == 0:
-            out, _ = self.video_attention(q, k, v, layout, ctx)
+            # nothing to merge: the video part's LSE is not needed (CPU backends that
+            # return none, compiled flex_attention, may then run)
+            out, _ = self.video_attention(q, k, v, layout, dataclasses.replace(ctx, need_lse=False))
             return out
         if kv_valid is not None and layout.text_first:
             raise ValueError("per-sample key padding is only supported with text after the video.")
@@ -177,7 +180,8 @@ class SparseMethod:
     def video_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
                         ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Video queries against video keys, ``(B, H, Sv, D)`` each, in frame-major order.
-        Returns ``(out, lse)``; the default walks :meth:`plan` with the block-sparse kernel,
+        Returns ``(out, lse)`` (``lse`` may be None when ``ctx.need_lse`` is False); the
+        default walks :meth:`plan` with the block-sparse kernel,
         in the method's :meth:`token_order` when it has one (padding slots of a padded
         order are masked out as keys and dropped from the output)."""
         perm = self._order(layout)
@@ -187,6 +191,9 @@ class SparseMethod:
             if perm.n_out != perm.n_in:
                 kv_mask = perm.valid.to(q.device)
         plan = self.plan(layout, q.shape[1], ctx, q=q, k=k)
+        if not ctx.need_lse:
+            out = block_sparse_attention(q, k, v, plan, kv_mask=kv_mask, backend=self.config.backend)
+            return (out if perm is None else perm.invert(out, dim=2)), None
         out, lse = block_sparse_attention(q, k, v, plan, kv_mask=kv_mask, return_lse=True,
                                           backend=self.config.backend)
         if perm is not None:

@@ -288,6 +288,9 @@ class RectifiedSpaAttn(SparseMethod):
         perm = self._perm(layout)
         q, k, v = (perm.apply(x, dim=2) for x in (q, k, v))
         est = self.estimate(q, k, v, layout)
+        if not ctx.need_lse:
+            out = block_sparse_attention(q, k, v, est.plan, backend=self.config.backend)
+            return perm.invert(self._rectify(out, est), dim=2), None
         out, lse = self._sparse(q, k, v, est.plan)
         out = self._rectify(out, est)
         return perm.invert(out, dim=2), perm.invert(lse.unsqueeze(-1), dim=2).squeeze(-1)
