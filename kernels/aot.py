@@ -5,9 +5,9 @@ compiles: it reads Python globals the compiler refuses and ignores shared-memory
 So every kernel is also compiled for sm_80 and sm_90 on any machine (no GPU needed),
 over every config its launcher's autotuner may choose there after pruning, for the
 dtypes and head dims the launcher accepts, with arguments built by the launcher itself
-(on ``meta`` tensors at Wan 2.1 1.3B 480p / HunyuanVideo 720p sizes), so the signature
-compiled is the one a real call specialises. ``gen check kernels`` runs it and
-``gen.check.kernels`` reads the compiler's report.
+(on ``meta`` tensors at Wan 2.1 1.3B 480p, Wan 2.1 14B 720p and HunyuanVideo 720p
+sizes), so the signature compiled is the one a real call specialises. ``gen check
+kernels`` runs it and ``gen.check.kernels`` reads the compiler's report.
 
 **Adding a kernel**: add one entry to :data:`KERNELS` (its module, the kernel function's
 name and a case generator). ``tests/test_aot_compile.py`` fails for any ``_*_kernel``

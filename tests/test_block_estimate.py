@@ -108,10 +108,14 @@ def _fragile_rows(logits, text_logit, p, top_k, tol=1e-5):
     ordered = pv.sort(-1, descending=True).values
     before = pt.unsqueeze(-1) + ordered.cumsum(-1) - ordered
     fragile = torch.zeros(logits.shape[:-1], dtype=torch.bool)
-    if p < 1:
+    if p < 1:  # the mass before a block within rounding of p: kept by one side only
         fragile |= ((before - p).abs() < tol).any(-1)
-    gap = (ordered[..., :-1] - ordered[..., 1:]) <= tol * ordered[..., :-1]
-    fragile |= (gap & (ordered[..., :-1] > 0)).any(-1) & (top_k > 0 or p < 1)
+    # the blocks just inside and just outside the threshold within rounding of each other
+    kept = (before <= p).sum(-1) if p < 1 else torch.full(logits.shape[:-1], nk)
+    count = kept.clamp(min=min(top_k, nk))
+    inside = ordered.gather(-1, (count - 1).clamp(0, nk - 1).unsqueeze(-1)).squeeze(-1)
+    outside = ordered.gather(-1, count.clamp(0, nk - 1).unsqueeze(-1)).squeeze(-1)
+    fragile |= (count > 0) & (count < nk) & (inside > 0) & (inside - outside <= tol * inside)
     return fragile
 
 

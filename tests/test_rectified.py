@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gen
-from gen.attention import AttentionContext, BlockPlan, TokenLayout, block_sparse_attention
+from gen.attention import AttentionContext, TokenLayout
 from gen.attention.methods import get_method
 from gen.attention.methods.rectified import RectifiedConfig
 
@@ -102,7 +102,7 @@ def _fp64_estimate(q, k, v, layout, cfg, perm, k_text=None, text_valid=None):
     scale = 1 / math.sqrt(d)
     for bb in range(bsz):
         for h in range(heads):
-            mean = lambda x, blk: torch.stack([x[bb, h, t] for t in blk]).mean(0)
+            mean = lambda x, blk, bb=bb, h=h: torch.stack([x[bb, h, t] for t in blk]).mean(0)
             qm = [mean(q, blk) for blk in blocks]
             km = [mean(k, blk) for blk in blocks]
             vm = [mean(v, blk) for blk in blocks]
@@ -170,13 +170,16 @@ def test_estimation_reports_density_and_backends_agree(seed):
     layout = TokenLayout(3, 8, 8)
     q, k, v = (torch.randn(1, 2, layout.video_len, 16) for _ in range(3))
     outs = []
-    for backend in ("torch", None):
+    # None is the PyTorch reference on the CPU; "triton" runs gen's estimation and
+    # attention kernels (through the interpreter here)
+    for backend in ("torch", None, "triton"):
         m = get_method("rectified", block_size=16, backend=backend)
         with pytest.raises(NotImplementedError, match="run a call first"):
             m.density(layout, 2)
         outs.append(m.attention(q, k, v, layout, CTX))
         assert 0 < m.density(layout, 2) <= 1
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[2], outs[0], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("bad, match", [
