@@ -45,6 +45,39 @@ def _buffer(role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch
     return buf
 
 
+def _plan_rows(plan, bsz: int, heads: int):
+    """``(kv_indices, kv_counts, rows, full_rows)`` for a call of ``bsz x heads``: the
+    plan's indices and counts as long ``(B, H, nq, V)`` / ``(B, H, nq)``, the flat rows of
+    the key-block table each visit reads (``(B*H*nq*V,)``, or ``(B, H, nq, V)`` to slice),
+    and whether every row visits ``max_visits`` blocks. Kept on the plan (plans are reused
+    call after call), so the per-call work is the gather itself."""
+    memo = plan.__dict__.setdefault("_gather_rows", {})
+    got = memo.get((bsz, heads))
+    if got is None:
+        nq, nk, visits = plan.n_q_blocks, plan.n_kv_blocks, plan.max_visits
+        idx = plan.kv_indices.long().expand(bsz, heads, nq, visits)
+        cnt = plan.kv_counts.long().expand(bsz, heads, nq)
+        base = (torch.arange(bsz * heads, device=idx.device) * nk).view(bsz, heads, 1, 1)
+        rows = idx + base
+        got = memo[(bsz, heads)] = (idx, cnt, rows, bool((cnt == visits).all()))
+    idx, cnt, rows, full = got
+    return idx, cnt, rows, full
+
+
+def _ragged_bias(nk: int, bn: int, kv_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(nk, bn)`` additive key bias: 0 for keys, -inf for the slots past ``kv_len``."""
+    table = getattr(_BUFFERS, "table", None)
+    if table is None:
+        table = _BUFFERS.table = {}
+    key = ("bias", nk, bn, kv_len, dtype, device)
+    bias = table.get(key)
+    if bias is None:
+        bias = torch.zeros(nk * bn, dtype=dtype, device=device)
+        bias[kv_len:] = float("-inf")
+        bias = table[key] = bias.view(nk, bn)
+    return bias
+
+
 def gathered_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -90,23 +123,18 @@ def gathered_attention(
     # index tensors (which made the gather cost more than the attention)
     kb = blocks(k, bn, nk, "k_in").reshape(bsz * heads * nk, bn * head_dim)
     vb = blocks(v, bn, nk, "v_in").reshape(bsz * heads * nk, bn * head_dim)
-    idx = plan.kv_indices.long().expand(bsz, heads, nq, visits)
-    cnt = plan.kv_counts.long().expand(bsz, heads, nq)
-    base = (torch.arange(bsz * heads, device=dev) * nk).view(bsz, heads, 1, 1)
+    idx, cnt, rows_all, full_rows = _plan_rows(plan, bsz, heads)
     key_ok = key_mask(bsz, kv_len, kv_valid, kv_mask, dev)
     # every gathered key counts when no key is masked, the last key block is whole and
     # every row visits max_visits blocks: then no mask is built at all (the fused kernel
     # is faster without one)
-    full_rows = bool((cnt == visits).all())
     okb = key_bias = None
     if key_ok is None and kv_len % bn == 0 and full_rows:
         pass
     elif key_ok is None:
         # only the ragged end is masked: no row can end up empty, so the key bias comes
         # straight from a (n_kv_blocks, block_n) table of 0 / -inf, gathered like the keys
-        key_bias = torch.zeros(nk * bn, dtype=dt, device=dev)
-        key_bias[kv_len:] = float("-inf")
-        key_bias = key_bias.view(nk, bn)
+        key_bias = _ragged_bias(nk, bn, kv_len, dt, dev)
     else:
         okb = key_blocks(key_ok, kv_len, nk, bn, dev)  # (B|1, nk, bn)
         ok_base = (torch.arange(okb.shape[0], device=dev) * nk).view(-1, 1, 1, 1)
@@ -121,7 +149,7 @@ def gathered_attention(
         sl = slice(start, min(nq, start + chunk))
         c = sl.stop - sl.start
         ci = idx[:, :, sl]  # (B, H, c, V)
-        rows = (ci + base).reshape(-1)
+        rows = rows_all.reshape(-1) if single else rows_all[:, :, sl].reshape(-1)
         if reuse:
             kg = torch.index_select(kb, 0, rows, out=_buffer("k", (rows.numel(), bn * head_dim), dt, dev))
             vg = torch.index_select(vb, 0, rows, out=_buffer("v", (rows.numel(), bn * head_dim), dt, dev))
