@@ -66,6 +66,9 @@ SHAPES: dict[str, AttentionShape] = {
         AttentionShape("hunyuan-720p-129f", 1, 24, 118800 + 256, 128, text_len=256),  # 33 x 45 x 80 + text
         AttentionShape("flux-1024", 1, 24, 4096 + 512, 128, text_len=512),
         AttentionShape("flux-4096", 1, 24, 65536 + 512, 128, text_len=512),
+        # CPU-sized: long enough (S >= 4096) for the sparse CPU backends to show their
+        # scaling, short enough to time on a 2-core CPU in seconds
+        AttentionShape("cpu-4k", 1, 4, 4096, 64),
     )
 }
 QUICK_SHAPE = AttentionShape("quick", 1, 2, 1000, 64)
