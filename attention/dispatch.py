@@ -44,16 +44,44 @@ def block_sparse_attention(
     kv_mask: torch.Tensor | None = None,
     return_lse: bool = False,
     backend: str | None = None,
+    token_order=None,
 ):
     """Block-sparse attention on the chosen backend.
 
     Same arguments and result as ``gen.kernels.block_sparse_attention`` (shapes
     ``(B, H, S, D)``), plus ``backend``: None (automatic) or one of :data:`BACKENDS`
-    (``"triton"``, ``"sdpa"``, ``"gather"``, ``"flex"``, ``"torch"``).
+    (``"triton"``, ``"sdpa"``, ``"gather"``, ``"flex"``, ``"torch"``), and
+    ``token_order``: a ``gen.attention.TokenPermutation`` the plan is expressed in. Then
+    ``q, k, v`` and the result (and the LSE) are in the original token order
+    (``n_in`` tokens) while the plan covers the ``n_out`` slots of the order (padding slots
+    are never attended; ``kv_mask``, if given, is over the slots). The CPU gather backend
+    permutes, blocks and gathers in one pass and the masked backend permutes its mask once;
+    the others get permuted inputs.
     """
     # the checks every backend shares, first: one message per mistake, whichever backend
     check_qkv(q, k, v, allowed_dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
-    check_plan(plan, q, k)
+    if token_order is not None:
+        if token_order.n_in != q.shape[2] or token_order.n_in != k.shape[2]:
+            raise ValueError(f"token_order covers {token_order.n_in} tokens but q has {q.shape[2]} and k {k.shape[2]}.")
+        # the plan is over the order's slots: check it against inputs of that length
+        slots = (q.shape[0], q.shape[1], token_order.n_out, q.shape[3])
+        check_plan(plan, q[:, :, :1].expand(slots), k[:, :, :1].expand(slots))
+    else:
+        check_plan(plan, q, k)
     call = describe(q, k, plan, return_lse=return_lse)
     chosen = choose("block_sparse", call, backend)
-    return chosen.backend.run(q, k, v, plan, scale=scale, kv_valid=kv_valid, kv_mask=kv_mask, return_lse=return_lse)
+    kw = dict(scale=scale, kv_valid=kv_valid, kv_mask=kv_mask, return_lse=return_lse)
+    if token_order is None:
+        return chosen.backend.run(q, k, v, plan, **kw)
+    if chosen.backend.run_in_order is not None:
+        return chosen.backend.run_in_order(q, k, v, plan, token_order, **kw)
+    perm = token_order
+    if perm.n_out != perm.n_in:  # padding slots are never keys
+        pad = perm.valid.to(q.device)
+        kw["kv_mask"] = pad if kv_mask is None else kv_mask & pad
+    q, k, v = (perm.apply(x, dim=2) for x in (q, k, v))
+    res = chosen.backend.run(q, k, v, plan, **kw)
+    if return_lse:
+        out, lse = res
+        return perm.invert(out, dim=2), perm.invert(lse.unsqueeze(-1), dim=2).squeeze(-1)
+    return perm.invert(res, dim=2)

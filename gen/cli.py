@@ -287,7 +287,7 @@ def bench_kernels(
     density: str = typer.Option("1,0.5,0.25,0.1", help="plan densities, comma-separated (1 = dense plan)"),
     dtype: str = typer.Option(None, help="bf16 | fp16 | fp32 (default bf16 on CUDA, fp32 on CPU)"),
     device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)"),
-    backend: str = typer.Option(None, help="gen backends to time, comma-separated: auto (the automatic choice), triton, sdpa, gather, flex, torch (default: triton on CUDA; all of them on the CPU)"),
+    backend: str = typer.Option(None, help="gen backends to time, comma-separated: auto (the automatic choice), triton, sdpa, masked, gather, flex, torch (default: triton on CUDA; all of them on the CPU)"),
     block_m: int = typer.Option(128, help="plan query block (tokens)"),
     block_n: int = typer.Option(64, help="plan key block (tokens)"),
     reps: int = typer.Option(5, help="timed repetitions on CPU (CUDA uses triton.testing.do_bench)"),
@@ -332,7 +332,7 @@ def bench_kernels(
             raise typer.BadParameter(f"unknown backend {unknown[0]!r}; choose from auto, {', '.join(BACKENDS)}")
     if backends is None and quick and not on_cuda:
         # every CPU backend side by side, and the Triton kernel through the interpreter
-        backends = ["auto", "sdpa", "gather", "flex", "torch", "triton"]
+        backends = ["auto", "sdpa", "masked", "gather", "flex", "torch", "triton"]
     if backends and "triton" in backends and not on_cuda:
         log.info("no CUDA: the Triton kernel runs through the interpreter (correctness only, timing meaningless)")
     if not on_cuda and not quick:

@@ -41,7 +41,8 @@ def test_sdpa_backend_on_dense_plans(seed, dtype, seq, masks):
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("seq", [(257, 257), (1000, 333)])
 @pytest.mark.parametrize("blocks", [(64, 64), (128, 32)])
-def test_gather_backend_matches_reference(seed, dtype, density, seq, blocks):
+@pytest.mark.parametrize("backend", ["gather", "masked"])
+def test_gather_and_masked_backends_match_reference(seed, dtype, density, seq, blocks, backend):
     sq, skv = seq
     b, h = 2, 2
     q = torch.randn(b, h, sq, 64).to(dtype)
@@ -50,7 +51,7 @@ def test_gather_backend_matches_reference(seed, dtype, density, seq, blocks):
     kv_valid = torch.tensor([skv, skv // 2])
     kv_mask = torch.rand(b, skv) < 0.8
     out, lse = block_sparse_attention(q, k, v, plan, kv_valid=kv_valid, kv_mask=kv_mask, return_lse=True,
-                                      backend="gather")
+                                      backend=backend)
     _check(out, lse, q, k, v, plan, kv_valid=kv_valid, kv_mask=kv_mask)
 
 
@@ -106,12 +107,17 @@ def _call(**kw) -> Call:
         (_call(full=True, density=1.0), "sdpa"),  # dense plan on the CPU: torch's fused attention
         (_call(), "gather"),  # sparse with LSE
         (_call(return_lse=False), "gather"),  # gather before flex
+        (_call(q_len=320, kv_len=320, heads=4, density=0.865, block_m=16), "masked"),  # radial at 320 tokens
+        (_call(q_len=320, kv_len=320, heads=4, density=0.15, block_m=16), "gather"),  # gna at 320 tokens
+        (_call(q_len=1000, kv_len=1000, density=0.6, block_m=128), "gather"),  # big blocks: later crossover
+        (_call(density=0.9, mask_heads=12), "gather"),  # a 12 x 4096^2 mask is too large to keep
         (_call(dtype=torch.float64), "torch"),  # only the reference takes fp64
         (_call(full=True, density=1.0, compiling=True), "sdpa"),  # in a graph, fullness recorded
         (_call(full=None, density=None, compiling=True), "torch"),  # in a graph: the reference
         (_call(device=torch.device("cuda"), dtype=torch.bfloat16, full=None, density=None), "triton"),
     ],
-    ids=["dense", "sparse", "sparse-no-lse", "fp64", "compiling-full", "compiling-unknown", "cuda"],
+    ids=["dense", "sparse", "sparse-no-lse", "masked-small-dense-ish", "gather-small-sparse", "gather-big-blocks",
+         "mask-too-large", "fp64", "compiling-full", "compiling-unknown", "cuda"],
 )
 def test_chooser_decisions(call, chosen):
     got = choose("block_sparse", call)
@@ -146,14 +152,14 @@ def test_named_backends_refuse_with_reasons():
         block_sparse_attention(q.float(), q.float(), q.float(), plan, backend="sdpa")
     with pytest.raises(ValueError, match="fp32/bf16/fp16"):
         block_sparse_attention(q, q, q, plan, backend="gather")
-    with pytest.raises(ValueError, match="unknown backend 'cudnn'.*triton, sdpa, gather, flex, torch"):
+    with pytest.raises(ValueError, match="unknown backend 'cudnn'.*triton, sdpa, masked, gather, flex, torch"):
         block_sparse_attention(q, q, q, plan, backend="cudnn")
     with pytest.raises(ValueError, match="log-sum-exp"):
         block_sparse_attention(q.float(), q.float(), q.float(), plan, backend="flex", return_lse=True)
 
 
 def test_registry_rules():
-    assert [b.name for b in backends("block_sparse")] == ["triton", "sdpa", "gather", "flex", "torch"]
+    assert [b.name for b in backends("block_sparse")] == ["triton", "sdpa", "masked", "gather", "flex", "torch"]
     assert [b.name for b in backends("cache")] == ["triton", "torch"]
     with pytest.raises(ValueError, match="already registered"):
         register(Backend("torch", "block_sparse", lambda: None, lambda call: None))
@@ -188,3 +194,35 @@ def test_gather_reuses_buffers_safely_and_keeps_gradients(seed):
     reference.block_sparse_attention(q, k, v, p).square().sum().backward()
     for g, x in zip(got, (q, k, v)):
         torch.testing.assert_close(g, x.grad, atol=1e-4, rtol=1e-4)
+
+
+
+@pytest.mark.parametrize("backend", ["gather", "masked", "torch", "sdpa"])
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("padded", [False, True], ids=["tiles", "padded-tiles"])
+def test_token_order_path_equals_permuting_by_hand(seed, backend, layout, padded):
+    # block_sparse_attention(..., token_order=perm): inputs and result in the original
+    # order, the plan over the order's slots; each backend (native or permuted by the
+    # dispatch) against the reference on permuted inputs, in fp64
+    from gen.attention.token_order import tile_order
+
+    perm = tile_order((3, 5, 7), (1, 4, 4)) if padded else tile_order((4, 8, 8), (1, 4, 4))
+    n, slots = perm.n_in, perm.n_out
+    density = 1.0 if backend == "sdpa" else 0.4
+    plan = BlockPlan.random(slots, slots, density, batch=2, heads=3, block_m=16, block_n=16)
+    if layout == "bhsd":
+        q, k, v = (torch.randn(2, 3, n, 16) for _ in range(3))
+    else:
+        q, k, v = (torch.randn(2, n, 3, 16).transpose(1, 2) for _ in range(3))
+    if backend == "sdpa" and padded:
+        pytest.skip("a padded order's plan never visits every block as the sdpa backend needs")
+    out, lse = block_sparse_attention(q, k, v, plan, return_lse=True, backend=backend, token_order=perm)
+    qs, ks, vs = (perm.apply(x.contiguous(), dim=2).double() for x in (q, k, v))
+    ref, ref_lse = reference.block_sparse_attention(qs, ks, vs, plan, return_lse=True,
+                                                    kv_mask=perm.valid if padded else None)
+    ref, ref_lse = perm.invert(ref, dim=2), perm.invert(ref_lse.unsqueeze(-1), dim=2).squeeze(-1)
+    assert out.shape == q.shape
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin)
+    torch.testing.assert_close(lse.double()[fin], ref_lse.double()[fin], atol=2e-5, rtol=2e-5)

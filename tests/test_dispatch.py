@@ -11,7 +11,7 @@ from gen.attention import BACKENDS, BlockPlan, block_sparse_attention, select_ba
 def test_select_backend_by_device():
     assert select_backend(torch.device("cpu")) == "gather"
     assert select_backend(torch.device("cpu"), "torch") == "torch"
-    assert BACKENDS == ("triton", "sdpa", "gather", "flex", "torch")
+    assert BACKENDS == ("triton", "sdpa", "masked", "gather", "flex", "torch")
     with pytest.raises(ValueError, match="unknown backend"):
         select_backend(torch.device("cpu"), "xla")
 

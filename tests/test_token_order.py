@@ -103,3 +103,20 @@ def test_errors():
         TokenPermutation(torch.tensor([0, 0, 1]), 3)
     with pytest.raises(ValueError, match="expects 6"):
         hilbert_order((2, 3)).apply(torch.randn(5, 2))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "other"])
+def test_apply_and_invert_equal_index_select_for_every_memory_layout(seed, layout):
+    # the fast row-gather paths (contiguous (B, H, S, D) and diffusers' transposed
+    # (B, S, H, D)) must equal plain index_select; other strides take index_select itself
+    from gen.attention.token_order import hilbert_order, tile_order
+
+    for perm in (tile_order((3, 5, 7), (1, 4, 4)), hilbert_order((3, 5, 7))):
+        n = perm.n_in
+        x = {"contiguous": torch.randn(2, 4, n, 6), "transposed": torch.randn(2, n, 4, 6).transpose(1, 2),
+             "other": torch.randn(2, 4, 6, n).transpose(2, 3)}[layout]
+        keep = (perm.index >= 0).view(1, 1, -1, 1).to(x.dtype)
+        assert torch.equal(perm.apply(x, dim=2), x.index_select(2, perm.index.clamp(min=0)) * keep)
+        y = torch.randn(2, 4, perm.n_out, 6)
+        y = {"contiguous": y, "transposed": y.transpose(1, 2).contiguous().transpose(1, 2), "other": y}[layout]
+        assert torch.equal(perm.invert(y, dim=2), y.index_select(2, perm.inverse))

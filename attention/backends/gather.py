@@ -21,7 +21,7 @@ from gen.kernels._checks import check_call
 
 from .sdpa import FLASH_CPU, key_blocks, key_mask
 
-__all__ = ["gathered_attention"]
+__all__ = ["gathered_attention", "gathered_attention_in_order"]
 
 # gathered key + value elements held at once per chunk (2**22 fp32 = 16 MiB). Chunks that
 # small are still in cache when the attention reads them back: measured on a 2-core CPU at
@@ -199,3 +199,119 @@ def gathered_attention(
         lse = lse.reshape(bsz, heads, nq * bm)[:, :, :q_len]
         return out, (lse if nq * bm == q_len else lse.contiguous())
     return out
+
+
+# most token rows the fused token-order path gathers per call (its row indices are kept on
+# the plan: 8 bytes a row); larger calls permute first and gather key blocks instead
+_FUSED_ROWS = 1 << 20
+
+
+def _token_rows(x: torch.Tensor) -> tuple[torch.Tensor, str] | None:
+    """``x (B, H, n, D)`` as a 2-D table of token rows ``(rows, D)`` and its layout name:
+    ``"bhsd"`` (contiguous) or ``"bshd"`` (a transposed contiguous ``(B, n, H, D)``, what
+    diffusers' processors hand over); None for other strides."""
+    b, h, n, d = x.shape
+    if x.is_contiguous():
+        return x.view(b * h * n, d), "bhsd"
+    if x.transpose(1, 2).is_contiguous():
+        return x.transpose(1, 2).view(b * n * h, d), "bshd"
+    return None
+
+
+def _fused_index(plan, perm, bsz: int, heads: int, n: int, kind: str, device: torch.device):
+    """Row indices of the fused path, kept on the plan per (order, batch, heads, layout):
+    ``q_rows (B*H*nq*bm,)``, ``kv_rows (B*H*nq*V*bn,)``, ``bias`` (additive key bias of the
+    gathered keys, ``(B, H*nq, 1, V*bn)``, or None when every gathered key counts),
+    ``empty`` (bool ``(B, H*nq, 1)`` of query blocks with no key, or None), ``out_rows`` (the
+    output and LSE back to token order, in the input's layout)."""
+    memo = plan.__dict__.setdefault("_fused_rows", {})
+    key = (id(perm), bsz, heads, n, kind, str(device))
+    got = memo.get(key)
+    if got is not None and got[0] is perm:
+        return got[1:]
+    bm, bn, nq, nk, visits = plan.block_m, plan.block_n, plan.n_q_blocks, plan.n_kv_blocks, plan.max_visits
+    src = perm.index.to(device)
+    slots_q = torch.full((nq * bm,), -1, dtype=torch.long, device=device)
+    slots_q[: src.numel()] = src
+    slots_k = torch.full((nk * bn,), -1, dtype=torch.long, device=device)
+    slots_k[: src.numel()] = src
+    b = torch.arange(bsz, device=device).view(bsz, 1, 1)
+    h = torch.arange(heads, device=device).view(1, heads, 1)
+
+    def rows(tokens: torch.Tensor, bb: torch.Tensor, hh: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.clamp(min=0)  # padding slots read token 0; they are masked or dropped
+        return (bb * heads + hh) * n + tokens if kind == "bhsd" else (bb * n + tokens) * heads + hh
+
+    q_rows = rows(slots_q.view(1, 1, -1), b, h).reshape(-1)
+    idx = plan.kv_indices.long().expand(bsz, heads, nq, visits)
+    cnt = plan.kv_counts.long().expand(bsz, heads, nq)
+    kv_slots = (idx.unsqueeze(-1) * bn + torch.arange(bn, device=device)).reshape(bsz, heads, -1)
+    kv_rows = rows(slots_k[kv_slots], b, h).reshape(-1)
+    ok = slots_k[kv_slots].view(bsz, heads, nq, visits, bn) >= 0
+    ok = ok & (torch.arange(visits, device=device) < cnt.unsqueeze(-1)).unsqueeze(-1)
+    bias = empty = None
+    if not bool(ok.all()):
+        bias = torch.zeros(ok.shape, device=device).masked_fill_(~ok, float("-inf"))
+        bias = bias.view(bsz, heads * nq, 1, visits * bn)
+        empty = ~ok.view(bsz, heads * nq, 1, visits * bn).any(-1)  # query blocks that see nothing
+        empty = empty if bool(empty.any()) else None
+    # output row (token s of (b, h)) = where the kernel wrote it: slot inverse[s] of (b, h)
+    inv = perm.inverse.to(device)
+    if kind == "bhsd":
+        out_rows = ((b * heads + h) * (nq * bm) + inv.view(1, 1, -1)).reshape(-1)
+    else:
+        out_rows = ((b.view(bsz, 1, 1) * heads + h.view(1, 1, heads)) * (nq * bm) + inv.view(1, -1, 1)).reshape(-1)
+    memo[key] = (perm, q_rows, kv_rows, bias, empty, out_rows)
+    return q_rows, kv_rows, bias, empty, out_rows
+
+
+def gathered_attention_in_order(q, k, v, plan, perm, *, scale=None, kv_valid=None, kv_mask=None,
+                                return_lse=False):
+    """:func:`gathered_attention` for inputs in the original token order with a plan over
+    ``perm``'s slots (``gen.attention.TokenPermutation``; padding slots never attended):
+    ``q, k, v (B, H, n_in, D)``, the result in the original order, ``(B, H, n_in, D)``.
+
+    Small calls take one row gather per tensor straight from the input's memory (its
+    permutation, blocking and head layout at once) and one back for the output, instead
+    of permuting q, k and v, gathering key blocks and permuting the output: at 320 tokens
+    that is 5 copies instead of 9 (the cost of such calls is the number of operations).
+    Larger calls, key padding (``kv_valid``/``kv_mask``) and other strides permute first."""
+    bsz, heads, n, head_dim = q.shape
+    small = bsz * heads * plan.n_q_blocks * max(plan.max_visits, 1) * plan.block_n <= _FUSED_ROWS
+    tables = [_token_rows(x) for x in (q, k, v)]
+    same = all(t is not None for t in tables) and len({t[1] for t in tables}) == 1
+    reuse = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    if not (small and same and reuse and kv_valid is None and kv_mask is None and FLASH_CPU is not None):
+        kv_pad = perm.valid.to(q.device) if perm.n_out != perm.n_in else None
+        qs, ks, vs = (perm.apply(x, dim=2) for x in (q, k, v))
+        mask = kv_mask if kv_pad is None else (kv_pad if kv_mask is None else kv_mask & kv_pad)
+        res = gathered_attention(qs, ks, vs, plan, scale=scale, kv_valid=kv_valid, kv_mask=mask, return_lse=return_lse)
+        if return_lse:
+            out, lse = res
+            return perm.invert(out, dim=2), perm.invert(lse.unsqueeze(-1), dim=2).squeeze(-1)
+        return perm.invert(res, dim=2)
+    kind = tables[0][1]
+    sm_scale = head_dim**-0.5 if scale is None else scale
+    q_rows, kv_rows, bias, empty, out_rows = _fused_index(plan, perm, bsz, heads, n, kind, q.device)
+    nq, bm = plan.n_q_blocks, plan.block_m
+    vis = max(plan.max_visits, 1) * plan.block_n
+    qq = torch.index_select(tables[0][0], 0, q_rows, out=_buffer("fq", (q_rows.numel(), head_dim), q.dtype, q.device))
+    kg = torch.index_select(tables[1][0], 0, kv_rows, out=_buffer("fk", (kv_rows.numel(), head_dim), q.dtype, q.device))
+    vg = torch.index_select(tables[2][0], 0, kv_rows, out=_buffer("fv", (kv_rows.numel(), head_dim), q.dtype, q.device))
+    qq = qq.view(bsz, heads * nq, bm, head_dim)
+    if plan.max_visits == 0:
+        o = torch.zeros_like(qq)
+        lo = torch.full(qq.shape[:3], float("-inf"), device=q.device)
+    else:
+        o, lo = FLASH_CPU(qq, kg.view(bsz, heads * nq, vis, head_dim), vg.view(bsz, heads * nq, vis, head_dim),
+                          attn_mask=bias.to(q.dtype) if bias is not None else None, scale=sm_scale)
+        if empty is not None:  # query blocks whose gathered keys are all masked (empty plan rows)
+            o = o.masked_fill(empty[..., None], 0.0)
+            lo = lo.masked_fill(empty, float("-inf"))
+    out = o.reshape(-1, head_dim).index_select(0, out_rows)
+    out = out.view(bsz, heads, n, head_dim) if kind == "bhsd" else out.view(bsz, n, heads, head_dim).transpose(1, 2)
+    if not return_lse:
+        return out
+    lse = lo.float().reshape(-1).index_select(0, out_rows)
+    lse = lse.view(bsz, heads, n) if kind == "bhsd" else lse.view(bsz, n, heads).transpose(1, 2)
+    return out, lse

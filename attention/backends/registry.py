@@ -48,6 +48,9 @@ class Call:
     return_lse: bool = False
     compiling: bool = False
     grad: bool = False
+    block_m: int = 128
+    mask_batch: int = 1
+    mask_heads: int = 1
 
     @property
     def work(self) -> float:
@@ -71,6 +74,10 @@ class Backend:
     can_run: Callable[[Call], str | None]
     summary: str = ""
     worth_it: Callable[[Call], str | None] | None = None
+    #: optional ``run_in_order(q, k, v, plan, token_order, **kw)``: inputs in the original
+    #: token order and a plan over the order's slots (the operation permutes for backends
+    #: without one)
+    run_in_order: Callable | None = None
 
     def skip_reason(self, call: Call) -> str | None:
         """Why the automatic choice does not take this backend for ``call`` (None: it does)."""

@@ -185,20 +185,22 @@ class SparseMethod:
         in the method's :meth:`token_order` when it has one (padding slots of a padded
         order are masked out as keys and dropped from the output)."""
         perm = self._order(layout)
-        kv_mask = None
-        if perm is not None:
-            q, k, v = (perm.apply(x, dim=2) for x in (q, k, v))
-            if perm.n_out != perm.n_in:
-                kv_mask = perm.valid.to(q.device)
-        plan = self.plan(layout, q.shape[1], ctx, q=q, k=k)
+        # q and k in the plan's order, for methods whose plan depends on them
+        plan = self.plan(layout, q.shape[1], ctx, **self._plan_inputs(q, k, perm))
+        # the dispatch permutes (or, on the CPU, gathers in order) and returns the result in
+        # the original order; padding slots of a padded order are never attended
         if not ctx.need_lse:
-            out = block_sparse_attention(q, k, v, plan, kv_mask=kv_mask, backend=self.config.backend)
-            return (out if perm is None else perm.invert(out, dim=2)), None
-        out, lse = block_sparse_attention(q, k, v, plan, kv_mask=kv_mask, return_lse=True,
-                                          backend=self.config.backend)
-        if perm is not None:
-            out, lse = perm.invert(out, dim=2), perm.invert(lse.unsqueeze(-1), dim=2).squeeze(-1)
-        return out, lse
+            out = block_sparse_attention(q, k, v, plan, backend=self.config.backend, token_order=perm)
+            return out, None
+        return block_sparse_attention(q, k, v, plan, return_lse=True, backend=self.config.backend,
+                                      token_order=perm)
+
+    def _plan_inputs(self, q: torch.Tensor, k: torch.Tensor, perm: TokenPermutation | None) -> dict:
+        """``q=``/``k=`` for :meth:`plan`: static methods read only their device (nothing is
+        permuted for them); dynamic ones get the inputs in the plan's token order."""
+        if self.static or perm is None:
+            return {"q": q, "k": k}
+        return {"q": perm.apply(q, dim=2), "k": perm.apply(k, dim=2)}
 
     def _order(self, layout: TokenLayout) -> TokenPermutation | None:
         # cached in eager mode; inside a compiled graph the (data-independent) index is traced

@@ -223,7 +223,7 @@ def run_kernel_bench(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' asked for but torch sees no CUDA device; use --device cpu.")
-    backends = backends or (["triton"] if dev.type == "cuda" else ["auto", "sdpa", "gather", "flex", "torch"])
+    backends = backends or (["triton"] if dev.type == "cuda" else ["auto", "sdpa", "masked", "gather", "flex", "torch"])
     gen_ = torch.Generator().manual_seed(seed)
     b, h, s, d = shape.batch, shape.heads, shape.seq_len, shape.head_dim
     tdtype = _DTYPES[dtype]
