@@ -218,6 +218,26 @@ def check_call(
     return bsz, heads, q_len, kv_len, head_dim, check_scale(scale, head_dim)
 
 
+def check_call_prechecked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    scale: float | None,
+    kv_valid: torch.Tensor | None,
+    kv_mask: torch.Tensor | None,
+) -> tuple[int, int, int, int, int, float]:
+    """:func:`check_call` for a call whose inputs and plan the dispatch has checked
+    (``gen.attention.block_sparse_attention``): only padding, key mask and scale. Returns
+    ``(B, H, Sq, Skv, D, softmax scale)``."""
+    bsz, heads, q_len, head_dim = q.shape
+    kv_len = k.shape[2]
+    if kv_valid is not None:
+        check_kv_valid(kv_valid, bsz, kv_len, q.device)
+    if kv_mask is not None:
+        check_kv_mask(kv_mask, bsz, kv_len, q.device)
+    return bsz, heads, q_len, kv_len, head_dim, check_scale(scale, head_dim)
+
+
 def check_triton_limits(head_dim: int, plan: BlockPlanLike) -> None:
     """Limits of the Triton kernel beyond the shared contract."""
     if head_dim % 16 != 0 or not 16 <= head_dim <= 256:

@@ -18,6 +18,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from gen.kernels import triton_available_for
@@ -144,12 +146,14 @@ def _flex_worth_it(call: Call) -> str | None:
 
 register(Backend("triton", "block_sparse", _triton_run, triton_can_run, "gen's Triton kernel on CUDA",
                  triton_worth_it))
-register(Backend("sdpa", "block_sparse", dense_attention, _sdpa_can_run,
+# the dispatch (gen.attention.block_sparse_attention) checks inputs and plan once before it
+# chooses; the CPU backends then skip those checks (~10 us a call at 320 tokens)
+register(Backend("sdpa", "block_sparse", partial(dense_attention, prechecked=True), _sdpa_can_run,
                  "dense plan: torch's fused attention (the kernel stock attention runs)"))
-register(Backend("masked", "block_sparse", masked_attention, _masked_can_run,
+register(Backend("masked", "block_sparse", partial(masked_attention, prechecked=True), _masked_can_run,
                  "dense-ish plan: torch's fused attention over every key with the plan as a mask",
                  _masked_worth_it, run_in_order=masked_attention_in_order))
-register(Backend("gather", "block_sparse", gathered_attention, _gather_can_run,
+register(Backend("gather", "block_sparse", partial(gathered_attention, prechecked=True), _gather_can_run,
                  "sparse plan: torch's fused attention on each query block's gathered key blocks",
                  run_in_order=gathered_attention_in_order))
 register(Backend("flex", "block_sparse", flex_block_sparse_attention, _flex_can_run,

@@ -17,7 +17,7 @@ import threading
 
 import torch
 
-from gen.kernels._checks import check_call
+from gen.kernels._checks import check_call, check_call_prechecked
 
 from .sdpa import FLASH_CPU, key_blocks, key_mask
 
@@ -92,13 +92,19 @@ def gathered_attention(
     kv_mask: torch.Tensor | None = None,
     return_lse: bool = False,
     budget: int = _GATHER_BUDGET,
+    prechecked: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention by gathering each query block's visited key blocks and
     running torch's fused CPU attention on them. Same arguments and result as
     ``gen.attention.reference.block_sparse_attention`` (``budget``: most gathered key +
-    value elements held at once)."""
-    bsz, heads, q_len, kv_len, head_dim, sm_scale = check_call(q, k, v, plan, scale=scale, kv_valid=kv_valid,
-                                                               kv_mask=kv_mask)
+    value elements held at once; ``prechecked``: the caller checked inputs and plan, as the
+    dispatch does)."""
+    if prechecked:  # the dispatch checked inputs and plan
+        bsz, heads, q_len, kv_len, head_dim, sm_scale = check_call_prechecked(
+            q, k, scale=scale, kv_valid=kv_valid, kv_mask=kv_mask)
+    else:
+        bsz, heads, q_len, kv_len, head_dim, sm_scale = check_call(q, k, v, plan, scale=scale, kv_valid=kv_valid,
+                                                                   kv_mask=kv_mask)
     bm, bn = plan.block_m, plan.block_n
     nq, nk, visits = plan.n_q_blocks, plan.n_kv_blocks, plan.max_visits
     dev, dt = q.device, q.dtype
@@ -291,7 +297,7 @@ def gathered_attention_in_order(q, k, v, plan, perm, *, scale=None, kv_valid=Non
             return perm.invert(out, dim=2), perm.invert(lse.unsqueeze(-1), dim=2).squeeze(-1)
         return perm.invert(res, dim=2)
     kind = tables[0][1]
-    sm_scale = head_dim**-0.5 if scale is None else scale
+    sm_scale = check_call_prechecked(q, k, scale=scale, kv_valid=None, kv_mask=None)[5]
     q_rows, kv_rows, bias, empty, out_rows = _fused_index(plan, perm, bsz, heads, n, kind, q.device)
     nq, bm = plan.n_q_blocks, plan.block_m
     vis = max(plan.max_visits, 1) * plan.block_n
