@@ -226,3 +226,28 @@ def test_token_order_path_equals_permuting_by_hand(seed, backend, layout, padded
     fin = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), fin)
     torch.testing.assert_close(lse.double()[fin], ref_lse.double()[fin], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ["gather", "masked"])
+def test_kept_buffers_survive_switching_inference_mode(seed, backend):
+    # buffers and per-plan tables made under torch.inference_mode() must not be written
+    # or saved for backward outside it (a pipeline run in inference mode, then a call
+    # with autograd or under no_grad)
+    from gen.attention.token_order import tile_order
+
+    perm = tile_order((3, 5, 7), (1, 4, 4))
+    plan = BlockPlan.random(perm.n_out, perm.n_out, 0.4 if backend == "gather" else 0.9, heads=2,
+                            block_m=16, block_n=16)
+    q, k, v = (torch.randn(1, 2, perm.n_in, 16) for _ in range(3))
+    with torch.inference_mode():
+        first = block_sparse_attention(q, k, v, plan, backend=backend, token_order=perm)
+        plain = block_sparse_attention(perm.apply(q), perm.apply(k), perm.apply(v), plan, backend=backend,
+                                       kv_mask=perm.valid)
+    with torch.no_grad():
+        again = block_sparse_attention(q, k, v, plan, backend=backend, token_order=perm)
+    torch.testing.assert_close(again, first.clone())
+    qg = q.clone().requires_grad_()
+    block_sparse_attention(qg, k, v, plan, backend=backend, token_order=perm).sum().backward()
+    assert torch.isfinite(qg.grad).all()
+    out = block_sparse_attention(perm.apply(q), perm.apply(k), perm.apply(v), plan, backend=backend, kv_mask=perm.valid)
+    torch.testing.assert_close(out, plain.clone())

@@ -42,6 +42,9 @@ def _buffer(role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch
     table = getattr(_BUFFERS, "table", None)
     if table is None:
         table = _BUFFERS.table = {}
+    # tensors made under inference_mode cannot be written outside it (and the reverse is
+    # wasteful): one buffer per mode
+    role = (role, torch.is_inference_mode_enabled())
     buf = table.get(role)
     if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
         buf = table[role] = torch.empty(shape, dtype=dtype, device=device)
@@ -55,14 +58,16 @@ def _plan_rows(plan, bsz: int, heads: int):
     and whether every row visits ``max_visits`` blocks. Kept on the plan (plans are reused
     call after call), so the per-call work is the gather itself."""
     memo = plan.__dict__.setdefault("_gather_rows", {})
-    got = memo.get((bsz, heads))
+    # per inference mode: tensors made under it cannot be saved for backward outside it
+    mkey = (bsz, heads, torch.is_inference_mode_enabled())
+    got = memo.get(mkey)
     if got is None:
         nq, nk, visits = plan.n_q_blocks, plan.n_kv_blocks, plan.max_visits
         idx = plan.kv_indices.long().expand(bsz, heads, nq, visits)
         cnt = plan.kv_counts.long().expand(bsz, heads, nq)
         base = (torch.arange(bsz * heads, device=idx.device) * nk).view(bsz, heads, 1, 1)
         rows = idx + base
-        got = memo[(bsz, heads)] = (idx, cnt, rows, bool((cnt == visits).all()))
+        got = memo[mkey] = (idx, cnt, rows, bool((cnt == visits).all()))
     idx, cnt, rows, full = got
     return idx, cnt, rows, full
 
@@ -72,7 +77,7 @@ def _ragged_bias(nk: int, bn: int, kv_len: int, dtype: torch.dtype, device: torc
     table = getattr(_BUFFERS, "table", None)
     if table is None:
         table = _BUFFERS.table = {}
-    key = ("bias", nk, bn, kv_len, dtype, device)
+    key = ("bias", nk, bn, kv_len, dtype, device, torch.is_inference_mode_enabled())
     bias = table.get(key)
     if bias is None:
         bias = torch.zeros(nk * bn, dtype=dtype, device=device)
@@ -231,7 +236,7 @@ def _fused_index(plan, perm, bsz: int, heads: int, n: int, kind: str, device: to
     ``empty`` (bool ``(B, H*nq, 1)`` of query blocks with no key, or None), ``out_rows`` (the
     output and LSE back to token order, in the input's layout)."""
     memo = plan.__dict__.setdefault("_fused_rows", {})
-    key = (id(perm), bsz, heads, n, kind, str(device))
+    key = (id(perm), bsz, heads, n, kind, str(device), torch.is_inference_mode_enabled())
     got = memo.get(key)
     if got is not None and got[0] is perm:
         return got[1:]

@@ -40,7 +40,8 @@ def _plan_bias(plan, dtype: torch.dtype, device: torch.device, perm=None) -> tup
     the original token order when ``perm`` is given), and the query rows that see no key
     (bool ``(B|1, H|1, Sq, 1)``, or None). Kept on the plan."""
     memo = plan.__dict__.setdefault("_masked_bias", {})
-    key = (id(perm), dtype, str(device))
+    # per inference mode: a mask made under it cannot be saved for backward outside it
+    key = (id(perm), dtype, str(device), torch.is_inference_mode_enabled())
     got = memo.get(key)
     if got is not None and got[0] is perm:
         return got[1], got[2]
