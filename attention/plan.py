@@ -203,6 +203,8 @@ class BlockPlan:
     ) -> BlockPlan:
         """Plan visiting every key block from every query block (one plan for all heads)."""
         kv_len = q_len if kv_len is None else kv_len
+        _pos_int("q_len", q_len), _pos_int("kv_len", kv_len)
+        _pos_int("block_m", block_m), _pos_int("block_n", block_n)
         nq, nk = math.ceil(q_len / block_m), math.ceil(kv_len / block_n)
         mask = torch.ones(nq, nk, dtype=torch.bool, device=device)
         return cls.from_block_mask(mask, block_m, block_n, q_len, kv_len)
@@ -225,6 +227,9 @@ class BlockPlan:
         of key blocks, ``round(density * n_kv_blocks)``, chosen uniformly per (batch, head,
         query block). ``density=0`` gives a plan that visits nothing."""
         kv_len = q_len if kv_len is None else kv_len
+        _pos_int("q_len", q_len), _pos_int("kv_len", kv_len)
+        _pos_int("block_m", block_m), _pos_int("block_n", block_n)
+        _pos_int("batch", batch), _pos_int("heads", heads)
         if not 0.0 <= float(density) <= 1.0:
             raise ValueError(f"density must lie in [0, 1], got {density}.")
         nq, nk = math.ceil(q_len / block_m), math.ceil(kv_len / block_n)

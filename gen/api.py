@@ -22,6 +22,8 @@ import torch
 
 from gen.attention.methods import SparseMethod, get_method
 from gen.attention.processors import TransformerPatch, family_of, install
+from gen.attention.processors.install import note_undo_failure
+from gen.attention.processors.runtime import detach_run_state, has_geometry_hook
 
 __all__ = ["SparseHandle", "sparsify", "restore", "sparse"]
 
@@ -33,13 +35,14 @@ class SparseHandle:
 
     Attributes:
         method: the method instance (its ``config`` holds the resolved settings).
-        patches: one ``TransformerPatch`` per sparsified transformer.
+        patches: one ``TransformerPatch`` per sparsified transformer (empty once restored).
     """
 
     def __init__(self, target, method: SparseMethod, patches: list[TransformerPatch]) -> None:
         self.target = target
         self.method = method
         self.patches = patches
+        self._restored: list[TransformerPatch] = []  # kept for summary() after restore
 
     def __repr__(self) -> str:
         layers = sum(p.num_layers for p in self.patches)
@@ -55,18 +58,24 @@ class SparseHandle:
             p.run.reset()
 
     def restore(self) -> None:
-        """Put the original processors and forward back; idempotent."""
-        for p in self.patches:
-            p.remove()
-        self.patches = []
-        if self.target.__dict__.get(_HANDLE_ATTR) is self:
-            del self.target.__dict__[_HANDLE_ATTR]
+        """Put the original processors and forward back; idempotent. The run's
+        statistics stay readable through :meth:`summary`."""
+        patches, self.patches = self.patches, []
+        if patches:
+            self._restored = patches
+        try:
+            _remove_all(patches)
+        finally:
+            if self.target.__dict__.get(_HANDLE_ATTR) is self:
+                del self.target.__dict__[_HANDLE_ATTR]
 
     def summary(self) -> dict:
         """Attention calls that ran sparse and dense (per schedule), the layouts seen and
-        the method's density at each layout (fraction of query-key pairs computed)."""
+        the method's density at each layout (fraction of query-key pairs computed).
+        After ``restore()`` (or the end of a ``with gen.sparse(...)`` block) it still
+        describes the run that took place while the method was installed."""
         out = {"method": self.method.name, "config": repr(self.method.config), "transformers": []}
-        for p in self.patches:
+        for p in self.patches or self._restored:
             stats = p.run.stats
             heads = p.transformer.config.num_attention_heads
             densities = {}
@@ -92,6 +101,19 @@ class SparseHandle:
         self.restore()
 
 
+def _remove_all(patches: list[TransformerPatch]) -> None:
+    """``remove()`` every patch (last installed first), even if one fails; raises the
+    first error after trying them all."""
+    first: BaseException | None = None
+    for p in reversed(patches):
+        try:
+            p.remove()
+        except Exception as exc:  # noqa: BLE001 - keep restoring the others
+            first = first or exc
+    if first is not None:
+        raise first
+
+
 def _transformers(target) -> list[torch.nn.Module]:
     if isinstance(target, torch.nn.Module) and not hasattr(target, "components"):
         family_of(target)  # raises with the supported classes
@@ -101,7 +123,11 @@ def _transformers(target) -> list[torch.nn.Module]:
         raise ValueError(
             f"gen.sparsify takes a diffusers pipeline or transformer, got {type(target).__name__}."
         )
-    found = [components[name] for name in ("transformer", "transformer_2") if components.get(name) is not None]
+    found = []
+    for name in ("transformer", "transformer_2"):
+        t = components.get(name)
+        if t is not None and all(t is not f for f in found):  # one module under two names: once
+            found.append(t)
     if not found:
         raise ValueError(f"{type(target).__name__} has no `transformer`; gen sparsifies DiT pipelines "
                          "(Wan, HunyuanVideo, FLUX).")
@@ -135,22 +161,29 @@ def sparsify(target, method="dense", *, model: str | None = None, **overrides) -
     family = family_of(transformers[0])
     model = model or getattr(target, "_gen_model_name", None)
     method_obj = get_method(method, model=model, family=family, **overrides)
+    # all or nothing: each install undoes itself if it fails; the ones before it are
+    # removed here, so a failed call leaves the target exactly as it was
     patches: list[TransformerPatch] = []
     try:
         for t in transformers:
             patches.append(install(t, method_obj))
-    except BaseException:
-        for p in patches:
-            p.remove()
+        handle = SparseHandle(target, method_obj, patches)
+        target.__dict__[_HANDLE_ATTR] = handle
+    except BaseException as exc:
+        if target.__dict__.get(_HANDLE_ATTR) is not None:
+            del target.__dict__[_HANDLE_ATTR]
+        try:
+            _remove_all(patches)
+        except Exception as undo_exc:  # noqa: BLE001 - the install error is the one to raise
+            note_undo_failure(exc, undo_exc)
         raise
-    handle = SparseHandle(target, method_obj, patches)
-    target.__dict__[_HANDLE_ATTR] = handle
     return handle
 
 
 def restore(target):
     """Undo ``gen.sparsify`` on ``target`` (pipeline or transformer); returns ``target``.
-    A target that was never sparsified is returned unchanged."""
+    A target that was never sparsified is returned unchanged. Without a handle, each
+    transformer's own patch is removed, and a geometry hook left without one is detached."""
     handle = getattr(target, _HANDLE_ATTR, None)
     if handle is not None:
         handle.restore()
@@ -159,6 +192,8 @@ def restore(target):
             patch = getattr(t, "_gen_sparse_patch", None)
             if patch is not None:
                 patch.remove()
+            elif has_geometry_hook(t):
+                detach_run_state(t)
     return target
 
 

@@ -27,11 +27,13 @@ from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManag
 
 from ..layout import TokenLayout
 
-__all__ = ["RunState", "RunStats", "GEOMETRY_HOOK", "attach_run_state", "detach_run_state", "layout_for"]
+__all__ = ["RunState", "RunStats", "GEOMETRY_HOOK", "attach_run_state", "detach_run_state", "has_geometry_hook",
+           "layout_for"]
 
 logger = logging.getLogger("gen.attention")
 
 GEOMETRY_HOOK = "gen_sparse_geometry"
+_MISSING = object()
 
 
 @dataclass
@@ -194,13 +196,28 @@ class _GeometryHook(ModelHook):
         return module
 
 
-def attach_run_state(transformer: torch.nn.Module, family: str) -> RunState:
-    """Register the geometry/step hook on ``transformer`` and return its run state."""
-    run = RunState(family)
-    registry = HookRegistry.check_if_exists_or_initialize(transformer)
-    if registry.get_hook(GEOMETRY_HOOK) is not None:
+def attach_run_state(transformer: torch.nn.Module, family: str, run: RunState | None = None) -> RunState:
+    """Register the geometry/step hook on ``transformer`` and return its run state
+    (``run``, or a new one). All or nothing: on error the transformer is left as it was
+    (no hook, and no hook registry if it had none)."""
+    run = RunState(family) if run is None else run
+    existing = transformer.__dict__.get("_diffusers_hook")
+    if existing is not None and existing.get_hook(GEOMETRY_HOOK) is not None:
         raise ValueError("this transformer already has gen's geometry hook; call gen.restore(...) first.")
-    registry.register_hook(_GeometryHook(run), GEOMETRY_HOOK)
+    saved_forward = transformer.__dict__.get("forward", _MISSING)
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    try:
+        registry.register_hook(_GeometryHook(run), GEOMETRY_HOOK)
+    except BaseException:
+        if GEOMETRY_HOOK in registry.hooks:
+            registry.remove_hook(GEOMETRY_HOOK, recurse=False)
+        if saved_forward is _MISSING:
+            transformer.__dict__.pop("forward", None)
+        else:
+            transformer.__dict__["forward"] = saved_forward
+        if existing is None and not registry.hooks and transformer.__dict__.get("_diffusers_hook") is registry:
+            del transformer.__dict__["_diffusers_hook"]
+        raise
     return run
 
 
@@ -212,3 +229,9 @@ def detach_run_state(transformer: torch.nn.Module) -> None:
     fwd = transformer.__dict__.get("forward")
     if fwd is not None and getattr(fwd, "__func__", None) is type(transformer).forward:
         del transformer.__dict__["forward"]
+
+
+def has_geometry_hook(transformer: torch.nn.Module) -> bool:
+    """Whether gen's geometry/step hook is registered on ``transformer``."""
+    registry = transformer.__dict__.get("_diffusers_hook")
+    return registry is not None and registry.get_hook(GEOMETRY_HOOK) is not None
