@@ -14,6 +14,14 @@ parameters, sampling), three tabs on the right:
   method from the same seed side by side, with the speedup and PSNR/SSIM between them.
 - **Masks**: the block mask of the method at the chosen geometry, layer, head and step.
 
+Files: the outputs folder is checked first (``paths.check_outputs_dir``: never the
+filesystem root, a system folder, the home folder, a repository root or a folder holding
+other files) and is the only folder of ours the server reads. A file input (the I2V
+image) takes only a file uploaded to this app, at most ``max_upload_mb``: a request that
+names any other file on the server, or names a file in a text field, is refused before
+Gradio reads or copies anything (``_guard_uploads``). Error messages never carry server
+paths, and Gradio's own errors reach the page as a bare "Error" (``show_error=False``).
+
 Serving rules: one pipeline run at a time (Generate and Compare share one queue slot,
 ``max_queue`` waiting at most); every model is loaded once and reused; every output
 gets its own file under the outputs folder; errors come back as ``gr.Error`` messages
@@ -39,7 +47,7 @@ import logging
 import re
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import gradio as gr
@@ -51,10 +59,18 @@ from gen.pipelines import get_spec
 from . import report
 from .engine import BASELINES, DEFAULT_MODEL, STOCK, Cancelled, Engine, RunRequest, available_models
 from .params import form_values, method_fields, overrides_from
+from .paths import prepare_outputs_dir, sensitive_paths
 
 logger = logging.getLogger("gen.demos")
 
 __all__ = ["create_app", "launch", "serve", "THEME", "CSS"]
+
+DEFAULT_OUTPUTS = "outputs/demo"
+MAX_UPLOAD_MB = 20.0
+"""Default cap on an uploaded input image, in MB (``create_app(max_upload_mb=...)``,
+``gen demo --max-upload-mb``)."""
+UPLOAD_ONLY = ("The image must be uploaded through the demo (the 'Input image' field, or "
+               "gradio_client.handle_file from a script); the demo reads no other files.")
 
 _TASKS = {"t2v": "text→video", "i2v": "image→video", "t2i": "text→image"}
 _EXAMPLES = [
@@ -106,19 +122,124 @@ def _session(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or "default"
 
 
+# an absolute POSIX path (or ~/...): a slash that follows no word character, dot, colon or
+# slash (so not "PSNR/SSIM" or the "//" of a URL), then path characters
+_ABS_PATH = re.compile(r"(?<![\w.:/~])(?:~/|/)(?=[\w.~-])[^\s'\"`<>|,;()\[\]{}]*[^\s'\"`<>|,;()\[\]{}.:]")
+
+
+def _no_paths(text: str) -> str:
+    """``text`` with every absolute server path replaced by ``<path>``: messages go to
+    whoever reaches the page, the server log keeps the full text."""
+    return _ABS_PATH.sub("<path>", text)
+
+
 def _gr_error(err: BaseException) -> gr.Error:
-    """A message for the page: what went wrong and what to do; the app keeps serving."""
+    """A message for the page: what went wrong and what to do; the app keeps serving.
+    Server paths in the message are replaced by ``<path>`` (the log has them)."""
     if isinstance(err, gr.Error):
         return err
     if isinstance(err, Cancelled):
         return gr.Error(str(err), title="Cancelled", print_exception=False)
     if isinstance(err, ValueError):  # bad input: geometry, parameters, missing weights
-        return gr.Error(str(err), print_exception=False)
+        message = _no_paths(str(err))
+        if message != str(err):
+            logger.info("demo request refused: %s", err)
+        return gr.Error(message, print_exception=False)
     if isinstance(err, torch.OutOfMemoryError):
         return gr.Error("Out of memory: try fewer frames, a smaller size, fewer steps or a sparser method.",
                         title="Out of memory", print_exception=False)
     logger.exception("demo request failed")
-    return gr.Error(f"{type(err).__name__}: {err}. The app is still running; the server log has the traceback.")
+    return gr.Error(f"{type(err).__name__}: {_no_paths(str(err))}. The app is still running; "
+                    f"the server log has the traceback.")
+
+
+# -- file inputs -------------------------------------------------------------------------
+
+
+def _file_refs(value) -> Iterator[dict]:
+    """Every file reference (a dict with a ``path`` or ``url`` key: Gradio's ``FileData``,
+    with or without its ``meta``) anywhere in one input value of a request."""
+    if isinstance(value, dict):
+        if "path" in value or "url" in value:
+            yield value
+        for v in value.values():
+            yield from _file_refs(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _file_refs(v)
+
+
+def _upload_folder(app: gr.Blocks) -> Path:
+    """Where this app's server puts uploads (``/gradio_api/upload``): the running server's
+    ``uploaded_file_dir``, which Gradio takes from ``gradio.utils.get_upload_folder()``
+    (``$GRADIO_TEMP_DIR``, else ``<tmp>/gradio``) when it starts."""
+    folder = getattr(getattr(app, "server_app", None), "uploaded_file_dir", None)
+    if not folder:
+        from gradio.utils import get_upload_folder
+
+        folder = get_upload_folder()
+    return Path(folder).resolve()
+
+
+def _check_upload(ref: dict, folder: Path, max_bytes: int) -> Path:
+    """The file a request names, if it is a picture uploaded to this app (inside its upload
+    folder once symbolic links are resolved, at most ``max_bytes``); else ``gr.Error``
+    without any path in it. A reference without a local ``path`` (a URL or ``data:``
+    URL only) is refused too: the page always uploads first."""
+    path = ref.get("path")
+    if not isinstance(path, str) or not path or "://" in path:
+        raise gr.Error(UPLOAD_ONLY, print_exception=False)
+    try:
+        resolved = Path(path).resolve(strict=True)
+        if not resolved.is_relative_to(folder) or not resolved.is_file():
+            raise FileNotFoundError(path)
+        size = resolved.stat().st_size
+    except (OSError, RuntimeError):  # missing, a symlink loop, unreadable: all the same answer
+        logger.warning("refused a file input outside the uploads: %r", path)
+        raise gr.Error(UPLOAD_ONLY, print_exception=False) from None
+    if size > max_bytes:
+        raise gr.Error(f"The image is larger than the demo's limit of {max_bytes / 1e6:g} MB; upload a smaller one.",
+                       print_exception=False)
+    from PIL import Image
+
+    try:
+        with Image.open(resolved):  # reads the header only
+            pass
+    except Exception:
+        raise gr.Error("The uploaded file is not a picture the demo can read; upload a PNG or JPEG.",
+                       print_exception=False) from None
+    return resolved
+
+
+def _guard_uploads(app: gr.Blocks, file_inputs: set[int], max_bytes: int) -> None:
+    """Check every request's inputs before Gradio processes them.
+
+    A request can name any file on the server as an input (``{"path": ...}``, Gradio's
+    ``FileData``). Gradio hands a reference without ``"meta"`` to the component as it is
+    (``gr.Image`` then opens whatever path it names), copies one with ``"meta"`` into its
+    upload cache (served by ``/gradio_api/file=``) after a check that depends on its
+    request context, and quotes the paths in its errors. So here, ahead of all of that,
+    a file reference is accepted only in an input of ``file_inputs`` (component ids) and
+    only when ``_check_upload`` accepts it. The hook is this app's own ``preprocess_data``,
+    which every endpoint goes through (queued or not, ``gradio_client`` or plain HTTP);
+    the per-session copies Gradio makes of components do not bypass it.
+    """
+    original = getattr(app, "preprocess_data", None)
+    if not inspect.iscoroutinefunction(original):  # fail closed on a Gradio that moved it
+        raise RuntimeError("this Gradio version has no Blocks.preprocess_data: the demo cannot check "
+                           "file inputs; install a gradio release the demo supports (pyproject.toml).")
+
+    async def preprocess_data(block_fn, inputs, *args, **kwargs):
+        folder = None
+        for block, value in zip(block_fn.inputs, inputs):
+            for ref in _file_refs(value):
+                if getattr(block, "_id", None) not in file_inputs:
+                    raise gr.Error("Files can only be sent to the 'Input image' field.", print_exception=False)
+                folder = folder or _upload_folder(app)
+                _check_upload(ref, folder, max_bytes)
+        return await original(block_fn, inputs, *args, **kwargs)
+
+    app.preprocess_data = preprocess_data
 
 
 def _model_label(name: str) -> tuple[str, str]:
@@ -168,14 +289,16 @@ def create_app(
     device: str | None = None,
     max_queue: int = 8,
     models: list[str] | None = None,
+    max_upload_mb: float = MAX_UPLOAD_MB,
 ) -> gr.Blocks:
     """Build the demo.
 
     Args:
         loader: ``loader(model_name) -> diffusers pipeline``; default ``gen.pipelines.load``
             on ``device``. Each model is loaded once and reused.
-        outputs_dir: folder for every output (default ``outputs/demo``); created if needed,
-            and the only folder ``launch`` lets the server read.
+        outputs_dir: folder for every output (default ``outputs/demo``), and the only folder
+            ``launch`` lets the server read: a new folder (created here), an empty one or
+            one the demo used before (``paths.check_outputs_dir``).
         default_model: the model selected at start.
         default_method: the attention method selected at start.
         device: for the default loader; default CUDA when available, else the CPU.
@@ -183,11 +306,20 @@ def create_app(
             with "queue is full").
         models: model names to offer; default the tiny ones plus every real checkpoint
             whose weights are in the local Hugging Face cache.
+        max_upload_mb: the largest input image accepted, in MB (``launch`` also makes it
+            Gradio's ``max_file_size``).
 
     Returns:
         The ``gr.Blocks``, queue configured; ``app.gen_engine`` is its ``Engine``.
+
+    Raises:
+        ValueError: an outputs folder that is unsafe to serve (the message says why and
+            what to do), or a ``max_upload_mb`` that is not positive.
     """
-    engine = Engine(loader=loader, outputs_dir=outputs_dir, device=device)
+    if not max_upload_mb > 0:
+        raise ValueError(f"max_upload_mb must be positive, got {max_upload_mb!r}.")
+    outputs = prepare_outputs_dir(outputs_dir or DEFAULT_OUTPUTS)
+    engine = Engine(loader=loader, outputs_dir=outputs, device=device)
     stops = _Stops()
     names = models or available_models()
     spec0 = get_spec(default_model)
@@ -457,6 +589,8 @@ def create_app(
                      queue=False, api_visibility="private", show_progress="hidden")
 
     app.queue(default_concurrency_limit=1, max_size=max_queue)
+    app.gen_max_upload_bytes = int(max_upload_mb * 1e6)
+    _guard_uploads(app, {image._id}, app.gen_max_upload_bytes)
     app.gen_engine = engine
     return app
 
@@ -484,18 +618,28 @@ def launch(app: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = 7860, 
 
     Binds to ``host`` (127.0.0.1: this machine only), opens a public share link only when
     ``share=True``, and lets the server read files from the app's outputs folder only
-    (``allowed_paths``). Extra ``kwargs`` go to ``gr.Blocks.launch`` (e.g.
-    ``prevent_thread_lock=True`` in tests).
+    (``allowed_paths``; Gradio also serves its own upload cache). System and credential
+    folders are ``blocked_paths`` on top. Uploads are capped at the app's
+    ``max_upload_mb`` (``max_file_size``), and only ``gr.Error`` messages reach the page
+    (``show_error=False``: Gradio's own errors can quote server paths). Extra ``kwargs`` go
+    to ``gr.Blocks.launch`` (e.g. ``prevent_thread_lock=True`` in tests).
     """
     outputs = str(app.gen_engine.outputs_dir)
+    kwargs.setdefault("max_file_size", getattr(app, "gen_max_upload_bytes", int(MAX_UPLOAD_MB * 1e6)))
+    kwargs.setdefault("show_error", False)
+    kwargs.setdefault("blocked_paths", sensitive_paths(keep=[outputs, _upload_folder(app)]))
     return app.launch(server_name=host, server_port=port, share=share, allowed_paths=[outputs],
-                      theme=THEME, css=CSS, show_error=True, **kwargs)
+                      theme=THEME, css=CSS, **kwargs)
 
 
 def serve(host: str = "127.0.0.1", port: int = 7860, share: bool = False, outputs_dir: str | Path | None = None,
-          device: str | None = None) -> None:
-    """Build and serve the demo until interrupted (``gen demo``)."""
-    app = create_app(outputs_dir=outputs_dir, device=device)
+          device: str | None = None, max_upload_mb: float = MAX_UPLOAD_MB) -> None:
+    """Build and serve the demo until interrupted (``gen demo``).
+
+    Raises:
+        ValueError: an outputs folder that is unsafe to serve (see ``create_app``).
+    """
+    app = create_app(outputs_dir=outputs_dir, device=device, max_upload_mb=max_upload_mb)
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s: anyone who can reach this address can run models here", host)
     logger.info("outputs go to %s", app.gen_engine.outputs_dir)

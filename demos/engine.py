@@ -461,7 +461,8 @@ def _read_image(path: str, width: int, height: int):
     try:
         return Image.open(path).convert("RGB").resize((width, height))
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read the input image ({err}); upload a PNG or JPEG.") from None
+        # the error's own text quotes the server path: say what went wrong without it
+        raise ValueError(f"cannot read the input image ({type(err).__name__}); upload a PNG or JPEG.") from None
 
 
 def _uint8_frames(output, spec) -> np.ndarray:

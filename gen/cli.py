@@ -639,20 +639,38 @@ def calibrate_sparse_vdit(
                          f"--attention sparse-vdit --set plan={result.path}"))
 
 
+def _demo_outputs(outputs: Path) -> Path:
+    """The checked ``--outputs`` folder of ``gen demo``, or one error line and exit 2."""
+    from gen.demos.paths import check_outputs_dir  # no Gradio import: fails fast
+
+    try:
+        return check_outputs_dir(outputs)
+    except ValueError as err:
+        console.print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def demo(
     host: str = typer.Option("127.0.0.1", help="address to bind: 127.0.0.1 is this machine only; 0.0.0.0 opens it to your network"),
     port: int = typer.Option(7860, help="port to serve on"),
     share: bool = typer.Option(False, "--share", help="also open a public gradio.live link (off unless asked)"),
-    outputs: Path = typer.Option(Path("outputs/demo"), help="folder for generated files: the only folder the demo serves"),
+    outputs: Path = typer.Option(Path("outputs/demo"), help="folder for generated files, the only folder the demo serves: "
+                                 "a new folder (created), an empty one, or one the demo used before"),
     device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)"),
+    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.001, help="largest input image accepted, in MB"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logs"),
 ) -> None:
     """Start the Gradio demo: generate, compare dense vs sparse attention, look at block masks."""
+    outputs = _demo_outputs(outputs)
     from gen.demos.app import serve
 
     _setup_logging(verbose)
-    serve(host=host, port=port, share=share, outputs_dir=outputs, device=device)
+    try:
+        serve(host=host, port=port, share=share, outputs_dir=outputs, device=device, max_upload_mb=max_upload_mb)
+    except ValueError as err:  # the folder changed since the check, or cannot be created
+        console.print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 @check_app.command("kernels")

@@ -272,4 +272,5 @@ def test_gen_demo_command_passes_its_options(monkeypatch, tmp_path):
     monkeypatch.setattr(gen.demos.app, "serve", lambda **kw: seen.update(kw))
     res = CliRunner().invoke(app, ["demo", "--port", "7999", "--outputs", str(tmp_path)])
     assert res.exit_code == 0, res.output
-    assert seen == dict(host="127.0.0.1", port=7999, share=False, outputs_dir=tmp_path, device=None)
+    assert seen == dict(host="127.0.0.1", port=7999, share=False, outputs_dir=tmp_path.resolve(), device=None,
+                        max_upload_mb=20.0)
