@@ -63,15 +63,16 @@ class TokenPermutation:
     @property
     def inverse(self) -> torch.Tensor:
         """Long ``(n_in,)``: the slot each source token lands in (computed once, eagerly)."""
-        # kept per inference mode: a tensor made under torch.inference_mode() cannot be
-        # saved for backward outside it
-        mode = torch.is_inference_mode_enabled()
-        inv = self.__dict__.get("_inverse", {}).get(mode)
+        compiling = torch.compiler.is_compiling()
+        # kept per inference mode (eagerly only): a tensor made under torch.inference_mode()
+        # cannot be saved for backward outside it
+        mode = None if compiling else torch.is_inference_mode_enabled()
+        inv = None if compiling else self.__dict__.get("_inverse", {}).get(mode)
         if inv is None:
             inv = torch.empty(self.n_in, dtype=torch.long, device=self.index.device)
             slots = torch.arange(self.n_out, device=self.index.device)
             inv[self.index[self.valid]] = slots[self.valid]
-            if not torch.compiler.is_compiling():
+            if not compiling:
                 # frozen dataclass: a cache, not state
                 object.__setattr__(self, "_inverse", {**self.__dict__.get("_inverse", {}), mode: inv})
         return inv
@@ -79,6 +80,8 @@ class TokenPermutation:
     def _rows(self, which: str, idx: torch.Tensor, lead: int, s: int) -> torch.Tensor:
         """Flat row indices of ``idx`` over ``lead`` stacked sequences of ``s`` tokens (see
         :func:`_take`), kept per (which, lead, s, device) outside compiled graphs."""
+        if torch.compiler.is_compiling():
+            return ((torch.arange(lead, device=idx.device) * s).view(-1, 1) + idx.view(1, -1)).reshape(-1)
         key = (which, lead, s, str(idx.device), torch.is_inference_mode_enabled())
         memo = self.__dict__.get("_row_memo")
         if memo is not None and key in memo:
