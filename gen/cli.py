@@ -208,42 +208,129 @@ def models() -> None:
     console.print(table)
 
 
-def _preset_density(method: str, key: str) -> str:
-    """``, density 0.339 at 21x30x52`` for a preset keyed by a model name (its native
-    geometry), empty for family presets and methods without a static plan."""
-    from gen.attention import TokenLayout
-    from gen.masks import layout_for_model
+def _preset_grid_density(method: str, key: str, *, precomputed: bool = True) -> tuple[str, float] | None:
+    """``("21x30x52", 0.339...)``: the native video grid of the model ``key`` names and the
+    density of ``method``'s preset for it there; None for family presets and methods
+    without a static plan. Takes the number from ``PRESET_DENSITIES`` when it is recorded
+    for that grid (building a plan at a model's full size takes seconds), else builds the
+    plan (always with ``precomputed=False``)."""
     from gen.pipelines import MODELS
 
     spec = MODELS.get(key)
     if spec is None:
-        return ""
-    try:
-        from gen.attention.methods import get_method
+        return None
+    from gen.attention import TokenLayout
+    from gen.attention.methods import get_method
+    from gen.attention.methods.presets import PRESET_DENSITIES
+    from gen.masks import layout_for_model
 
+    try:
         layout = layout_for_model(spec)
+        grid = f"{layout.frames}x{layout.height}x{layout.width}"
+        recorded = PRESET_DENSITIES.get(method, {}).get(key)
+        if precomputed and recorded is not None and recorded[0] == grid:
+            return recorded
         video = TokenLayout(layout.frames, layout.height, layout.width)
         d = get_method(method, model=key, family=spec.family).density(video, spec.heads)
     except (NotImplementedError, ValueError):
+        return None
+    return grid, d
+
+
+def _preset_density(method: str, key: str) -> str:
+    """``, density 0.339 at 21x30x52`` for a preset keyed by a model name (its native
+    geometry), empty for family presets and methods without a static plan."""
+    got = _preset_grid_density(method, key)
+    if got is None:
         return ""
-    return f"  [green]density {d:.3f}[/green] at {layout.frames}x{layout.height}x{layout.width}"
+    grid, d = got
+    return f"  [green]density {d:.3f}[/green] at {grid}"
+
+
+def _methods_lines() -> list[str]:
+    """What ``gen methods`` prints, one console line (rich markup) per entry, built from the
+    method registry (imports torch)."""
+    import dataclasses
+
+    from gen.attention.methods import PRESETS, list_methods, method_class
+
+    lines = []
+    for name in list_methods():
+        cls = method_class(name)
+        lines.append(f"[bold]{name}[/bold] — {cls.summary}  [dim](models: {', '.join(cls.families)})[/dim]")
+        for f in dataclasses.fields(cls.config_cls):
+            default = f.default if f.default is not dataclasses.MISSING else "required"
+            lines.append(f"    {f.name} = {default!r}")
+        for key, values in PRESETS.get(name, {}).items():
+            lines.append(f"    preset [cyan]{key}[/cyan]: {values}{_preset_density(name, key)}")
+    return lines
+
+
+_METHODS_CACHE_FORMAT = 1
+
+
+def _methods_cache_file() -> Path:
+    """``$GEN_CACHE_DIR/methods.json`` (default ``~/.cache/gen``), as the model cache."""
+    return Path(os.environ.get("GEN_CACHE_DIR") or "~/.cache/gen").expanduser() / "methods.json"
+
+
+def _methods_cache_key() -> str:
+    """Hash of everything the listing is made from: every source and JSON file of the gen
+    packages (methods, presets, model registry, plans), the Python and torch versions."""
+    import hashlib
+    import importlib.metadata
+    import importlib.util
+
+    try:
+        torch_version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch_version = "none"
+    digest = hashlib.sha256(f"{_METHODS_CACHE_FORMAT}\n{sys.version}\n{torch_version}\n".encode())
+    for package in ("gen", "gen.attention", "gen.kernels", "gen.pipelines", "gen.demos"):
+        spec = importlib.util.find_spec(package)  # finds without importing the package
+        for root in map(Path, spec.submodule_search_locations if spec else ()):
+            for file in sorted([*root.rglob("*.py"), *root.rglob("*.json")]):
+                digest.update(f"\n{package}/{file.relative_to(root).as_posix()}\n".encode())
+                digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def _cached_methods_lines() -> list[str]:
+    """:func:`_methods_lines`, from a cache file while gen's sources and versions are the
+    ones it was made from: listing the methods imports torch, which takes seconds. A
+    missing, stale, unreadable or unwritable cache only means building the list again."""
+    import contextlib
+    import json
+
+    file = _methods_cache_file()
+    try:
+        key = _methods_cache_key()
+    except OSError:
+        return _methods_lines()
+    try:
+        cached = json.loads(file.read_text(encoding="utf-8"))
+        lines = cached["lines"]
+        if cached["key"] == key and isinstance(lines, list) and all(isinstance(x, str) for x in lines):
+            return lines
+    except (OSError, ValueError, TypeError, KeyError):
+        pass
+    lines = _methods_lines()
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"key": key, "lines": lines}, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, file)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    return lines
 
 
 @app.command()
 def methods() -> None:
     """List the attention methods, their parameters (with defaults) and presets per model."""
-    import dataclasses
-
-    from gen.attention.methods import PRESETS, list_methods, method_class
-
-    for name in list_methods():
-        cls = method_class(name)
-        console.print(f"[bold]{name}[/bold] — {cls.summary}  [dim](models: {', '.join(cls.families)})[/dim]")
-        for f in dataclasses.fields(cls.config_cls):
-            default = f.default if f.default is not dataclasses.MISSING else "required"
-            console.print(f"    {f.name} = {default!r}")
-        for key, values in PRESETS.get(name, {}).items():
-            console.print(f"    preset [cyan]{key}[/cyan]: {values}{_preset_density(name, key)}")
+    for line in _cached_methods_lines():
+        console.print(line)
 
 
 @app.command()
@@ -901,15 +988,40 @@ def eval_tiny_cmd(
                                                  for k, r in results.items()) + "\n")
 
 
-def main() -> None:  # console-script entry point
-    # Without CUDA, Triton kernels can only run through the interpreter, and Triton reads
-    # TRITON_INTERPRET when it is first imported: decide before anything imports it.
-    # The automatic backend is still the PyTorch reference on the CPU.
-    if "TRITON_INTERPRET" not in os.environ:
-        import torch
+def _choose_triton_mode() -> None:
+    """Without CUDA, Triton kernels can only run through the interpreter: set
+    ``TRITON_INTERPRET=1`` unless the user chose. The automatic backend is still the
+    PyTorch reference on the CPU."""
+    if "TRITON_INTERPRET" in os.environ:
+        return
+    loaded = sys.modules.get("torch")
+    if loaded is not None and getattr(getattr(loaded, "__spec__", None), "_initializing", False):
+        return  # triton imported from inside torch's own import: no device query possible yet
+    import torch
 
-        if not torch.cuda.is_available():
-            os.environ["TRITON_INTERPRET"] = "1"
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+class _BeforeTriton:  # a meta path finder that finds nothing
+    """Runs :func:`_choose_triton_mode` just before the first ``import triton``, then steps
+    aside: Triton reads ``TRITON_INTERPRET`` when it is first imported, and commands that
+    never import it (help pages, ``gen methods`` from its cache) need not import torch to decide."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == "triton" or fullname.startswith("triton."):
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            _choose_triton_mode()
+        return None  # the regular finders do the import
+
+
+def main() -> None:  # console-script entry point
+    if "TRITON_INTERPRET" not in os.environ:
+        if "triton" in sys.modules:
+            _choose_triton_mode()  # imported already: decide now, as late as it is
+        elif not any(isinstance(f, _BeforeTriton) for f in sys.meta_path):
+            sys.meta_path.insert(0, _BeforeTriton())
     app()
 
 

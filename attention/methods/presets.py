@@ -104,3 +104,39 @@ def preset_for(method: str, *, model: str | None = None, family: str | None = No
         if key is not None and key in table:
             return dict(table[key])
     return {}
+
+
+# What ``gen methods`` prints next to each model preset: ``(grid, density)``, the model's
+# native video grid (frames x height x width in tokens, no text) and the fraction of
+# query-key pairs the preset computes there. Derived numbers, recorded because building a
+# plan at a model's full size takes seconds; tests/test_cli_speed.py recomputes every
+# entry and fails when a preset, a method or a model's geometry moves one.
+PRESET_DENSITIES: dict[str, dict[str, tuple[str, float]]] = {
+    "radial": {
+        "wan2.1-t2v-14b": ("21x45x80", 0.26199853307578175),
+        "wan2.1-i2v-14b-480p": ("21x30x52", 0.3388228594089399),
+        "wan2.1-i2v-14b-720p": ("21x45x80", 0.26199853307578175),
+        "wan2.1-t2v-1.3b": ("21x30x52", 0.3388228594089399),
+        "hunyuanvideo": ("33x45x80", 0.2701598430999104),
+        "tiny-wan": ("5x8x8", 0.865),
+        "tiny-wan-i2v": ("5x8x8", 0.865),
+        "tiny-hunyuan": ("5x8x8", 0.9200000000000002),
+        "shapes-wan": ("5x8x8", 0.865),
+        "shapes-wan-causal": ("5x8x8", 0.865),
+    },
+    "gna": {
+        "hunyuanvideo": ("33x45x80", 0.11377777777777778),
+        "wan2.1-t2v-1.3b": ("21x30x52", 0.22505494505494505),
+        "wan2.1-i2v-14b-480p": ("21x30x52", 0.17504273504273504),
+        "wan2.1-t2v-14b": ("21x45x80", 0.11377777777777778),
+        "wan2.1-i2v-14b-720p": ("21x45x80", 0.11377777777777778),
+        "flux.1-dev": ("1x64x64", 0.140625),
+        "flux.1-schnell": ("1x64x64", 0.140625),
+        "tiny-wan": ("5x8x8", 0.15),
+        "tiny-wan-i2v": ("5x8x8", 0.15),
+        "tiny-hunyuan": ("5x8x8", 0.15),
+        "tiny-flux": ("1x16x16", 0.5625),
+        "shapes-wan": ("5x8x8", 0.15),
+        "shapes-wan-causal": ("5x8x8", 0.15),
+    },
+}
