@@ -878,7 +878,7 @@ def long(
     height: int = typer.Option(None, help="height in pixels (default: the model's)"),
     width: int = typer.Option(None, help="width in pixels (default: the model's)"),
     device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)"),
-    out: Path = typer.Option(None, "--out", "-o", help="output .mp4 (appended as chunks finish); default: a unique name in outputs/"),
+    out: Path = typer.Option(Path("long.mp4"), "--out", "-o", help="output .mp4 (appended as chunks finish)"),
     flex: bool = typer.Option(False, "--flex", help="FLEX: modulated temporal RoPE, antiphase noise, inference-only sink"),
     checkpoint: list[Path] = typer.Option(None, "--checkpoint", help="causal checkpoint (Self-Forcing, CausVid, "
                                           "LongLive, Rolling Forcing) loaded into the transformer; repeat for a LoRA"),

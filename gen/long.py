@@ -26,7 +26,6 @@ public causal checkpoint (Self-Forcing, CausVid, LongLive, Rolling Forcing), con
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -36,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["SCHEDULES", "LongResult", "default_long_path", "long_video", "long_video_frames", "parse_switch"]
+__all__ = ["SCHEDULES", "LongResult", "long_video", "long_video_frames", "parse_switch"]
 
 SCHEDULES = ("chunk", "sink", "rolling")
 
@@ -181,42 +180,12 @@ def long_video_frames(
         decoder.close()
 
 
-def default_long_path(prompt: str, *, model: str = "shapes-wan-causal", schedule: str = "sink", seed: int = 0,
-                      folder: str | Path = "outputs") -> Path:
-    """``outputs/<model>-long-<schedule>-<prompt words>-s<seed>-<time>-<pid>.mp4``: a new name
-    for every call (``gen.render.default_output_path``), never one fixed file."""
-    from gen.pipelines import registry
-    from gen.render import default_output_path
-
-    return default_output_path(registry.get_spec(model), prompt, f"long-{schedule}", seed, folder)
-
-
-def long_video(prompt: str, out: str | Path | None = None, *, progress: bool = True, **kwargs) -> LongResult:
+def long_video(prompt: str, out: str | Path, *, progress: bool = True, **kwargs) -> LongResult:
     """Generate a long video into ``out`` (.mp4), appending frames as chunks finish.
 
     Takes the arguments of ``long_video_frames``; ``progress`` shows a bar with frames and FPS.
-    ``out`` None picks a new name under ``outputs/`` (``default_long_path``); an existing
-    ``out`` is replaced (with a warning) once the new video is complete.
-    The file appears atomically when the video is complete: on an error, Ctrl-C or SIGTERM
-    nothing is written and no ffmpeg process is left (the command exits with 130 or 143);
-    partial files of runs killed outright are removed by the next run in that folder.
+    The file appears atomically when the video is complete (nothing on error).
     """
-    from gen._io import exit_on_sigterm, note_replacing, sweep_stale_partials
-
-    if out is None:
-        defaults = inspect.signature(long_video_frames).parameters
-        path = default_long_path(prompt, **{k: kwargs.get(k, defaults[k].default) for k in ("model", "schedule", "seed")})
-    else:
-        path = Path(out)
-        if path.suffix.lower() != ".mp4":
-            raise ValueError(f"streaming output must be an .mp4 file, got {path.name!r}.")
-        note_replacing(path)
-    with exit_on_sigterm():  # SIGTERM unwinds like Ctrl-C: no partial file, no ffmpeg left
-        sweep_stale_partials(path.parent)  # partial files of earlier runs that were killed
-        return _long_video(prompt, path, progress, kwargs)
-
-
-def _long_video(prompt: str, path: Path, progress: bool, kwargs: dict) -> LongResult:
     from tqdm.auto import tqdm
 
     from gen.pipelines.ar.stream import Mp4Stream
@@ -224,17 +193,14 @@ def _long_video(prompt: str, path: Path, progress: bool, kwargs: dict) -> LongRe
     stats: dict = {}
     frames = long_video_frames(prompt, stats=stats, **kwargs)
     start = time.perf_counter()
-    try:
-        first = next(frames)  # loads the model and fixes the fps before the file is opened
-        total = (stats["latent_frames"] - 1) * 4 + 1
-        with Mp4Stream(path, stats["fps"]) as stream, tqdm(total=total, unit="frame", disable=not progress) as bar:
-            stream.append(first)
-            bar.update(len(first))
-            for batch in frames:
-                stream.append(batch)
-                bar.update(len(batch))
-                bar.set_postfix(fps=f"{stream.frames / (time.perf_counter() - start):.1f}")
-            n = stream.frames
-    finally:
-        frames.close()  # the decoder's cache is freed now, not when the generator is collected
-    return LongResult(path, n, stats["fps"], time.perf_counter() - start)
+    first = next(frames)  # loads the model and fixes the fps before the file is opened
+    total = (stats["latent_frames"] - 1) * 4 + 1
+    with Mp4Stream(out, stats["fps"]) as stream, tqdm(total=total, unit="frame", disable=not progress) as bar:
+        stream.append(first)
+        bar.update(len(first))
+        for batch in frames:
+            stream.append(batch)
+            bar.update(len(batch))
+            bar.set_postfix(fps=f"{stream.frames / (time.perf_counter() - start):.1f}")
+        n = stream.frames
+    return LongResult(Path(out), n, stats["fps"], time.perf_counter() - start)

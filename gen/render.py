@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,35 +77,20 @@ def _frames_of(output, spec) -> np.ndarray:
     return arr
 
 
-_issued: set[Path] = set()
-_issued_lock = threading.Lock()
-
-
 def default_output_path(spec, prompt: str, method: str, seed: int, folder: str | os.PathLike = "outputs") -> Path:
-    """``outputs/<model>-<method>-<prompt words>-s<seed>-<time>-<pid>.<ext>``: unique, never one
-    fixed name (``-2``, ``-3``, ... are added if this process already chose the name in the
-    same second or a file has it)."""
+    """``outputs/<model>-<method>-<prompt words>-s<seed>-<time>.<ext>``: unique, never one fixed name."""
     words = "-".join(re.findall(r"[a-z0-9]+", prompt.lower())[:6]) or "clip"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     ext = "png" if spec.task == "t2i" else "mp4"
-    base = f"{spec.name}-{method}-{words}-s{seed}-{stamp}-{os.getpid()}"
-    with _issued_lock:
-        path, n = Path(folder) / f"{base}.{ext}", 1
-        while path in _issued or path.exists():
-            n += 1
-            path = Path(folder) / f"{base}-{n}.{ext}"
-        _issued.add(path)
-    return path
+    return Path(folder) / f"{spec.name}-{method}-{words}-s{seed}-{stamp}-{os.getpid()}.{ext}"
 
 
 def write_output(frames: np.ndarray, path: str | os.PathLike, fps: int) -> Path:
     """Write ``(F, H, W, 3)`` uint8 frames as an mp4 (``.mp4``) or one image (``.png``/``.jpg``),
-    atomically: a hidden partial file in the same folder renamed into place (removed on any
-    error or interruption; see ``gen._io``). mp4s are encoded by ``gen._io.Mp4Writer``,
-    whose ffmpeg process does not outlive this one."""
+    atomically: a temporary file in the same folder renamed into place."""
     import imageio.v3 as iio
 
-    from gen._io import Mp4Writer, atomic_path
+    from gen._io import atomic_path
 
     path = Path(path)
     suffix = path.suffix.lower()
@@ -114,10 +98,14 @@ def write_output(frames: np.ndarray, path: str | os.PathLike, fps: int) -> Path:
         raise ValueError(f"unsupported output extension {suffix!r}; use .mp4, .gif or .png.")
     with atomic_path(path) as tmp:
         if suffix == ".mp4":
-            # H.264 in yuv420p needs even sizes; tiny models can produce odd ones (Mp4Writer crops)
-            with Mp4Writer(tmp, fps) as writer:
+            import imageio.v2 as iio2
+
+            # H.264 in yuv420p needs even sizes; tiny models can produce odd ones
+            h, w = frames.shape[1] - frames.shape[1] % 2, frames.shape[2] - frames.shape[2] % 2
+            with iio2.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
+                                 pixelformat="yuv420p", macro_block_size=2, quality=8) as writer:
                 for frame in frames:
-                    writer.append(frame)
+                    writer.append_data(frame[:h, :w])
         elif suffix == ".gif":
             iio.imwrite(tmp, frames, extension=".gif", duration=1000 / fps, loop=0)
         else:
@@ -175,18 +163,6 @@ def render(
         model_path: local folder with the model's diffusers-format weights.
         pipe: an already loaded pipeline to reuse (skips loading).
     """
-    from gen._io import exit_on_sigterm
-
-    with exit_on_sigterm():  # SIGTERM unwinds like Ctrl-C: no partial file, no ffmpeg left
-        return _render(prompt, model=model, attention=attention, overrides=overrides, steps=steps,
-                       frames=frames, height=height, width=width, seed=seed, guidance=guidance,
-                       negative_prompt=negative_prompt, image=image, out=out, device=device, dtype=dtype,
-                       model_path=model_path, pipe=pipe)
-
-
-def _render(prompt, *, model, attention, overrides, steps, frames, height, width, seed, guidance,
-            negative_prompt, image, out, device, dtype, model_path, pipe) -> RenderResult:
-    from gen._io import note_replacing, sweep_stale_partials
     from gen.api import sparsify
     from gen.pipelines import check_geometry, get_spec, load
 
@@ -197,12 +173,6 @@ def _render(prompt, *, model, attention, overrides, steps, frames, height, width
     steps = steps or spec.steps
     guidance = spec.guidance if guidance is None else guidance
     check_geometry(spec, height, width, frames)
-    path = Path(out) if out else default_output_path(spec, prompt, attention, seed)
-    if spec.task != "t2i" and path.suffix.lower() == ".png":
-        raise ValueError("a video model writes .mp4 (or .gif); got a .png output path.")
-    sweep_stale_partials(path.parent)  # partial files of earlier runs that were killed
-    if out:
-        note_replacing(path)
     warn_outside_vocabulary(spec, prompt)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[dtype]
@@ -235,5 +205,8 @@ def _render(prompt, *, model, attention, overrides, steps, frames, height, width
     finally:
         handle.restore()
     arr = _frames_of(output, spec)
+    path = Path(out) if out else default_output_path(spec, prompt, attention, seed)
+    if spec.task != "t2i" and path.suffix.lower() == ".png":
+        raise ValueError("a video model writes .mp4 (or .gif); got a .png output path.")
     write_output(arr, path, spec.fps)
     return RenderResult(path, seconds, load_seconds, arr.shape[0], seed, summary)
