@@ -16,6 +16,7 @@ from gen.kernels._checks import check_plan, check_qkv
 
 from .backends import backends, choose
 from .backends.block_sparse import describe
+from .token_order import run_in_slots
 
 __all__ = ["BACKENDS", "block_sparse_attention", "select_backend"]
 
@@ -75,13 +76,4 @@ def block_sparse_attention(
         return chosen.backend.run(q, k, v, plan, **kw)
     if chosen.backend.run_in_order is not None:
         return chosen.backend.run_in_order(q, k, v, plan, token_order, **kw)
-    perm = token_order
-    if perm.n_out != perm.n_in:  # padding slots are never keys
-        pad = perm.valid.to(q.device)
-        kw["kv_mask"] = pad if kv_mask is None else kv_mask & pad
-    q, k, v = (perm.apply(x, dim=2) for x in (q, k, v))
-    res = chosen.backend.run(q, k, v, plan, **kw)
-    if return_lse:
-        out, lse = res
-        return perm.invert(out, dim=2), perm.invert(lse.unsqueeze(-1), dim=2).squeeze(-1)
-    return perm.invert(res, dim=2)
+    return run_in_slots(chosen.backend.run, q, k, v, plan, token_order, **kw)

@@ -128,6 +128,23 @@ class TokenPermutation:
         return TokenPermutation(idx, layout.seq_len)
 
 
+def run_in_slots(run, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, perm: TokenPermutation, *,
+                 kv_mask: torch.Tensor | None = None, return_lse: bool = False, **kw):
+    """``run(q, k, v, plan, kv_mask=, return_lse=, **kw)`` (a block-sparse attention whose
+    plan is over ``perm``'s slots) on inputs ``(B, H, n_in, D)`` in the original order:
+    permute them into the slots, mask the padding slots as keys (with ``kv_mask``, over the
+    slots, if given), run, and put the output (and LSE) back in the original order."""
+    if perm.n_out != perm.n_in:  # padding slots are never keys
+        pad = perm.valid.to(q.device)
+        kv_mask = pad if kv_mask is None else kv_mask & pad
+    q, k, v = (perm.apply(x, dim=2) for x in (q, k, v))
+    res = run(q, k, v, plan, kv_mask=kv_mask, return_lse=return_lse, **kw)
+    if return_lse:
+        out, lse = res
+        return perm.invert(out, dim=2), perm.invert(lse.unsqueeze(-1), dim=2).squeeze(-1)
+    return perm.invert(res, dim=2)
+
+
 def _take(x: torch.Tensor, dim: int, idx: torch.Tensor, perm: TokenPermutation, which: str) -> torch.Tensor:
     """``x.index_select(dim, idx)``. For the token axis of a contiguous ``(..., S, D)``
     tensor (the layout every method uses) it picks whole rows of the 2-D ``(rows, D)``

@@ -17,8 +17,9 @@ import threading
 
 import torch
 
-from gen.kernels._checks import check_call, check_call_prechecked
+from gen.kernels._checks import check_call
 
+from ..token_order import run_in_slots
 from .sdpa import FLASH_CPU, key_blocks, key_mask
 
 __all__ = ["gathered_attention", "gathered_attention_in_order"]
@@ -104,12 +105,8 @@ def gathered_attention(
     ``gen.attention.reference.block_sparse_attention`` (``budget``: most gathered key +
     value elements held at once; ``prechecked``: the caller checked inputs and plan, as the
     dispatch does)."""
-    if prechecked:  # the dispatch checked inputs and plan
-        bsz, heads, q_len, kv_len, head_dim, sm_scale = check_call_prechecked(
-            q, k, scale=scale, kv_valid=kv_valid, kv_mask=kv_mask)
-    else:
-        bsz, heads, q_len, kv_len, head_dim, sm_scale = check_call(q, k, v, plan, scale=scale, kv_valid=kv_valid,
-                                                                   kv_mask=kv_mask)
+    bsz, heads, q_len, kv_len, head_dim, sm_scale = check_call(q, k, v, plan, scale=scale, kv_valid=kv_valid,
+                                                               kv_mask=kv_mask, prechecked=prechecked)
     bm, bn = plan.block_m, plan.block_n
     nq, nk, visits = plan.n_q_blocks, plan.n_kv_blocks, plan.max_visits
     dev, dt = q.device, q.dtype
@@ -293,16 +290,10 @@ def gathered_attention_in_order(q, k, v, plan, perm, *, scale=None, kv_valid=Non
     same = all(t is not None for t in tables) and len({t[1] for t in tables}) == 1
     reuse = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
     if not (small and same and reuse and kv_valid is None and kv_mask is None and FLASH_CPU is not None):
-        kv_pad = perm.valid.to(q.device) if perm.n_out != perm.n_in else None
-        qs, ks, vs = (perm.apply(x, dim=2) for x in (q, k, v))
-        mask = kv_mask if kv_pad is None else (kv_pad if kv_mask is None else kv_mask & kv_pad)
-        res = gathered_attention(qs, ks, vs, plan, scale=scale, kv_valid=kv_valid, kv_mask=mask, return_lse=return_lse)
-        if return_lse:
-            out, lse = res
-            return perm.invert(out, dim=2), perm.invert(lse.unsqueeze(-1), dim=2).squeeze(-1)
-        return perm.invert(res, dim=2)
+        return run_in_slots(gathered_attention, q, k, v, plan, perm, scale=scale, kv_valid=kv_valid,
+                            kv_mask=kv_mask, return_lse=return_lse)
     kind = tables[0][1]
-    sm_scale = check_call_prechecked(q, k, scale=scale, kv_valid=None, kv_mask=None)[5]
+    sm_scale = check_call(q, k, v, plan, scale=scale, kv_valid=None, kv_mask=None, prechecked=True)[5]
     q_rows, kv_rows, bias, empty, out_rows = _fused_index(plan, perm, bsz, heads, n, kind, q.device)
     nq, bm = plan.n_q_blocks, plan.block_m
     vis = max(plan.max_visits, 1) * plan.block_n
