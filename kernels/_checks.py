@@ -208,33 +208,20 @@ def check_call(
     kv_valid: torch.Tensor | None,
     kv_mask: torch.Tensor | None,
     allowed_dtypes: tuple[torch.dtype, ...] = SUPPORTED_DTYPES,
+    prechecked: bool = False,
 ) -> tuple[int, int, int, int, int, float]:
     """Every check of one block-sparse call, in the order the backends make them: inputs,
-    plan, padding, key mask, scale. Returns ``(B, H, Sq, Skv, D, softmax scale)``."""
-    bsz, heads, q_len, kv_len, head_dim = check_qkv(q, k, v, allowed_dtypes=allowed_dtypes)
-    check_plan(plan, q, k)
+    plan, padding, key mask, scale. Returns ``(B, H, Sq, Skv, D, softmax scale)``.
+    ``prechecked``: the caller (the dispatch, ``gen.attention.block_sparse_attention``)
+    already checked inputs and plan; only padding, key mask and scale are checked."""
+    if prechecked:
+        bsz, heads, q_len, head_dim = q.shape
+        kv_len = k.shape[2]
+    else:
+        bsz, heads, q_len, kv_len, head_dim = check_qkv(q, k, v, allowed_dtypes=allowed_dtypes)
+        check_plan(plan, q, k)
     check_kv_valid(kv_valid, bsz, kv_len, q.device)
     check_kv_mask(kv_mask, bsz, kv_len, q.device)
-    return bsz, heads, q_len, kv_len, head_dim, check_scale(scale, head_dim)
-
-
-def check_call_prechecked(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    *,
-    scale: float | None,
-    kv_valid: torch.Tensor | None,
-    kv_mask: torch.Tensor | None,
-) -> tuple[int, int, int, int, int, float]:
-    """:func:`check_call` for a call whose inputs and plan the dispatch has checked
-    (``gen.attention.block_sparse_attention``): only padding, key mask and scale. Returns
-    ``(B, H, Sq, Skv, D, softmax scale)``."""
-    bsz, heads, q_len, head_dim = q.shape
-    kv_len = k.shape[2]
-    if kv_valid is not None:
-        check_kv_valid(kv_valid, bsz, kv_len, q.device)
-    if kv_mask is not None:
-        check_kv_mask(kv_mask, bsz, kv_len, q.device)
     return bsz, heads, q_len, kv_len, head_dim, check_scale(scale, head_dim)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from gen.kernels._checks import check_call, check_call_prechecked, check_kv_mask
+from gen.kernels._checks import check_call, check_kv_mask
 
 from .sdpa import FLASH_CPU, key_mask
 
@@ -72,12 +72,8 @@ def _run(q, k, v, bias, empty, sm_scale, kv_ok, return_lse):
 def masked_attention(q, k, v, plan, *, scale=None, kv_valid=None, kv_mask=None, return_lse=False, prechecked: bool = False):
     """Block-sparse attention as one fused dense call with the plan as a key mask. Same
     arguments and result as ``gen.attention.reference.block_sparse_attention``."""
-    if prechecked:  # the dispatch checked inputs and plan
-        bsz, heads, q_len, kv_len, head_dim, sm_scale = check_call_prechecked(
-            q, k, scale=scale, kv_valid=kv_valid, kv_mask=kv_mask)
-    else:
-        bsz, heads, q_len, kv_len, head_dim, sm_scale = check_call(q, k, v, plan, scale=scale, kv_valid=kv_valid,
-                                                                   kv_mask=kv_mask)
+    bsz, heads, q_len, kv_len, head_dim, sm_scale = check_call(q, k, v, plan, scale=scale, kv_valid=kv_valid,
+                                                               kv_mask=kv_mask, prechecked=prechecked)
     bias, empty = _plan_bias(plan, q.dtype, q.device)
     return _run(q, k, v, bias, empty, sm_scale, key_mask(bsz, kv_len, kv_valid, kv_mask, q.device), return_lse)
 
@@ -87,7 +83,7 @@ def masked_attention_in_order(q, k, v, plan, perm, *, scale=None, kv_valid=None,
     ``perm``'s slots: the mask is permuted once (kept on the plan), the inputs never are.
     ``kv_mask``, if given, is over the slots."""
     bsz, heads, n, head_dim = q.shape
-    _, _, _, _, _, sm_scale = check_call_prechecked(q, k, scale=scale, kv_valid=kv_valid, kv_mask=None)
+    sm_scale = check_call(q, k, v, plan, scale=scale, kv_valid=kv_valid, kv_mask=None, prechecked=True)[5]
     if kv_mask is not None:
         check_kv_mask(kv_mask, bsz, perm.n_out, q.device)
     bias, empty = _plan_bias(plan, q.dtype, q.device, perm)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from gen.kernels._checks import check_call, check_call_prechecked
+from gen.kernels._checks import check_call
 
 __all__ = ["FLASH_CPU", "dense_attention", "flash_cpu_available", "key_blocks", "key_mask"]
 
@@ -71,12 +71,8 @@ def dense_attention(
     only picks this backend for full plans). Same arguments and result as
     ``gen.attention.reference.block_sparse_attention`` (``prechecked``: the caller checked
     inputs and plan, as the dispatch does; only padding, key mask and scale are checked)."""
-    if prechecked:  # the dispatch checked inputs and plan
-        bsz, heads, q_len, kv_len, head_dim, sm_scale = check_call_prechecked(
-            q, k, scale=scale, kv_valid=kv_valid, kv_mask=kv_mask)
-    else:
-        bsz, heads, q_len, kv_len, head_dim, sm_scale = check_call(q, k, v, plan, scale=scale, kv_valid=kv_valid,
-                                                                   kv_mask=kv_mask)
+    bsz, heads, q_len, kv_len, head_dim, sm_scale = check_call(q, k, v, plan, scale=scale, kv_valid=kv_valid,
+                                                               kv_mask=kv_mask, prechecked=prechecked)
     ok = key_mask(bsz, kv_len, kv_valid, kv_mask, q.device)
     bias = None
     if ok is not None:
