@@ -8,6 +8,20 @@ import gen
 from tiny_transformers import tiny_wan, wan_inputs
 
 
+def _compiled_two_steps(t, x) -> list:
+    """Outputs of ``torch.compile(t, fullgraph=True)`` at two denoising steps (timesteps 900,
+    600), failing on any recompile."""
+    import torch._dynamo
+
+    compiled = torch.compile(t, fullgraph=True)
+    outs = []
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
+        for step, ts in enumerate((900, 600)):
+            with t.cache_context("cond", step_index=step, num_inference_steps=2):
+                outs.append(compiled(**dict(x, timestep=torch.tensor([ts])))[0])
+    return outs
+
+
 @pytest.mark.slow
 def test_compiled_wan_two_steps_without_recompiling():
     import torch._dynamo
@@ -24,12 +38,7 @@ def test_compiled_wan_two_steps_without_recompiling():
         with torch.no_grad():
             eager = [t(**dict(x, timestep=torch.tensor([ts])))[0] for ts in (900, 600)]
         handle.patches[0].method._plans.clear()  # make the compiled call build its own plan
-        compiled = torch.compile(t, fullgraph=True)
-        with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
-            outs = []
-            for step, ts in enumerate((900, 600)):
-                with t.cache_context("cond", step_index=step, num_inference_steps=2):
-                    outs.append(compiled(**dict(x, timestep=torch.tensor([ts])))[0])
+        outs = _compiled_two_steps(t, x)
     assert counters["stats"]["unique_graphs"] == 1
     for out, ref, st in zip(outs, eager, stock):
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
@@ -52,12 +61,7 @@ def test_compiled_wan_with_a_dynamic_method_two_steps_without_recompiling():
         with torch.no_grad():
             eager = [t(**dict(x, timestep=torch.tensor([ts])))[0] for ts in (900, 600)]
         handle.patches[0].method._forced.clear()
-        compiled = torch.compile(t, fullgraph=True)
-        with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
-            outs = []
-            for step, ts in enumerate((900, 600)):
-                with t.cache_context("cond", step_index=step, num_inference_steps=2):
-                    outs.append(compiled(**dict(x, timestep=torch.tensor([ts])))[0])
+        outs = _compiled_two_steps(t, x)
     assert counters["stats"]["unique_graphs"] == 1
     for out, ref in zip(outs, eager):
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
