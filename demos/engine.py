@@ -8,10 +8,9 @@ tested) from plain Python::
     result = engine.run(RunRequest(model="tiny-wan", method="dense", prompt="a red ball"))
     print(result.path, result.seconds)
 
-Why not ``gen.render.render``: the demo needs the raw uint8 frames (PSNR/SSIM are
-measured before video encoding) and a step callback (cancel), which ``render`` does not
-expose. The pieces it is made of are shared: ``pipeline_kwargs``, ``write_output`` and
-``default_output_path`` from ``gen.render``, ``gen.sparsify`` for the attention.
+Runs go through gen's run core (``gen.session.Session``): the demo adds the compare
+(two runs from one seed, PSNR/SSIM on the raw uint8 frames, before video encoding), a
+step callback that cancels, and unique file names in its outputs folder.
 """
 
 from __future__ import annotations
@@ -20,9 +19,7 @@ import dataclasses
 import json
 import logging
 import threading
-import time
 import uuid
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +29,9 @@ import torch
 
 from gen.attention import AttentionContext, BlockPlan, TokenLayout
 from gen.attention.methods import get_method
-from gen.pipelines import check_geometry, get_spec, list_models, load
-from gen.render import default_output_path, pipeline_kwargs, write_output
+from gen.pipelines import check_geometry, get_spec, list_models
+from gen.render import default_output_path, write_output
+from gen.session import STOCK, ModelCache, RenderJob, Session, read_image
 
 from . import metrics
 
@@ -53,7 +51,6 @@ __all__ = [
 ]
 
 DEFAULT_MODEL = "shapes-wan"
-STOCK = "stock"  # run label: the pipeline's own attention, gen not installed
 BASELINES = {
     STOCK: "stock diffusers attention",
     "dense": "gen dense (same kernels as the method)",
@@ -81,42 +78,6 @@ def available_models() -> list[str]:
     """Model names the demo offers: the tiny ones always, real checkpoints only when their
     weights are complete in the local Hugging Face cache (gen never downloads)."""
     return [spec.name for spec, ok, _ in list_models() if ok or spec.is_local]
-
-
-class ModelCache:
-    """Pipelines by model name, each loaded once by ``loader(name)`` and reused.
-
-    Tiny models stay loaded (a few MB each). Of the real checkpoints only the one used
-    last is kept: two 14B pipelines do not fit one GPU, so switching frees the other.
-    ``loads`` counts the loads per model (how tests see "loaded once").
-    """
-
-    def __init__(self, loader: Callable[[str], object]) -> None:
-        self._loader = loader
-        self._pipes: dict[str, object] = {}
-        self._lock = threading.Lock()
-        self.loads: Counter[str] = Counter()
-
-    def loaded(self, name: str):
-        """The pipeline of ``name`` if it is loaded, else ``None`` (never loads)."""
-        return self._pipes.get(name)
-
-    def get(self, name: str) -> tuple[object, float]:
-        """``(pipeline, seconds spent loading it now)``; 0 s when it was already loaded."""
-        with self._lock:  # two requests for one model must not load it twice
-            if name in self._pipes:
-                return self._pipes[name], 0.0
-            if not get_spec(name).is_local:
-                for other in [n for n in self._pipes if not get_spec(n).is_local]:
-                    logger.info("unloading %s to make room for %s", other, name)
-                    del self._pipes[other]
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            t0 = time.perf_counter()
-            pipe = self._loader(name)
-            self._pipes[name] = pipe
-            self.loads[name] += 1
-            return pipe, time.perf_counter() - t0
 
 
 def transformer_shape(config) -> tuple[int, int]:
@@ -282,11 +243,9 @@ class Engine:
 
     def __init__(self, loader: Callable[[str], object] | None = None, outputs_dir: str | Path | None = None,
                  device: str | None = None) -> None:
-        self.device = device or default_device()
-        if loader is None:
-            def loader(name: str):
-                return load(name, device=self.device)
-        self.models = ModelCache(loader)
+        self.session = Session(device=device, loader=loader, progress=False)
+        self.device = str(self.session.device)
+        self.models = self.session.models
         self.outputs_dir = Path(outputs_dir or "outputs/demo").expanduser().resolve()
         self.outputs_dir.mkdir(parents=True, exist_ok=True)
         # One pipeline call at a time, even when Gradio has already given up on a cancelled
@@ -319,43 +278,25 @@ class Engine:
         req = request.resolved()
         spec = get_spec(req.model)
         label = label or req.method
-        method = None if label == STOCK else get_method(req.method, model=spec.name, family=spec.family,
-                                                        **req.overrides)
-        image = _read_image(req.image, req.width, req.height) if req.image else None
+        job = RenderJob(req.prompt, model=spec.name, attention=STOCK if label == STOCK else req.method,
+                        overrides=req.overrides if label != STOCK else {}, negative_prompt=req.negative_prompt,
+                        seed=req.seed, height=req.height, width=req.width, frames=req.frames, steps=req.steps,
+                        guidance=req.guidance, image=req.image)
+        method = job.method()
+        if req.image:
+            read_image(req.image, req.width, req.height)  # a bad upload fails before the model loads
         stop = should_stop or (lambda: False)
-        pipe, load_seconds = self.models.get(spec.name)
 
-        def on_step_end(pipeline, step, timestep, callback_kwargs):
+        def on_step(done: int, total: int) -> None:
             if stop():
-                raise Cancelled(step + 1, req.steps)
-            return {}
+                raise Cancelled(done, total)
 
-        kwargs = pipeline_kwargs(
-            spec, prompt=req.prompt, negative_prompt=req.negative_prompt, height=req.height, width=req.width,
-            frames=req.frames, steps=req.steps, guidance=req.guidance,
-            generator=torch.Generator("cpu").manual_seed(req.seed), image=image,
-        )
-        kwargs["callback_on_step_end"] = on_step_end
         with self._run_lock:
             if stop():
                 raise Cancelled()
-            from gen.api import sparsify
-
-            handle = sparsify(pipe, method) if method is not None else None
-            logger.info("demo run: %s, %s attention, %dx%dx%d, %d steps, seed %d", spec.name, label,
-                        req.width, req.height, req.frames, req.steps, req.seed)
-            try:
-                t0 = time.perf_counter()
-                with torch.inference_mode():
-                    output = pipe(**kwargs)
-                seconds = time.perf_counter() - t0
-                summary = handle.summary() if handle is not None else {}
-            finally:
-                if handle is not None:
-                    handle.restore()
-        frames = _uint8_frames(output, spec)
-        path = write_output(frames, self.output_path(spec, req.prompt, label, req.seed), spec.fps)
-        return RunResult(path, frames, seconds, load_seconds, req, label, summary,
+            out = self.session.run(job, method=method, on_step=on_step)
+        path = write_output(out.frames, self.output_path(spec, req.prompt, label, req.seed), spec.fps)
+        return RunResult(path, out.frames, out.seconds, out.load_seconds, req, label, out.attention,
                          method.config if method is not None else None)
 
     def compare(self, request: RunRequest, *, baseline: str = STOCK,
@@ -455,19 +396,4 @@ class Engine:
         return MaskResult(Path(path), layout, heads, layers, video_density, call_density, reason, plan)
 
 
-def _read_image(path: str, width: int, height: int):
-    from PIL import Image
-
-    try:
-        return Image.open(path).convert("RGB").resize((width, height))
-    except (OSError, ValueError) as err:
-        # the error's own text quotes the server path: say what went wrong without it
-        raise ValueError(f"cannot read the input image ({type(err).__name__}); upload a PNG or JPEG.") from None
-
-
-def _uint8_frames(output, spec) -> np.ndarray:
-    """``(F, H, W, 3)`` uint8 from a pipeline output asked for ``output_type="np"``."""
-    arr = np.asarray(output.images[0])[None] if spec.task == "t2i" else np.asarray(output.frames[0])
-    if arr.dtype != np.uint8:
-        arr = (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    return arr
+_read_image = read_image  # the demo's name for it (its tests call it)

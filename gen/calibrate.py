@@ -58,6 +58,7 @@ prompts). With one prompt the plan is exactly the choices the calibration pass r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -281,19 +282,16 @@ def calibrate(
     """
     import gen
     from gen._io import atomic_path
-    from gen.api import sparsify
     from gen.attention.processors import attention_modules
-    from gen.pipelines import check_geometry, get_spec, load
-    from gen.render import pipeline_kwargs
+    from gen.session import STOCK, RenderJob, Session, read_image
 
     prompts = [p for p in prompts]
     if not prompts:
         raise ValueError("calibration needs at least one prompt.")
-    spec = get_spec(model)
-    height, width = height or spec.height, width or spec.width
-    frames, steps = frames or spec.frames, steps or spec.steps
-    guidance = spec.guidance if guidance is None else guidance
-    check_geometry(spec, height, width, frames)
+    base = RenderJob(prompts[0], model=model, attention=STOCK, height=height, width=width, frames=frames,
+                     steps=steps, guidance=guidance, seed=seed, negative_prompt=negative_prompt).resolved()
+    spec = base.spec
+    height, width, frames, steps, guidance = base.height, base.width, base.frames, base.steps, base.guidance
     if "plan" in (overrides or {}):
         raise ValueError("calibration makes a plan; it does not take plan=.")
     values = dict(overrides or {})
@@ -305,27 +303,32 @@ def calibrate(
     if spec.family not in SparseVDiTAttention.families:
         raise ValueError(f"sparse-vdit supports {', '.join(SparseVDiTAttention.families)} models; "
                          f"{spec.name} is {spec.family}.")
-    pil_image = None
+    image_path = scratch = None
     if image is not None:
         from PIL import Image
 
-        try:
-            pil_image = image if isinstance(image, Image.Image) else Image.open(image).convert("RGB")
-            pil_image = pil_image.resize((width, height))
-        except (OSError, ValueError) as err:
-            raise ValueError(f"cannot read --image {image}: {err}") from None
+        if isinstance(image, Image.Image):  # the run core reads images from files
+            import tempfile
 
-    if pipe is None:
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[dtype]
-        pipe = load(spec.name, device=device, dtype=torch_dtype, model_path=model_path)
-    if progress is not None:
-        pipe.set_progress_bar_config(disable=True)
-    transformer = pipe.transformer
+            scratch = tempfile.TemporaryDirectory(prefix="gen-calibrate-")
+            image_path = str(Path(scratch.name) / "image.png")
+            image.save(image_path)
+        else:
+            image_path = str(image)
+            read_image(image_path, width, height)
+
+    session = Session(device=device, dtype=dtype, model_path=model_path,
+                      progress=False if progress is not None else None)
+    if pipe is not None:
+        session.adopt(spec.name, pipe)
+    transformer = session.pipeline(spec.name)[0].transformer
     layers = len(attention_modules(transformer))
     heads = transformer.config.num_attention_heads
 
-    handle = sparsify(pipe, SparseVDiTSearch(config), model=spec.name)
+    from gen.api import sparsify
+
+    # one install for every prompt: the search keeps its statistics across the passes
+    handle = sparsify(session.pipeline(spec.name)[0], SparseVDiTSearch(config), model=spec.name)
     search: SparseVDiTSearch = handle.method
     search.begin(steps, layers, heads)
     total = steps * len(prompts)
@@ -337,23 +340,18 @@ def calibrate(
             for p in handle.patches:
                 p.run.reset()
 
-            def on_step(_pipe, step, _t, kwargs, i=i, prompt=prompt):
+            def on_step(done: int, _total: int, i=i, prompt=prompt) -> None:
                 if progress is not None:
-                    progress(i * steps + step + 1, total, f"prompt {i + 1}/{len(prompts)}: {prompt[:40]}")
-                return kwargs
+                    progress(i * steps + done, total, f"prompt {i + 1}/{len(prompts)}: {prompt[:40]}")
 
-            generator = torch.Generator("cpu").manual_seed(seed)
-            kwargs = pipeline_kwargs(spec, prompt=prompt, negative_prompt=negative_prompt, height=height,
-                                     width=width, frames=frames, steps=steps, guidance=guidance,
-                                     generator=generator, image=pil_image)
-            if not decode:
-                kwargs["output_type"] = "latent"
-            with torch.inference_mode():
-                result = pipe(**kwargs, callback_on_step_end=on_step)
-            value = result.frames[0]
+            job = dataclasses.replace(base, prompt=prompt, image=image_path)
+            result = session.run(job, install=False, on_step=on_step, decode=decode)
+            value = result.frames if decode else result.latents
             outputs.append(value.float().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value))
     finally:
         handle.restore()
+        if scratch is not None:
+            scratch.cleanup()
     seconds = time.perf_counter() - t0
     plan = search.finish(dict(model=spec.name, height=height, width=width, frames=frames,
                               prompts=tuple(prompts), seed=seed, guidance=float(guidance),

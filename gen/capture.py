@@ -199,40 +199,30 @@ def capture(
     it. The VAE does not run (latent output): only the transformer's inputs matter.
     Returns the :class:`Capture` written.
     """
-    from gen.api import sparsify
-    from gen.pipelines import check_geometry, get_spec, load
-    from gen.render import pipeline_kwargs
+    from gen.attention.processors import attention_modules
+    from gen.session import STOCK, RenderJob, Session
 
-    spec = get_spec(model)
+    job = RenderJob(prompt, model=model, attention=STOCK, height=height, width=width, frames=frames,
+                    steps=num_steps, guidance=guidance, seed=seed).resolved()
+    spec = job.spec
     if spec.task == "i2v":
         raise ValueError(f"{spec.name} needs an input image; capture from a text-to-video or image model.")
-    height, width, frames = height or spec.height, width or spec.width, frames or spec.frames
-    num_steps = num_steps or spec.steps
-    guidance = spec.guidance if guidance is None else guidance
-    check_geometry(spec, height, width, frames)
+    height, width, frames, num_steps, guidance = job.height, job.width, job.frames, job.steps, job.guidance
     bad = [s for s in steps if not 0 <= s < num_steps]
     if bad:
         raise ValueError(f"--steps {bad} outside the run's {num_steps} steps (0-based); raise --num-steps.")
     config = CaptureConfig(steps=tuple(steps), layers=tuple(layers), heads=None if heads is None else tuple(heads))
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[dtype]
-    pipe = pipe or load(spec.name, device=dev, dtype=torch_dtype, model_path=model_path)
-    kwargs = pipeline_kwargs(spec, prompt=prompt, negative_prompt=None, height=height, width=width, frames=frames,
-                             steps=num_steps, guidance=guidance, generator=torch.Generator("cpu").manual_seed(seed))
-    kwargs["output_type"] = "latent"
-    pipe.set_progress_bar_config(disable=True)
-    handle = sparsify(pipe, CaptureMethod(config, model=spec.name), model=spec.name)
-    try:
-        n_layers = sum(p.num_layers for p in handle.patches[:1])
-        if max(layers) >= n_layers:
-            raise ValueError(f"--layers {max(layers)} does not exist: {spec.name} has {n_layers} attention layers.")
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            pipe(**kwargs)
-        seconds = time.perf_counter() - t0
-        recorded = handle.method.calls
-    finally:
-        handle.restore()
+    session = Session(device=device, dtype=dtype, model_path=model_path, progress=False)
+    if pipe is not None:
+        session.adopt(spec.name, pipe)
+    loaded, _ = session.pipeline(spec.name)
+    n_layers = len(attention_modules(loaded.transformer))
+    if max(layers) >= n_layers:
+        raise ValueError(f"--layers {max(layers)} does not exist: {spec.name} has {n_layers} attention layers.")
+    # the VAE does not run (latent output): only the transformer's inputs matter
+    out_run = session.run(job, method=CaptureMethod(config, model=spec.name), decode=False)
+    seconds = out_run.seconds
+    recorded = out_run.method.calls
     meta = dict(model=spec.name, family=spec.family, prompt=prompt, seed=seed, height=height, width=width,
                 frames=frames, num_steps=num_steps, guidance=guidance, steps=list(config.steps),
                 layers=list(config.layers), heads=None if heads is None else list(config.heads),

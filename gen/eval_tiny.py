@@ -15,6 +15,7 @@ the fraction right per attribute, overall and per motion.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -22,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 logger = logging.getLogger("gen.eval")
 
@@ -127,46 +127,40 @@ def eval_tiny(
     """
     from tqdm.auto import tqdm
 
-    from gen.api import sparsify
-    from gen.pipelines import get_spec, load
+    from gen.pipelines import get_spec
     from gen.pipelines.shapes.vision import read_clip, score_clip
+    from gen.session import RenderJob, Session
 
     spec = get_spec(model)
     if not spec.is_bundled:
         raise ValueError(f"eval-tiny scores the shapes models (shapes-wan, shapes-wan-causal), not {spec.name!r}.")
-    steps = steps or spec.steps
-    guidance = spec.guidance if guidance is None else guidance
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipe = load(spec.name, device=dev, model_path=model_path)
-    pipe.set_progress_bar_config(disable=True)
-    handle = sparsify(pipe, attention, model=spec.name, **(overrides or {}))
-    jobs = [(cap, EVAL_SEED + s) for cap in eval_captions(per_motion) for s in range(seeds)]
+    session = Session(device=device, model_path=model_path, progress=False)
+    base = RenderJob("", model=spec.name, attention=attention, overrides=dict(overrides or {}), steps=steps,
+                     guidance=guidance, negative_prompt="")
+    jobs = [(cap, dataclasses.replace(base, prompt=cap.text(), seed=EVAL_SEED + s))
+            for cap in eval_captions(per_motion) for s in range(seeds)]
+    steps, guidance = jobs[0][1].resolved().steps, jobs[0][1].resolved().guidance
     res = EvalResult()
     clips = []
+    summary: dict = {}
     t0 = time.perf_counter()
-    try:
-        with tqdm(total=len(jobs), desc=f"eval {spec.name} / {attention}", unit="clip", disable=not progress) as bar:
-            for i in range(0, len(jobs), batch):
-                part = jobs[i : i + batch]
-                with torch.inference_mode():
-                    out = pipe(prompt=[c.text() for c, _ in part], negative_prompt=[""] * len(part),
-                               height=spec.height, width=spec.width, num_frames=spec.frames,
-                               num_inference_steps=steps, guidance_scale=guidance, output_type="np",
-                               generator=[torch.Generator("cpu").manual_seed(s) for _, s in part])
-                for (cap, seed), frames in zip(part, out.frames):
-                    frames = (np.clip(frames, 0, 1) * 255 + 0.5).astype(np.uint8)
-                    r = read_clip(frames)
-                    verdict = score_clip(frames, cap)
-                    res.rows.append({"caption": cap.text(), "seed": seed, "motion_of_caption": cap.motion,
-                                     "read_background": r.background, "read_color": r.color, "read_shape": r.shape,
-                                     "read_motion": r.motion, "read_velocity": [round(v, 2) for v in r.velocity],
-                                     **verdict})
-                    if len(clips) < 12:
-                        clips.append((cap.text(), frames))
-                bar.update(len(part))
-        summary = handle.summary()
-    finally:
-        handle.restore()
+    with tqdm(total=len(jobs), desc=f"eval {spec.name} / {attention}", unit="clip", disable=not progress) as bar:
+        for i in range(0, len(jobs), batch):
+            part = jobs[i : i + batch]
+            outs = session.run_group([job for _, job in part])
+            summary = _merge_summaries(summary, outs[0].attention)
+            for (cap, job), out in zip(part, outs):
+                frames = out.frames
+                r = read_clip(frames)
+                verdict = score_clip(frames, cap)
+                res.rows.append({"caption": cap.text(), "seed": job.seed, "motion_of_caption": cap.motion,
+                                 "read_background": r.background, "read_color": r.color, "read_shape": r.shape,
+                                 "read_motion": r.motion, "read_velocity": [round(v, 2) for v in r.velocity],
+                                 **verdict})
+                if len(clips) < 12:
+                    clips.append((cap.text(), frames))
+            bar.update(len(part))
+    dev = session.device
     res.summary = _fractions(res.rows)
     for motion in dict.fromkeys(r["motion_of_caption"] for r in res.rows):
         res.by_motion[motion] = _fractions([r for r in res.rows if r["motion_of_caption"] == motion])
@@ -179,6 +173,16 @@ def eval_tiny(
                 attention, 100 * res.summary["color"], 100 * res.summary["motion"],
                 100 * res.summary["color_and_motion"], len(jobs))
     return res
+
+
+def _merge_summaries(total: dict, part: dict) -> dict:
+    """Sum the call counts of per-group attention summaries (one sparsify per group)."""
+    if not total:
+        return part
+    for t, p in zip(total.get("transformers", []), part.get("transformers", [])):
+        t["sparse_calls"] += p["sparse_calls"]
+        t["dense_calls"] += p["dense_calls"]
+    return total
 
 
 def _write_strip(clips: list[tuple[str, np.ndarray]], path: str | Path) -> Path:

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 logger = logging.getLogger("gen.render")
 
 __all__ = ["RenderResult", "render", "pipeline_kwargs", "write_output", "default_output_path"]
+
+from gen.session import pipeline_kwargs  # noqa: E402  (re-exported: older imports name it here)
 
 
 @dataclass
@@ -42,39 +43,6 @@ class RenderResult:
     frames: int
     seed: int
     attention: dict = field(default_factory=dict)
-
-
-def pipeline_kwargs(spec, *, prompt: str, negative_prompt: str | None, height: int, width: int, frames: int,
-                    steps: int, guidance: float, generator: torch.Generator, image=None) -> dict:
-    """Keyword arguments for ``pipe(...)`` of the model family, asking for numpy output."""
-    kw = dict(prompt=prompt, height=height, width=width, num_inference_steps=steps,
-              guidance_scale=guidance, generator=generator, output_type="np")
-    if spec.family == "wan":
-        kw["num_frames"] = frames
-        if negative_prompt is not None:
-            kw["negative_prompt"] = negative_prompt
-    elif spec.family == "hunyuan":
-        kw["num_frames"] = frames
-        if negative_prompt is not None:
-            kw["negative_prompt"] = negative_prompt
-    if spec.task == "i2v":
-        if image is None:
-            raise ValueError(f"{spec.name} turns an image into a video: pass --image PATH.")
-        kw["image"] = image
-    elif image is not None:
-        raise ValueError(f"{spec.name} does not take an input image (--image is for image-to-video models).")
-    return kw
-
-
-def _frames_of(output, spec) -> np.ndarray:
-    """``(F, H, W, 3)`` uint8 frames from a pipeline output."""
-    if spec.task == "t2i":
-        arr = np.asarray(output.images[0])[None]
-    else:
-        arr = np.asarray(output.frames[0])
-    if arr.dtype != np.uint8:
-        arr = (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    return arr
 
 
 def default_output_path(spec, prompt: str, method: str, seed: int, folder: str | os.PathLike = "outputs") -> Path:
@@ -147,6 +115,7 @@ def render(
     dtype: str | None = None,
     model_path: str | os.PathLike | None = None,
     pipe=None,
+    session=None,
 ) -> RenderResult:
     """Render ``prompt`` with ``model`` and the ``attention`` method; write the file.
 
@@ -157,56 +126,34 @@ def render(
         steps, frames, height, width, guidance: default to the model's own (pixels, frames).
         seed: generator seed (CPU generator, so results repeat across devices).
         image: input image path for image-to-video models.
-        out: output file (``.mp4`` for video, ``.png`` for images); default a unique name
-            under ``outputs/``.
+        out: output file (``.mp4``/``.gif`` for video, ``.png``/``.jpg``/``.webp`` for
+            images); default a unique name under ``outputs/``. Checked before loading.
         device, dtype: default CUDA/bf16 when available, else CPU/fp32.
         model_path: local folder with the model's diffusers-format weights.
         pipe: an already loaded pipeline to reuse (skips loading).
+        session: a ``gen.session.Session`` to run on (models it loaded stay loaded).
+
+    Raises:
+        ValueError: any bad value (model, method, geometry, steps, seed, guidance,
+            output path, device, dtype), before the model is loaded.
     """
-    from gen.api import sparsify
-    from gen.pipelines import check_geometry, get_spec, load
+    from gen.session import RenderJob, Session
+    from gen.values import check_output_path
 
-    spec = get_spec(model)
-    height = height or spec.height
-    width = width or spec.width
-    frames = frames or spec.frames
-    steps = steps or spec.steps
-    guidance = spec.guidance if guidance is None else guidance
-    check_geometry(spec, height, width, frames)
+    if not isinstance(prompt, str):
+        raise ValueError(f"the prompt must be text, got {type(prompt).__name__}.")
+    job = RenderJob(prompt, model=model, attention=attention, overrides=dict(overrides or {}), steps=steps,
+                    frames=frames, height=height, width=width, seed=seed, guidance=guidance,
+                    negative_prompt=negative_prompt, image=None if image is None else str(image)).resolved()
+    spec = job.spec
     warn_outside_vocabulary(spec, prompt)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[dtype]
-
-    pil_image = None
-    if image is not None:
-        from PIL import Image
-
-        try:
-            pil_image = Image.open(image).convert("RGB").resize((width, height))
-        except (OSError, ValueError) as err:
-            raise ValueError(f"cannot read --image {image}: {err}") from None
-
-    t0 = time.perf_counter()
-    if pipe is None:
-        pipe = load(model, device=device, dtype=torch_dtype, model_path=model_path)
-    load_seconds = time.perf_counter() - t0
-    generator = torch.Generator("cpu").manual_seed(seed)
-    kwargs = pipeline_kwargs(spec, prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
-                             frames=frames, steps=steps, guidance=guidance, generator=generator, image=pil_image)
-    handle = sparsify(pipe, attention, model=spec.name, **(overrides or {}))
-    logger.info("rendering %s: %s, %dx%d, %d frame(s), %d steps, attention %s",
-                spec.name, repr(prompt), width, height, frames, steps, handle.method.config)
-    try:
-        t1 = time.perf_counter()
-        with torch.inference_mode():
-            output = pipe(**kwargs)
-        seconds = time.perf_counter() - t1
-        summary = handle.summary()
-    finally:
-        handle.restore()
-    arr = _frames_of(output, spec)
-    path = Path(out) if out else default_output_path(spec, prompt, attention, seed)
-    if spec.task != "t2i" and path.suffix.lower() == ".png":
-        raise ValueError("a video model writes .mp4 (or .gif); got a .png output path.")
-    write_output(arr, path, spec.fps)
-    return RenderResult(path, seconds, load_seconds, arr.shape[0], seed, summary)
+    path = Path(out) if out else default_output_path(spec, prompt, attention, job.seed)
+    check_output_path(path, video=spec.is_video)
+    if session is None:
+        session = Session(device=device, dtype=dtype, model_path=model_path)
+    if pipe is not None:
+        session.adopt(spec.name, pipe)
+    result = session.run(job)
+    write_output(result.frames, path, spec.fps)
+    return RenderResult(path, result.seconds, result.load_seconds, result.frames.shape[0], job.seed,
+                        result.attention)

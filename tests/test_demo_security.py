@@ -188,7 +188,7 @@ def test_error_messages_carry_no_server_paths():
     assert "/root" not in _gr_error(OSError("read /root/x failed")).message
     with pytest.raises(ValueError) as err:
         _read_image("/etc/hostname", 64, 64)
-    assert "/etc" not in str(err.value) and "upload a PNG" in str(err.value)
+    assert "/etc" not in str(err.value) and "a PNG or JPEG" in str(err.value)
 
 
 # -- the outputs folder ------------------------------------------------------------------

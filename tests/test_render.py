@@ -62,7 +62,8 @@ def test_render_image_to_video(tmp_path):
     (["--set", "decay=1"], "has no field 'decay'"),
     (["--set", "dense_steps=two"], "dense_steps"),
     (["--out", "x.png"], ".mp4"),
-    (["--model", "tiny-flux", "--image", "nope.png"], "cannot read --image"),
+    (["--model", "tiny-flux", "--image", "nope.png"], "does not take an input image"),
+    (["--model", "tiny-wan-i2v", "--image", "nope.png"], "does not exist"),
 ])
 def test_render_bad_input_is_a_clear_error(tmp_path, args, message):
     res = _render("a red ball", *args)

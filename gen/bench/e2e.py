@@ -46,6 +46,7 @@ so both the sparse and the scheduled-dense paths run once.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -310,11 +311,11 @@ class E2EResult(BenchResult):
         return "\n".join(lines)
 
 
-def _densities(handle) -> tuple[float | None, float | None, int, int]:
-    """(pattern density, run density, sparse calls, dense calls) from the handle's summary."""
+def _densities(summary: dict) -> tuple[float | None, float | None, int, int]:
+    """(pattern density, run density, sparse calls, dense calls) from a sparsify handle's summary."""
     sparse = dense = 0
     dens: list[float] = []
-    for t in handle.summary()["transformers"]:
+    for t in summary.get("transformers", []):
         sparse += t["sparse_calls"]
         dense += t["dense_calls"]
         dens += [d for d in t["density"].values() if d is not None]
@@ -400,15 +401,20 @@ def run_e2e_bench(
 
     say(0, total, f"building {spec.name}")
     if random_weights:
-        target = build_random_transformer(spec, device=dev, dtype=_DTYPES[dtype], seed=seed)
-        runner = _TransformerLoop(spec, target, height=height, width=width, frames=frames, steps=steps,
-                                  guidance=guidance, device=dev, dtype=_DTYPES[dtype], seed=seed)
-    else:
-        from gen.pipelines import load
+        from gen.session import TransformerLoop
 
-        target = load(spec.name, device=dev.type, dtype=_DTYPES[dtype], model_path=model_path)
-        runner = _PipelineRun(spec, target, prompt=prompt, height=height, width=width, frames=frames, steps=steps,
-                              guidance=guidance, device=dev, seed=seed)
+        target = build_random_transformer(spec, device=dev, dtype=_DTYPES[dtype], seed=seed)
+        key, latents, inputs = _random_inputs(spec, target, height=height, width=width, frames=frames,
+                                              guidance=guidance, device=dev, dtype=_DTYPES[dtype], seed=seed)
+        runner = TransformerLoop(spec, target, latents=latents, key=key, kwargs=inputs, steps=steps,
+                                 passes=_passes_per_step(spec, guidance), device=dev)
+    else:
+        from gen.session import Session
+
+        session = Session(device=dev, dtype=dtype, model_path=model_path, progress=False)
+        target = session.pipeline(spec.name)[0]
+        runner = _PipelineRun(spec, session, prompt=prompt, height=height, width=width, frames=frames, steps=steps,
+                              guidance=guidance, seed=seed)
 
     for choice in choices:
         if choice.skip:
@@ -454,7 +460,7 @@ def _run_method(choice, spec, target, runner, dev: torch.device, warmup: bool, t
         row.peak_mem_mb, row.peak_mem_delta_mb = mem.stop()
         row.attention_s = timer.seconds()
         row.attention_calls = timer.calls
-        row.density, row.run_density, row.sparse_calls, row.dense_calls = _densities(handle)
+        row.density, row.run_density, row.sparse_calls, row.dense_calls = _densities(handle.summary())
     finally:
         timer.remove()
         handle.restore()
@@ -480,89 +486,25 @@ def _add_speedups(rows: list[E2ERow]) -> None:
             r.note = (r.note + " baseline").strip()
 
 
-class _TransformerLoop:
-    """The random-weights denoising loop (see the module docstring)."""
-
-    def __init__(self, spec, model, *, height, width, frames, steps, guidance, device, dtype, seed) -> None:
-        self.model, self.device, self.steps = model, device, steps
-        self.passes = _passes_per_step(spec, guidance)
-        self.key, self.latents, self.kwargs = _random_inputs(
-            spec, model, height=height, width=width, frames=frames, guidance=guidance, device=device, dtype=dtype,
-            seed=seed)
-        self.flux = spec.family == "flux"
-
-    def _call(self, x: torch.Tensor, t: float) -> torch.Tensor:
-        # FLUX's pipeline passes the timestep / 1000, the video pipelines the timestep
-        ts = torch.full((x.shape[0],), t / 1000.0 if self.flux else t, device=self.device, dtype=x.dtype)
-        out = None
-        for _ in range(self.passes):  # cond and uncond with CFG, at the same timestep
-            out = self.model(**{self.key: x}, timestep=ts, **self.kwargs, return_dict=False)[0]
-        return out
-
-    def warmup(self) -> None:
-        self._call(self.latents, 1000.0)
-        _sync(self.device)
-
-    def run(self, tick) -> tuple[float, list[float]]:
-        sigmas = torch.linspace(1.0, 0.0, self.steps + 1).tolist()
-        x = self.latents.clone()
-        times = []
-        _sync(self.device)
-        t_start = time.perf_counter()
-        for i in range(self.steps):
-            t0 = time.perf_counter()
-            v = self._call(x, 1000.0 * sigmas[i])
-            x = x + (sigmas[i + 1] - sigmas[i]) * v  # flow-matching Euler step
-            _sync(self.device)
-            times.append(time.perf_counter() - t0)
-            tick(f"step {i + 1}/{self.steps}")
-        return time.perf_counter() - t_start, times
-
-
 class _PipelineRun:
-    """One call of the loaded pipeline from a fixed seed; steps timed by callback."""
+    """One call of the loaded pipeline from a fixed seed through the run core; the steps
+    are timed by the run core's step marks (synchronised on CUDA)."""
 
-    def __init__(self, spec, pipe, *, prompt, height, width, frames, steps, guidance, device, seed) -> None:
-        from gen.render import pipeline_kwargs
+    def __init__(self, spec, session, *, prompt, height, width, frames, steps, guidance, seed) -> None:
+        from gen.session import RenderJob
 
         if spec.task == "i2v":
             raise ValueError(f"{spec.name} needs an input image; time its T2V sibling or use --random-weights.")
-        self.pipe, self.device, self.seed, self.steps = pipe, device, seed, steps
-        pipe.set_progress_bar_config(disable=True)  # gen's own bar reports the steps
-        self.kwargs = lambda n: pipeline_kwargs(
-            spec, prompt=prompt, negative_prompt=None, height=height, width=width, frames=frames, steps=n,
-            guidance=guidance, generator=torch.Generator("cpu").manual_seed(seed))
+        self.session, self.steps = session, steps
+        self.job = RenderJob(prompt, model=spec.name, height=height, width=width, frames=frames, steps=steps,
+                             guidance=guidance, seed=seed)
 
     def warmup(self) -> None:
-        self.pipe(**self.kwargs(1))
-        _sync(self.device)
+        self.session.run(dataclasses.replace(self.job, steps=1), install=False)
 
     def run(self, tick) -> tuple[float, list[float]]:
-        marks: list[float] = []
-        first: list[float] = []
-
-        def on_forward(module, args, kwargs):
-            if not first:  # the denoising loop starts with the first transformer call
-                _sync(self.device)
-                first.append(time.perf_counter())
-
-        def on_step_end(pipe, i, t, callback_kwargs):
-            _sync(self.device)
-            marks.append(time.perf_counter())
-            tick(f"step {i + 1}/{self.steps}")
-            return callback_kwargs
-
-        hook = self.pipe.transformer.register_forward_pre_hook(on_forward, with_kwargs=True)
-        try:
-            _sync(self.device)
-            t0 = time.perf_counter()
-            self.pipe(**self.kwargs(self.steps), callback_on_step_end=on_step_end)
-            _sync(self.device)
-            total = time.perf_counter() - t0
-        finally:
-            hook.remove()
-        starts = first[:1] + marks[:-1]
-        return total, [b - a for a, b in zip(starts, marks)]
+        out = self.session.run(self.job, install=False, on_step=lambda i, n: tick(f"step {i}/{n}"))
+        return out.seconds, out.step_seconds
 
 
 def save_plot(result: E2EResult, path: str | Path) -> Path:

@@ -27,6 +27,7 @@ Two levels, each method at the model's preset:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -206,14 +207,6 @@ def attention_fidelity(q, k, v, layout, methods, *, source: str, ctx=None) -> li
     return rows
 
 
-def _frames(output, spec) -> torch.Tensor:
-    """``(F, H, W, 3)`` float64 pixels in [0, 1] from a pipeline's numpy output."""
-    import numpy as np
-
-    arr = np.asarray(output.images[0])[None] if spec.task == "t2i" else np.asarray(output.frames[0])
-    return torch.from_numpy(np.array(arr, dtype=np.float64)).clamp(0.0, 1.0)
-
-
 def run_fidelity_bench(
     model: str,
     methods: str,
@@ -315,28 +308,23 @@ def run_fidelity_bench(
 
 
 def _e2e_rows(spec, choices, *, prompt, steps, height, width, frames, seed, device, dtype, model_path, say):
-    from gen.api import sparsify
-    from gen.pipelines import check_geometry, load
-    from gen.render import pipeline_kwargs
+    from gen.session import RenderJob, Session
 
     from .e2e import _densities
 
     if spec.task == "i2v":
         return [FidelityRow("e2e", "video", c.label, note=f"skipped: {spec.name} needs an input image") for c in choices]
-    height, width, frames = height or spec.height, width or spec.width, frames or spec.frames
-    check_geometry(spec, height, width, frames)
+    base = RenderJob(prompt, model=spec.name, height=height, width=width, frames=frames, steps=steps,
+                     seed=seed).resolved()
     say((0, "loading the pipeline"))
-    pipe = load(spec.name, device=device.type, dtype=dtype, model_path=model_path)
-    pipe.set_progress_bar_config(disable=True)
+    session = Session(device=device, dtype=dtype, model_path=model_path, progress=False)
+    session.pipeline(spec.name)
 
     def render(name: str, overrides: dict):
-        kw = pipeline_kwargs(spec, prompt=prompt, negative_prompt=None, height=height, width=width, frames=frames,
-                             steps=steps or spec.steps, guidance=spec.guidance,
-                             generator=torch.Generator("cpu").manual_seed(seed))
-        with sparsify(pipe, name, model=spec.name, **overrides) as handle, torch.inference_mode():
-            out = pipe(**kw)
-            _, run_density, _, _ = _densities(handle)
-        return _frames(out, spec), run_density
+        # the frames as written (uint8), so the PSNR is the one a viewer of the files sees
+        out = session.run(dataclasses.replace(base, attention=name, overrides=overrides))
+        _, run_density, _, _ = _densities(out.attention)
+        return torch.from_numpy(out.frames.astype("float64") / 255.0), run_density
 
     source = "video" if spec.is_video else "image"
     ref, _ = render("dense", {})

@@ -1,0 +1,139 @@
+"""Checks of the values a user hands gen, one function per kind of value.
+
+The CLI, the Python API (``gen.render``, ``gen.batch``, the run core) and the demo call
+these, so a value is refused the same way, with the same message, wherever it comes in,
+and before any model is loaded. Each returns the value normalised (e.g. a dtype name as
+a ``torch.dtype``) or raises ``ValueError`` with one line saying what to do.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "MAX_STEPS",
+    "VIDEO_SUFFIXES",
+    "IMAGE_SUFFIXES",
+    "check_device",
+    "check_dtype",
+    "check_guidance",
+    "check_output_path",
+    "check_prompt",
+    "check_seed",
+    "check_steps",
+]
+
+MAX_STEPS = 1000
+"""Denoising steps above this are refused: the schedulers of Wan, HunyuanVideo and FLUX
+train on 1000 timesteps, so more steps only repeat timesteps."""
+
+VIDEO_SUFFIXES = (".mp4", ".gif")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+_DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_steps(value, what: str = "steps") -> int:
+    """Denoising steps: an int in ``[1, MAX_STEPS]``."""
+    if not _is_int(value):
+        raise ValueError(f"{what} must be a whole number of denoising steps, got {value!r}.")
+    if not 1 <= value <= MAX_STEPS:
+        raise ValueError(f"{what} must be between 1 and {MAX_STEPS}, got {value}.")
+    return value
+
+
+def check_seed(value) -> int:
+    """A generator seed: an int in ``[0, 2**63)`` (what ``torch.Generator.manual_seed`` takes)."""
+    if not _is_int(value):
+        raise ValueError(f"seed must be a whole number, got {value!r}.")
+    if not 0 <= value < 2**63:
+        raise ValueError(f"seed must be between 0 and 2**63 - 1, got {value}.")
+    return value
+
+
+def check_guidance(value) -> float:
+    """A guidance scale: a finite number >= 0 (1 or less turns classifier-free guidance off)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"guidance must be a number, got {value!r}.")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"guidance must be a finite number >= 0, got {value}.")
+    return value
+
+
+def check_prompt(value) -> str:
+    """A prompt: a non-empty string."""
+    if not isinstance(value, str):
+        raise ValueError(f"the prompt must be text, got {type(value).__name__}.")
+    if not value.strip():
+        raise ValueError("the prompt is empty; write what the clip should show.")
+    return value
+
+
+def check_dtype(value) -> torch.dtype | None:
+    """``None`` (the model's own) or a dtype name (``bf16``, ``fp16``, ``fp32``) or a
+    floating ``torch.dtype`` other than fp64; returns the ``torch.dtype``."""
+    if value is None or isinstance(value, torch.dtype) and value in _DTYPES.values():
+        return value
+    if isinstance(value, str) and value.strip().lower() in _DTYPES:
+        return _DTYPES[value.strip().lower()]
+    raise ValueError(f"dtype must be bf16, fp16 or fp32, got {value!r}.")
+
+
+def check_device(value) -> torch.device:
+    """``None`` (CUDA when available, else the CPU) or a device this machine has."""
+    if value is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {value!r}; use cpu or cuda (cuda:N for one GPU of several).") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {value!r} asked for, but torch sees no CUDA device here; use --device cpu.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {value!r}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {value!r} is not supported; use cpu or cuda.")
+    return dev
+
+
+def check_output_path(path, *, video: bool) -> Path:
+    """An output file gen can write: a supported extension for the model's task (video:
+    ``.mp4``/``.gif``; image: ``.png``/``.jpg``/``.webp``), not a folder, in a folder that
+    exists or can be made, and that this user can write to. Checked before any work."""
+    path = Path(path).expanduser()
+    suffix = path.suffix.lower()
+    allowed = VIDEO_SUFFIXES if video else IMAGE_SUFFIXES
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give a file name ending in {' or '.join(allowed)}.")
+    if suffix not in allowed:
+        kind = "a video model writes" if video else "an image model writes"
+        raise ValueError(f"{kind} {', '.join(allowed)}; {path.name!r} has {suffix or 'no extension'}.")
+    check_writable_folder(path.parent)
+    return path
+
+
+def check_writable_folder(folder) -> Path:
+    """``folder`` exists (or is made) and this user can create files in it."""
+    folder = Path(folder).expanduser()
+    parent = folder
+    while not parent.exists():  # the nearest existing ancestor decides whether it can be made
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"cannot write under {folder}: {parent} is a file, not a folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write to {parent} (permission denied); choose another folder.")
+    return folder
