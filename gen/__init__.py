@@ -31,6 +31,9 @@ _LAZY = {
     "sparsify": "gen.api",
     "restore": "gen.api",
     "sparse": "gen.api",
+    "RenderJob": "gen.session",
+    "Session": "gen.session",
+    "batch": "gen.batches",
 }
 
 __all__ = [*_LAZY, "__version__"]
@@ -39,6 +42,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from gen.api import SparseHandle, restore, sparse, sparsify  # noqa: F401
     from gen.attention import AttentionContext, BlockPlan, TokenLayout, block_sparse_attention  # noqa: F401
     from gen.attention.methods import get_method, list_methods  # noqa: F401
+    from gen.batches import batch  # noqa: F401
+    from gen.session import RenderJob, Session  # noqa: F401
 
 
 def __getattr__(name: str):

@@ -1,6 +1,7 @@
 """The ``gen`` command line.
 
     gen render PROMPT [--model M] [--attention A] [--set k=v]   render a clip (mp4) or image (png)
+    gen batch MANIFEST -o DIR      render every job of a manifest (resumable; torchrun splits the jobs)
     gen models                     models gen knows, and which have weights here
     gen methods                    attention methods, their parameters and presets (with densities)
     gen masks --method M           picture of a method's mask at a model's geometry
@@ -191,6 +192,62 @@ def render(
         if t["dense_layers"]:
             table.add_row("ran dense", f"layers {t['dense_layers']} (schedule)")
     console.print(table)
+
+
+@app.command("batch")
+def batch_cmd(
+    manifest: Path = typer.Argument(..., help="jobs: .jsonl (one JSON object per line), .csv (a prompt column) or text (one prompt per line)"),
+    out_dir: Path = typer.Option(..., "--out-dir", "-o", help="output folder: the files, their .json sidecars, index.md/html"),
+    model: str = typer.Option(None, "--model", "-m", help="default model (see `gen models`; default shapes-wan)"),
+    attention: str = typer.Option(None, "--attention", "-a", help="default attention method (see `gen methods`; default dense)"),
+    set_: list[str] = typer.Option(None, "--set", help="default method parameter key=value (repeatable)"),
+    steps: int = typer.Option(None, help="default denoising steps"),
+    frames: int = typer.Option(None, help="default frames"),
+    height: int = typer.Option(None, help="default height in pixels"),
+    width: int = typer.Option(None, help="default width in pixels"),
+    seed: int = typer.Option(None, help="default seed (with --repeat N: seed, seed+1, ...)"),
+    guidance: float = typer.Option(None, help="default guidance scale"),
+    negative_prompt: str = typer.Option(None, help="default negative prompt"),
+    repeat: int = typer.Option(1, help="seeds per job"),
+    naming: str = typer.Option("default", help="file names: default ({id or line}-{words}-s{seed}) | vbench ({prompt}-{n})"),
+    force: bool = typer.Option(False, "--force", help="render every job again, even those already done"),
+    device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)"),
+    dtype: str = typer.Option(None, help="bf16 | fp16 | fp32 (default: the model's)"),
+    model_path: Path = typer.Option(None, help="local folder with the model's diffusers-format weights"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logs"),
+) -> None:
+    """Render every job of MANIFEST into --out-dir; rerun the same command to resume.
+
+    Each output gets a sidecar <name>.json (job, hash, versions, device, method, density,
+    timings, status). Jobs already done with the same settings are skipped; a failed job is
+    recorded and the batch goes on; the exit code is the number of failed jobs. Under
+    `torchrun --nproc_per_node N -m gen batch ...` the jobs are split between the processes.
+    """
+    from gen.attention.methods import parse_overrides
+    from gen.batches import batch
+
+    _setup_logging(verbose)
+    defaults = {k: v for k, v in dict(model=model, attention=attention, steps=steps, frames=frames, height=height,
+                                      width=width, seed=seed, guidance=guidance,
+                                      negative_prompt=negative_prompt).items() if v is not None}
+    try:
+        if set_:
+            if attention is None:
+                raise ValueError("--set needs --attention: the parameters belong to a method.")
+            defaults["overrides"] = parse_overrides(attention, set_)
+        result = batch(manifest, out_dir, defaults=defaults, repeat=repeat, naming=naming, force=force,
+                       device=device, dtype=dtype, model_path=model_path, progress=True)
+    except ValueError as err:
+        console.print(f"[red]error:[/red] {escape(str(err))}")
+        raise typer.Exit(2) from None
+    done = len(result.rendered)
+    console.print(f"rendered {done}, skipped {len(result.skipped)} already done, failed {len(result.failed)}")
+    for name, error in result.failed.items():
+        console.print(f"[red]failed[/red] {escape(name)}: {escape(error)}", soft_wrap=True)
+    if result.index is not None:
+        console.print("index:")
+        console.print(str(result.index), soft_wrap=True)
+    raise typer.Exit(result.exit_code)
 
 
 @app.command()
