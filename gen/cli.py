@@ -137,9 +137,31 @@ def info() -> None:
     console.print(table)
 
 
+def _read_prompt(prompt: str) -> str:
+    """``@FILE`` reads the prompt from a file, ``-`` from stdin; several prompts belong to
+    ``gen batch``."""
+    if prompt == "-":
+        text, source = sys.stdin.read(), "stdin"
+    elif prompt.startswith("@") and len(prompt) > 1:
+        path = Path(prompt[1:]).expanduser()
+        try:
+            text, source = path.read_text(encoding="utf-8"), str(path)
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"cannot read the prompt file {path}: {getattr(err, 'strerror', None) or err}.") from None
+    else:
+        return prompt
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not lines:
+        raise ValueError(f"no prompt in {source}.")
+    if len(lines) > 1:
+        raise ValueError(f"{source} holds {len(lines)} prompts; render them all with "
+                         f"`gen batch {prompt[1:] if prompt != '-' else 'FILE'} --out-dir DIR`.")
+    return lines[0]
+
+
 @app.command()
 def render(
-    prompt: str = typer.Argument(..., help="text prompt"),
+    prompt: str = typer.Argument(..., help="text prompt; @FILE reads it from a file, - from stdin"),
     model: str = typer.Option("shapes-wan", "--model", "-m", help="model name (see `gen models`)"),
     attention: str = typer.Option("dense", "--attention", "-a", help="attention method (see `gen methods`)"),
     set_: list[str] = typer.Option(None, "--set", help="method parameter override key=value (repeatable)"),
@@ -170,6 +192,7 @@ def render(
     if dtype is not None and dtype not in ("bf16", "fp16", "fp32"):
         raise typer.BadParameter(f"--dtype must be bf16, fp16 or fp32, got {dtype!r}")
     try:
+        prompt = _read_prompt(prompt)
         overrides = parse_overrides(attention, set_ or [])
         result = do_render(
             prompt, model=model, attention=attention, overrides=overrides, steps=steps, frames=frames,

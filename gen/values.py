@@ -121,7 +121,8 @@ def check_output_path(path, *, video: bool) -> Path:
         raise ValueError(f"{path} is a folder; give a file name ending in {' or '.join(allowed)}.")
     if suffix not in allowed:
         kind = "a video model writes" if video else "an image model writes"
-        raise ValueError(f"{kind} {', '.join(allowed)}; {path.name!r} has {suffix or 'no extension'}.")
+        raise ValueError(f"{kind} {', '.join(allowed[:-1])} or {allowed[-1]}; {path.name!r} has "
+                         f"{suffix or 'no extension'}.")
     check_writable_folder(path.parent)
     return path
 

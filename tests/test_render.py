@@ -64,11 +64,33 @@ def test_render_image_to_video(tmp_path):
     (["--out", "x.png"], ".mp4"),
     (["--model", "tiny-flux", "--image", "nope.png"], "does not take an input image"),
     (["--model", "tiny-wan-i2v", "--image", "nope.png"], "does not exist"),
+    (["--steps", "0"], "steps must be between 1 and 1000, got 0"),
+    (["--steps", "-1"], "steps must be between 1 and 1000"),
+    (["--steps", "100000000"], "steps must be between 1 and 1000"),
+    (["--frames", "0"], "frames must be 4k+1"),
+    (["--width", "0"], "width must be a positive multiple"),
+    (["--guidance", "nan"], "guidance must be a finite number"),
+    (["--guidance", "-2"], "guidance must be a finite number >= 0"),
+    (["--seed", "-1"], "seed must be between 0"),
+    (["--device", "tpu9"], "unknown device 'tpu9'"),
+    (["--out", "{tmp}"], "is a folder"),
+    (["--out", "clip.avi"], "writes .mp4 or .gif"),
+    (["--out", "{tmp}/file.txt/clip.mp4"], "is a file, not a folder"),
+    (["@{tmp}/two.txt"], "holds 2 prompts; render them all with `gen batch"),
+    (["@{tmp}/missing.txt"], "cannot read the prompt file"),
+    (["@{tmp}/empty.txt"], "no prompt in"),
 ])
 def test_render_bad_input_is_a_clear_error(tmp_path, args, message):
-    res = _render("a red ball", *args)
+    (tmp_path / "two.txt").write_text("a red circle\na blue square\n")
+    (tmp_path / "empty.txt").write_text("\n# only a comment\n")
+    (tmp_path / "file.txt").write_text("")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if args[0].startswith("@"):
+        res = _render(*args)
+    else:
+        res = _render("a red ball", *args)
     assert res.exit_code == 2, res.output
-    assert message.lower() in res.output.lower()
+    assert message.lower() in " ".join(res.output.split()).lower()
     assert "Traceback" not in res.output
 
 
@@ -88,3 +110,13 @@ def test_models_and_methods_listings():
         assert name in res.output
     res = runner.invoke(app, ["methods"])
     assert res.exit_code == 0 and "dense" in res.output and "pattern" in res.output
+
+
+def test_render_reads_the_prompt_from_a_file_or_stdin(tmp_path):
+    (tmp_path / "one.txt").write_text("# the prompt\na red ball\n")
+    out = tmp_path / "a.mp4"
+    res = _render(f"@{tmp_path / 'one.txt'}", "--steps", "1", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    stdin = runner.invoke(app, ["render", "-", "--steps", "1", "--out", str(tmp_path / "b.mp4")], input="a red ball\n")
+    assert stdin.exit_code == 0, stdin.output
+    assert np.array_equal(iio.imread(out), iio.imread(tmp_path / "b.mp4"))
