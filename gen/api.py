@@ -70,8 +70,11 @@ class SparseHandle:
                 del self.target.__dict__[_HANDLE_ATTR]
 
     def summary(self) -> dict:
-        """Attention calls that ran sparse and dense (per schedule), the layouts seen and
-        the method's density at each layout (fraction of query-key pairs computed).
+        """Attention calls that ran sparse and dense (per schedule), calls that ran dense
+        because their geometry could not be read (``fallback_calls``, e.g. FLUX ``img_ids``
+        that are not a grid; why in ``fallback_reasons``), the layouts seen and the
+        method's density at each layout (fraction of query-key pairs computed; FLUX
+        reference-image tokens count as text there, see ``gen.attention.processors``).
         After ``restore()`` (or the end of a ``with gen.sparse(...)`` block) it still
         describes the run that took place while the method was installed."""
         out = {"method": self.method.name, "config": repr(self.method.config), "transformers": []}
@@ -90,6 +93,8 @@ class SparseHandle:
                 "sparse_calls": sum(stats.sparse_calls.values()),
                 "dense_calls": sum(stats.dense_calls.values()),
                 "dense_layers": sorted(stats.dense_calls),
+                "fallback_calls": sum(stats.fallback_calls.values()),
+                "fallback_reasons": sorted(stats.fallback_reasons),
                 "density": densities,
             })
         return out

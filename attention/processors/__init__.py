@@ -6,14 +6,24 @@ the transformer's run state (``attach_run_state``) to know the layout and step.
 """
 
 from .base import SparseAttnProcessorBase
-from .flux import FluxSparseAttnProcessor
+from .flux import FluxSparseAttnProcessor, FluxSparseIPAdapterAttnProcessor
 from .hunyuan import HunyuanVideoSparseAttnProcessor
 from .install import SUPPORTED_TRANSFORMERS, TransformerPatch, attention_modules, family_of, install
-from .runtime import RunState, RunStats, attach_run_state, detach_run_state, layout_for
+from .runtime import (
+    FluxImageTokens,
+    RunState,
+    RunStats,
+    attach_run_state,
+    detach_run_state,
+    layout_for,
+    read_flux_img_ids,
+)
 from .wan import WanSparseAttnProcessor
 
 __all__ = [
+    "FluxImageTokens",
     "FluxSparseAttnProcessor",
+    "FluxSparseIPAdapterAttnProcessor",
     "HunyuanVideoSparseAttnProcessor",
     "RunState",
     "RunStats",
@@ -27,4 +37,5 @@ __all__ = [
     "family_of",
     "install",
     "layout_for",
+    "read_flux_img_ids",
 ]

@@ -5,16 +5,35 @@ module the method applies to, attaches the geometry/step hook, and returns a
 :class:`TransformerPatch` whose ``remove()`` puts the exact original processor objects
 back and detaches the hook. Cross-attention, the HunyuanVideo token refiner, VAEs and
 text encoders are never touched.
+
+While installed, a module's processor may be replaced from outside, e.g. by diffusers'
+IP-Adapter loader (``_load_ip_adapter_weights`` sets ``FluxIPAdapterAttnProcessor`` on
+the dual blocks and ``type(processor)()`` on the others) or ``unload_ip_adapter``. Before
+each eager forward the geometry hook calls :meth:`TransformerPatch.sync`, which adopts
+what it knows: an unbound gen processor is bound to the module's layer, a stock
+processor of the model (``FluxAttnProcessor``, ``FluxIPAdapterAttnProcessor``,
+``WanAttnProcessor``, ``HunyuanVideoAttnProcessor2_0``) becomes the module's original and
+gets gen's processor on top. Any other processor is left in place (warned once) and
+runs as it is. ``remove()`` restores a module only while it holds gen's processor, so an
+adapter loaded after ``sparsify`` survives ``restore``.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
+from diffusers.models.transformers.transformer_flux import (
+    FluxAttnProcessor,
+    FluxIPAdapterAttnProcessor,
+)
+from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from ..methods.base import SparseMethod
-from .flux import FluxSparseAttnProcessor
+from .base import SparseAttnProcessorBase
+from .flux import FluxSparseAttnProcessor, FluxSparseIPAdapterAttnProcessor
 from .hunyuan import HunyuanVideoSparseAttnProcessor
 from .runtime import RunState, attach_run_state, detach_run_state, has_geometry_hook
 from .wan import WanSparseAttnProcessor
@@ -29,6 +48,9 @@ SUPPORTED_TRANSFORMERS = {
     "FluxTransformer2DModel": "flux",
 }
 _PROCESSORS = {"wan": WanSparseAttnProcessor, "hunyuan": HunyuanVideoSparseAttnProcessor, "flux": FluxSparseAttnProcessor}
+# stock processors gen replaces (also when they appear later, see TransformerPatch.sync)
+_STOCK = {"wan": (WanAttnProcessor,), "hunyuan": (HunyuanVideoAttnProcessor2_0,),
+          "flux": (FluxAttnProcessor, FluxIPAdapterAttnProcessor)}
 _PATCH_ATTR = "_gen_sparse_patch"
 _MISSING = object()
 
@@ -61,28 +83,95 @@ def attention_modules(transformer: torch.nn.Module, family: str | None = None) -
     return mods
 
 
+def _new_processor(family: str, current, method: SparseMethod, run: RunState, index: int) -> SparseAttnProcessorBase:
+    """gen's processor for a module that holds ``current`` (FLUX IP-Adapter: one that
+    shares the adapter's weights); diffusers' backend choice carries over."""
+    if family == "flux" and isinstance(current, FluxIPAdapterAttnProcessor):
+        new = FluxSparseIPAdapterAttnProcessor.wrap(current, method, run, index)
+    else:
+        new = _PROCESSORS[family](method, run, index)
+    # carry over diffusers' backend choice for the scheduled dense calls
+    new._attention_backend = getattr(current, "_attention_backend", None)
+    new._parallel_config = getattr(current, "_parallel_config", None)
+    return new
+
+
+def _set_processor(module, processor) -> None:
+    """``module.processor = processor``, also from an ``nn.Module`` processor (an
+    IP-Adapter's) to a plain one, which ``nn.Module.__setattr__`` refuses."""
+    if isinstance(module, torch.nn.Module) and "processor" in module._modules and \
+            not isinstance(processor, torch.nn.Module):
+        del module._modules["processor"]
+    module.processor = processor
+
+
+@dataclass
+class _Slot:
+    """One attention module gen manages: what it held before and what gen put there."""
+
+    module: torch.nn.Module
+    original: object
+    installed: SparseAttnProcessorBase
+    layer_index: int
+
+
 class TransformerPatch:
     """gen's processors on one transformer; ``remove()`` undoes the install exactly."""
 
-    def __init__(self, transformer, family: str, method: SparseMethod, run: RunState, originals, had_registry: bool):
+    def __init__(self, transformer, family: str, method: SparseMethod, run: RunState, slots: list[_Slot],
+                 had_registry: bool):
         self.transformer = transformer
         self.family = family
         self.method = method
         self.run = run
-        self._originals = originals
+        self._slots = slots
         self._had_registry = had_registry
         self._hooked = True
         self._forward = transformer.__dict__.get("forward", _MISSING)
         self._removed = False
+        self._warned: set[tuple[int, type]] = set()
 
     @property
     def num_layers(self) -> int:
-        return len(self._originals)
+        return len(self._slots)
+
+    def _owns(self, processor) -> bool:
+        """gen's processor of this install (or an unbound one, which only gen binds)."""
+        return isinstance(processor, SparseAttnProcessorBase) and processor.run in (None, self.run)
+
+    def sync(self) -> None:
+        """Adopt processors set on the managed modules since the install (see the module
+        docstring). Called by the geometry hook before each eager forward; cheap when
+        nothing changed (one identity check per module)."""
+        if self._removed:
+            return
+        for i, slot in enumerate(self._slots):
+            current = getattr(slot.module, "processor", None)
+            if current is slot.installed:
+                continue
+            if self._owns(current):
+                if not current.bound:
+                    current.bind(self.method, self.run, slot.layer_index)
+                    current._attention_backend = slot.installed._attention_backend
+                    current._parallel_config = slot.installed._parallel_config
+                slot.installed = current
+            elif type(current) in _STOCK[self.family]:
+                new = _new_processor(self.family, current, self.method, self.run, slot.layer_index)
+                _set_processor(slot.module, new)
+                slot.original, slot.installed = current, new
+                logger.info("gen: %s now runs %s over the new %s", _name(self.transformer, slot.module),
+                            self.method.name, type(current).__name__)
+            elif (i, type(current)) not in self._warned:
+                self._warned.add((i, type(current)))
+                logger.warning("gen: attention layer %d got a %s while sparsified; gen leaves it in place, so that "
+                               "layer runs it instead of %s until gen.restore().", slot.layer_index,
+                               type(current).__name__, self.method.name)
 
     def remove(self) -> None:
-        """Put the original processor objects back, detach the hook, drop what the install
-        added. Every step is attempted even if one fails (the first error is raised after);
-        a second call does nothing."""
+        """Put the original processor objects back (on modules that still hold gen's
+        processor), detach the hook, drop what the install added. Every step is
+        attempted even if one fails (the first error is raised after); a second call
+        does nothing."""
         if self._removed:
             return
         self._removed = True
@@ -95,8 +184,12 @@ class TransformerPatch:
             except Exception as exc:  # noqa: BLE001 - keep undoing, raise the first below
                 errors.append(exc)
 
-        for module, proc in reversed(self._originals):
-            attempt(setattr, module, "processor", proc)  # the exact original object
+        if self.run.sync == self.sync:
+            self.run.sync = None
+        for slot in reversed(self._slots):
+            current = getattr(slot.module, "processor", None)
+            if current is slot.installed or self._owns(current):
+                attempt(_set_processor, slot.module, slot.original)  # the exact original object
         if self._hooked:
             attempt(detach_run_state, t)
             if self._forward is not _MISSING and "forward" not in t.__dict__:
@@ -110,11 +203,20 @@ class TransformerPatch:
             raise errors[0]
 
 
+def _name(transformer: torch.nn.Module, module: torch.nn.Module) -> str:
+    for name, m in transformer.named_modules():
+        if m is module:
+            return name
+    return type(module).__name__
+
+
 def install(transformer: torch.nn.Module, method: SparseMethod) -> TransformerPatch:
     """Install ``method`` on ``transformer``'s self/joint attention; returns the patch.
 
     All or nothing: if anything fails, what was done is undone (original processors,
     no hook, no hook registry or attribute that was not there) and the error is raised.
+    A FLUX module holding an IP-Adapter processor gets
+    :class:`~gen.attention.processors.flux.FluxSparseIPAdapterAttnProcessor`.
     """
     family = family_of(transformer)
     if method.families and family not in method.families:
@@ -126,24 +228,20 @@ def install(transformer: torch.nn.Module, method: SparseMethod) -> TransformerPa
         raise ValueError("this transformer already has gen's geometry hook; call gen.restore(...) first.")
     # build everything first: nothing on the model changes until all of it exists
     run = RunState(family)
-    proc_cls = _PROCESSORS[family]
     swaps = []
     for index, (_, module) in enumerate(attention_modules(transformer, family)):
-        new = proc_cls(method, run, index)
-        # carry over diffusers' backend choice for the scheduled dense calls
-        new._attention_backend = getattr(module.processor, "_attention_backend", None)
-        new._parallel_config = getattr(module.processor, "_parallel_config", None)
-        swaps.append((module, new))
+        swaps.append((module, _new_processor(family, module.processor, method, run, index), index))
     patch = TransformerPatch(transformer, family, method, run, [],
                              had_registry="_diffusers_hook" in transformer.__dict__)
     patch._hooked = False
     try:
         attach_run_state(transformer, family, run)
         patch._hooked = True
-        for module, new in swaps:
-            patch._originals.append((module, module.processor))
-            module.processor = new
+        for module, new, index in swaps:
+            patch._slots.append(_Slot(module, module.processor, new, index))
+            _set_processor(module, new)
         setattr(transformer, _PATCH_ATTR, patch)
+        run.sync = patch.sync
     except BaseException as exc:
         # there was no geometry hook before (checked above): one there now is this install's
         patch._hooked = patch._hooked or has_geometry_hook(transformer)
