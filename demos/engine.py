@@ -16,7 +16,6 @@ step callback that cancels, and unique file names in its outputs folder.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import threading
 import uuid
@@ -27,8 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gen.attention import AttentionContext, BlockPlan, TokenLayout
-from gen.attention.methods import get_method
+from gen.attention import BlockPlan, TokenLayout
 from gen.pipelines import check_geometry, get_spec, list_models
 from gen.render import default_output_path, write_output
 from gen.session import STOCK, ModelCache, RenderJob, Session, read_image
@@ -47,7 +45,6 @@ __all__ = [
     "RunRequest",
     "RunResult",
     "available_models",
-    "layout_for",
 ]
 
 DEFAULT_MODEL = "shapes-wan"
@@ -78,23 +75,6 @@ def available_models() -> list[str]:
     """Model names the demo offers: the tiny ones always, real checkpoints only when their
     weights are complete in the local Hugging Face cache (gen never downloads)."""
     return [spec.name for spec, ok, _ in list_models() if ok or spec.is_local]
-
-
-def transformer_shape(config) -> tuple[int, int]:
-    """``(heads, attention layers gen replaces)`` from a transformer config (dict-like):
-    Wan blocks, or HunyuanVideo/FLUX dual plus single blocks."""
-    get = config.get if hasattr(config, "get") else lambda k, d=None: getattr(config, k, d)
-    return int(get("num_attention_heads")), int(get("num_layers", 0) or 0) + int(get("num_single_layers", 0) or 0)
-
-
-def layout_for(spec, height: int, width: int, frames: int) -> TokenLayout:
-    """The token layout of one DiT self/joint attention call of ``spec`` at this geometry:
-    Wan's self-attention has no text; HunyuanVideo's text follows the video, FLUX's
-    precedes it (``spec.text_tokens`` tokens at the pipelines' default lengths)."""
-    t, h, w = spec.token_grid(height, width, frames)
-    if spec.family == "wan":
-        return TokenLayout(t, h, w)
-    return TokenLayout(t, h, w, text_len=spec.text_tokens, text_first=spec.family == "flux")
 
 
 # -- requests and results ----------------------------------------------------------------
@@ -321,79 +301,32 @@ class Engine:
 
     # -- masks ---------------------------------------------------------------------------
     def model_shape(self, name: str) -> tuple[int, int]:
-        """``(heads, attention layers)`` of a model's transformer, without loading it when
-        possible: the loaded pipeline, else the tiny config, else the cached config.json."""
+        """``(heads, attention layers)`` of a model's transformer, without loading it: the
+        loaded pipeline's, else the architecture gen ships for the model."""
+        from gen.masks import model_shape
+
         spec = get_spec(name)
-        pipe = self.models.loaded(spec.name)
-        if pipe is not None and getattr(pipe, "transformer", None) is not None:
-            return transformer_shape(pipe.transformer.config)
-        if spec.is_tiny:
-            from gen.pipelines.tiny import TINY_CONFIGS
-
-            return transformer_shape(TINY_CONFIGS[spec.name]["transformer"])
-        if spec.is_bundled:
-            from gen.pipelines.shapes.config import COMPONENTS
-
-            return transformer_shape(COMPONENTS["transformer"])
-        from huggingface_hub import try_to_load_from_cache
-
-        from gen.pipelines.registry import hf_cache_dir
-
-        path = try_to_load_from_cache(spec.repo_id, "transformer/config.json", cache_dir=str(hf_cache_dir()))
-        if not isinstance(path, str):
-            raise ValueError(f"the weights of {spec.name} are not in the local Hugging Face cache; "
-                             f"`gen models` shows which models are available here.")
-        return transformer_shape(json.loads(Path(path).read_text()))
+        return model_shape(spec, self.models.loaded(spec.name))
 
     def mask(self, model: str, method: str, overrides: dict | None = None, *, height: int | None = None,
              width: int | None = None, frames: int | None = None, steps: int | None = None,
              layer: int = 0, head: int = 0, step: int = 0) -> MaskResult:
         """Draw the block mask ``method`` uses at one (layer, head, denoising step) of ``model``
-        at this geometry, and measure its density. Static methods only: a method whose plan
-        depends on the activations has no picture before a run.
+        at this geometry, and measure its density (``gen.masks.mask_picture``, what
+        ``gen masks`` draws; a dynamic method draws the plan of a real call of the model).
 
         Raises:
-            ValueError: bad geometry, layer/head/step out of range, or a dynamic method.
+            ValueError: bad geometry, layer/head/step out of range.
         """
+        from gen.masks import mask_picture
+
         spec = get_spec(model)
-        height, width = height or spec.height, width or spec.width
-        frames = (frames or spec.frames) if spec.is_video else 1
-        steps = steps or spec.steps
-        check_geometry(spec, height, width, frames)
-        heads, layers = self.model_shape(spec.name)
-        for what, value, count in (("layer", layer, layers), ("head", head, heads), ("step", step, steps)):
-            if not 0 <= value < count:
-                raise ValueError(f"{what} must be between 0 and {count - 1} for {spec.name} "
-                                 f"({count} {what}s{' in this run' if what == 'step' else ''}), got {value}.")
-        meth = get_method(method, model=spec.name, family=spec.family, **(overrides or {}))
-        layout = layout_for(spec, height, width, frames)
-        ctx = AttentionContext(step_index=step, num_steps=steps, layer_index=layer)
-        reason = ""
-        if meth.is_dense_layer(layer):
-            reason = f"layer {layer} is in dense_layers={meth.config.dense_layers!r}"
-        elif meth.is_dense(ctx):
-            reason = f"step {step} < dense_steps={meth.config.dense_steps}"
-        if reason:
-            plan = BlockPlan.dense(layout.video_len, layout.video_len, 64, 64)
-            video_density = call_density = 1.0
-        else:
-            try:
-                plan = meth.plan(layout, heads, ctx)
-                call_density = meth.density(layout, heads, ctx)
-            except (NotImplementedError, TypeError, AttributeError) as err:
-                raise ValueError(
-                    f"{method} builds its plan from the activations (q, k) during a run, so there is no "
-                    f"mask to draw before one; compare it against dense instead. ({type(err).__name__}: {err})"
-                ) from None
-            per_head = plan.density_per_head()
-            video_density = float(per_head[0, 0 if per_head.shape[1] == 1 else head])
-        t, h, w = layout.grid
-        title = (f"{spec.name} · {method} · {t}x{h}x{w} tokens · layer {layer}, head {head}, step {step}\n"
-                 + (f"dense ({reason})" if reason else f"video density {video_density:.3f}"))
         name = f"{spec.name}-{method}-L{layer}-H{head}-S{step}-{uuid.uuid4().hex[:6]}.png"
-        path = plan.save_png(self.outputs_dir / "masks" / name, head=head if plan.kv_counts.shape[1] > 1 else 0,
-                             title=title)
-        return MaskResult(Path(path), layout, heads, layers, video_density, call_density, reason, plan)
+        pic = mask_picture(method, spec.name, out=self.outputs_dir / "masks" / name, height=height, width=width,
+                           frames=frames, layer=layer, head=head, step=step, overrides=overrides,
+                           steps=steps, pipe=self.models.loaded(spec.name), token_limit=0)
+        return MaskResult(pic.block_png, pic.layout, pic.heads, pic.layers, pic.video_density, pic.density,
+                          pic.dense_reason, pic.plan)
 
 
 _read_image = read_image  # the demo's name for it (its tests call it)

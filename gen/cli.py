@@ -420,9 +420,9 @@ def masks(
     height: int = typer.Option(None, help="height in pixels (default: the model's)"),
     width: int = typer.Option(None, help="width in pixels (default: the model's)"),
     frames: int = typer.Option(None, help="frames (default: the model's)"),
-    layer: int = typer.Option(0, help="layer index"),
+    layer: int = typer.Option(None, help="layer index (default: the first layer the method runs sparse)"),
     head: int = typer.Option(0, help="head index"),
-    step: int = typer.Option(0, help="denoising step"),
+    step: int = typer.Option(None, help="denoising step (default: the first step the method runs sparse)"),
     set_: list[str] = typer.Option(None, "--set", help="method parameter override key=value (repeatable)"),
     out: Path = typer.Option(Path("mask.png"), "--out", "-o", help="PNG to write"),
     capture_file: Path = typer.Option(None, "--capture", help="a `gen capture` file: draw the plan a dynamic method (rectified) makes for its --step/--layer call (default: record one from a short run of --model)"),
@@ -442,7 +442,10 @@ def masks(
     except ValueError as err:
         console.print(f"[red]error:[/red] {escape(str(err))}")
         raise typer.Exit(2) from None
-    console.print(f"{pic.layout}: video density {pic.video_density:.3f}, call density {pic.density:.3f}")
+    if pic.dense_reason:
+        console.print(f"{pic.layout}: this call runs dense ({pic.dense_reason})")
+    else:
+        console.print(f"{pic.layout}: video density {pic.video_density:.3f}, call density {pic.density:.3f}")
     console.print(f"wrote {pic.block_png}" + (f" and {pic.token_png}" if pic.token_png else ""))
 
 

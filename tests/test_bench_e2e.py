@@ -79,7 +79,7 @@ def test_e2e_random_weights_other_families(model):
 
 def test_e2e_configs_shipped_and_build():
     """Every shipped config builds the real class; the 1.3B one has the documented shape."""
-    from gen.bench.e2e import transformer_config
+    from gen.pipelines.architecture import transformer_config
     from gen.pipelines import get_spec
 
     cfg = transformer_config(get_spec("wan2.1-t2v-1.3b"))

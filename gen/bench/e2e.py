@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import logging
 import resource
 import statistics
@@ -59,6 +58,8 @@ from pathlib import Path
 
 import torch
 
+from gen.pipelines.architecture import CONFIG_DIR, build_random_transformer, transformer_config
+
 from .common import STOCK, BenchResult, bench_meta, fmt, resolve_methods
 
 __all__ = ["E2ERow", "E2EResult", "CONFIG_DIR", "transformer_config", "build_random_transformer", "run_e2e_bench",
@@ -66,68 +67,7 @@ __all__ = ["E2ERow", "E2EResult", "CONFIG_DIR", "transformer_config", "build_ran
 
 logger = logging.getLogger("gen.bench")
 
-#: shipped transformer configs of the real models, ``<model>/transformer.json``
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "pipelines" / "configs"
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_CLASSES = {"wan": "WanTransformer3DModel", "hunyuan": "HunyuanVideoTransformer3DModel",
-            "flux": "FluxTransformer2DModel"}
-
-
-def _config_dir() -> Path:
-    # editable installs run from the source tree; an installed package keeps them next to
-    # gen.pipelines
-    import gen.pipelines
-
-    here = Path(gen.pipelines.__file__).resolve().parent / "configs"
-    return here if here.is_dir() else CONFIG_DIR
-
-
-def transformer_config(spec) -> dict:
-    """Constructor arguments of ``spec``'s transformer (a ``ModelSpec``).
-
-    Raises:
-        ValueError: no config shipped for the model (the message lists those that are).
-    """
-    if spec.is_tiny:
-        from gen.pipelines.tiny import TINY_CONFIGS
-
-        return dict(TINY_CONFIGS[spec.name]["transformer"])
-    if spec.is_bundled:
-        from gen.pipelines.shapes.config import COMPONENTS
-
-        return dict(COMPONENTS["transformer"])
-    path = _config_dir() / spec.name / "transformer.json"
-    if not path.is_file():
-        have = sorted(p.parent.name for p in _config_dir().glob("*/transformer.json"))
-        raise ValueError(f"no transformer config shipped for {spec.name!r} (random weights need one); "
-                         f"models with one: {', '.join(have)}.")
-    cfg = json.loads(path.read_text(encoding="utf-8"))
-    return {k: v for k, v in cfg.items() if not k.startswith("_")}
-
-
-def build_random_transformer(spec, *, device: torch.device, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
-    """``spec``'s transformer with random weights, built directly on ``device`` in
-    ``dtype`` (parameters the model keeps in float32, ``_keep_in_fp32_modules``, stay
-    float32, as ``from_pretrained`` does)."""
-    import diffusers
-
-    cls = getattr(diffusers, _CLASSES[spec.family])
-    cfg = transformer_config(spec)
-    before = torch.get_default_dtype()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        try:
-            # built in the target dtype on the device: a 14B model never exists in fp32
-            torch.set_default_dtype(dtype)
-            with torch.device(device):
-                model = cls.from_config(cfg)
-        finally:
-            torch.set_default_dtype(before)
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
-    for name, param in model.named_parameters():
-        if param.is_floating_point() and keep.intersection(name.split(".")):
-            param.data = param.data.float()
-    return model.eval()
 
 
 def _passes_per_step(spec, guidance: float) -> int:

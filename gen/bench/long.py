@@ -4,7 +4,7 @@
 (``gen.long._schedule``: the model's preset from ``gen.pipelines.ar.presets``, the
 published Self-Forcing / LongLive / Rolling Forcing defaults for the real Wan models) over
 a transformer of the model's real architecture with **random weights**
-(``gen.bench.e2e.build_random_transformer``: same shapes and FLOPs, no checkpoint needed),
+(``gen.pipelines.architecture.build_random_transformer``: same shapes and FLOPs, no checkpoint needed),
 so it runs on any machine. No text encoder: one random prompt embedding of the
 pipeline's shape ``(1, text_tokens, text_dim)``, set once (``gen long`` encodes a prompt
 once too). The VAE is the model's architecture with random weights as well (Wan 2.1:
@@ -201,8 +201,9 @@ def run_long_bench(
     from gen.pipelines import check_geometry, get_spec
     from gen.pipelines.ar.schedules import NoiseSampler
     from gen.pipelines.ar.stream import StreamingWanDecoder, to_uint8
+    from gen.pipelines.architecture import build_random_transformer
 
-    from .e2e import _Memory, build_random_transformer
+    from .e2e import _Memory
 
     spec = get_spec(model)
     if spec.family != "wan" or spec.task != "t2v":
