@@ -43,6 +43,7 @@ from gen.values import (
     check_prompt,
     check_seed,
     check_steps,
+    check_tokens,
 )
 
 logger = logging.getLogger("gen.session")
@@ -128,6 +129,7 @@ class RenderJob:
         frames = (spec.frames if self.frames is None else self.frames) if spec.is_video else \
             (1 if self.frames is None else self.frames)
         check_geometry(spec, height, width, frames)
+        check_tokens(spec.token_grid(height, width, frames), what=f"{width}x{height} pixels, {frames} frame(s)")
         steps = check_steps(spec.steps if self.steps is None else self.steps)
         guidance = check_guidance(spec.guidance if self.guidance is None else self.guidance)
         seed = check_seed(self.seed)
@@ -318,14 +320,22 @@ class Session:
         model_path: a local diffusers folder to load (every model this session loads).
         loader: ``loader(name) -> pipeline`` instead of ``gen.pipelines.load`` (tests).
         progress: show the pipeline's own step bar (None leaves the pipeline's setting).
+        ulysses: ranks that share each attention call (diffusers' Ulysses context
+            parallelism, ``gen.parallel.enable_ulysses``), applied to every pipeline right
+            after it loads; 1 (default) runs on this process alone. Needs a process group
+            of that size (``torchrun``, ``gen.parallel.init_distributed``); every rank runs
+            the same jobs with the same seeds and gets the same frames.
     """
 
     def __init__(self, *, device=None, dtype=None, model_path=None, loader: Callable[[str], object] | None = None,
-                 progress: bool | None = None) -> None:
+                 progress: bool | None = None, ulysses: int = 1) -> None:
         self.device = check_device(device)
         self.dtype = check_dtype(dtype)
         self.model_path = model_path
         self.progress = progress
+        if isinstance(ulysses, bool) or not isinstance(ulysses, int) or ulysses < 1:
+            raise ValueError(f"ulysses must be an int >= 1 (ranks per attention call), got {ulysses!r}.")
+        self.ulysses = ulysses
         if loader is None:
             def loader(name: str):
                 from gen.pipelines import load
@@ -338,6 +348,10 @@ class Session:
         from gen.pipelines import get_spec
 
         pipe, seconds = self.models.get(get_spec(model).name)
+        if self.ulysses > 1:
+            from gen.parallel import enable_ulysses
+
+            enable_ulysses(pipe, self.ulysses)  # once per pipeline: a no-op when it is parallel already
         if self.progress is not None:
             pipe.set_progress_bar_config(disable=not self.progress)
         return pipe, seconds

@@ -23,9 +23,20 @@ __all__ = [
     "check_guidance",
     "check_output_path",
     "check_prompt",
+    "check_port",
+    "check_tokens",
+    "check_seconds",
     "check_seed",
     "check_steps",
 ]
+
+MAX_TOKENS = 250_000
+"""Video tokens per attention call above which a render is refused unless the
+``GEN_MAX_TOKENS`` environment variable raises the limit: twice HunyuanVideo's 720p x 129
+frames (118,800), the largest geometry the supported models were trained at."""
+
+MAX_SECONDS = 3600.0
+"""Longest video ``gen long`` makes unless asked for more (``max_seconds=``): one hour."""
 
 MAX_STEPS = 1000
 """Denoising steps above this are refused: the schedulers of Wan, HunyuanVideo and FLUX
@@ -138,3 +149,37 @@ def check_writable_folder(folder) -> Path:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"cannot write to {parent} (permission denied); choose another folder.")
     return folder
+
+
+def check_seconds(value, *, limit: float = MAX_SECONDS) -> float:
+    """A video length in seconds: finite, > 0 and at most ``limit`` (lift it on purpose)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"seconds must be a number, got {value!r}.")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"seconds must be a finite number > 0, got {value}.")
+    if value > limit:
+        raise ValueError(f"{value:g} s is more than the {limit:g} s limit; ask for less, or raise the limit "
+                         f"(max_seconds=) if you mean it.")
+    return value
+
+
+def check_port(value) -> int:
+    """A TCP port to serve on: 1 to 65535."""
+    if not _is_int(value) or not 1 <= value <= 65535:
+        raise ValueError(f"port must be a whole number from 1 to 65535, got {value!r}.")
+    return value
+
+
+def check_tokens(grid: tuple[int, int, int], *, what: str) -> int:
+    """``frames x rows x cols`` video tokens of one attention call, at most ``MAX_TOKENS``
+    (or ``GEN_MAX_TOKENS``); the refusal says what the request would cost."""
+    tokens = grid[0] * grid[1] * grid[2]
+    limit = int(os.environ.get("GEN_MAX_TOKENS", MAX_TOKENS))
+    if tokens > limit:
+        # one bf16 attention score matrix per head, were it materialised: what dense attention costs
+        gib = tokens * tokens * 2 / 2**30
+        raise ValueError(f"{what} is {grid[0]}x{grid[1]}x{grid[2]} = {tokens:,} video tokens per attention call, "
+                         f"more than the limit of {limit:,} (dense attention over it is {gib:,.0f} GiB of "
+                         f"scores per head); ask for less, or set GEN_MAX_TOKENS if you mean it.")
+    return tokens

@@ -79,8 +79,8 @@ def test_e2e_random_weights_other_families(model):
 
 def test_e2e_configs_shipped_and_build():
     """Every shipped config builds the real class; the 1.3B one has the documented shape."""
-    from gen.pipelines.architecture import transformer_config
     from gen.pipelines import get_spec
+    from gen.pipelines.architecture import transformer_config
 
     cfg = transformer_config(get_spec("wan2.1-t2v-1.3b"))
     assert (cfg["num_layers"], cfg["num_attention_heads"], cfg["attention_head_dim"], cfg["ffn_dim"]) == (30, 12, 128, 8960)

@@ -135,9 +135,25 @@ def convert_causal_checkpoint(checkpoint: Mapping, lora: Mapping | None = None, 
     raise _unknown("the checkpoint", flat if flat else checkpoint.keys())
 
 
+def check_checkpoint_files(*paths: str | Path) -> None:
+    """Refuse, before any model is loaded, a checkpoint that does not exist or whose
+    safetensors header cannot be read (the tensors themselves are read later)."""
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise ValueError(f"checkpoint {path} does not exist.")
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    f.keys()
+            except Exception as err:  # SafetensorError and OS errors alike: say which file and why
+                raise ValueError(f"cannot read checkpoint {path}: not a readable safetensors file ({err}).") from None
+
+
 def _load_file(path: Path) -> Mapping:
-    if not path.is_file():
-        raise ValueError(f"checkpoint {path} does not exist.")
+    check_checkpoint_files(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
