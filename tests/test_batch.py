@@ -250,7 +250,16 @@ def test_two_processes_render_each_job_once(tmp_path, reference):
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "gen", "batch", str(five), "--out-dir", str(out), *SMALL]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)
+    # its own process group: a hung rendezvous is killed with both workers, not just the launcher
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun did not finish in 300 s:\n{stdout}\n{stderr}")
+    res = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     assert res.returncode == 0, res.stdout + res.stderr
     counts = [int(m) for m in re.findall(r"rendered (\d+), skipped", res.stdout)]
     assert len(counts) == 2 and sum(counts) == 5 and min(counts) >= 2, res.stdout
