@@ -28,6 +28,11 @@ class AttentionContext:
         need_lse: whether the caller merges the video part's log-sum-exp (joint text);
             False for a video-only call, so backends that cannot return one may run.
         extras: anything else a method needs (e.g. a per-run cache).
+        head_offset: index, among the model's heads, of the call's first head: under
+            context parallelism (Ulysses) a rank holds heads ``[head_offset,
+            head_offset + H)`` of the model's ``num_heads``; 0 otherwise. Methods with
+            per-head data (Sparse-vDiT's modes, a per-head block mask) slice it with this.
+        num_heads: the model's head count (None: the call holds every head).
     """
 
     step_index: int | None = None
@@ -37,3 +42,13 @@ class AttentionContext:
     kv_valid: torch.Tensor | None = None
     need_lse: bool = True
     extras: dict[str, Any] = field(default_factory=dict)
+    head_offset: int = 0
+    num_heads: int | None = None
+
+    def heads_of(self, local_heads: int) -> tuple[int, int]:
+        """``(head_offset, model heads)`` of a call that holds ``local_heads`` heads."""
+        total = local_heads if self.num_heads is None else self.num_heads
+        if not 0 <= self.head_offset <= total - local_heads:
+            raise ValueError(f"heads [{self.head_offset}, {self.head_offset + local_heads}) are not among the "
+                             f"model's {total}.")
+        return self.head_offset, total

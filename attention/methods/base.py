@@ -144,7 +144,7 @@ class SparseMethod:
             # nothing to merge: the video part's LSE is not needed (CPU backends that
             # return none, compiled flex_attention, may then run)
             video_ctx = AttentionContext(ctx.step_index, ctx.num_steps, ctx.layer_index, ctx.branch, ctx.kv_valid,
-                                         False, ctx.extras)  # dataclasses.replace costs 3x more
+                                         False, ctx.extras, ctx.head_offset, ctx.num_heads)  # replace() costs 3x more
             out, _ = self.video_attention(q, k, v, layout, video_ctx)
             return out
         if kv_valid is not None and layout.text_first:

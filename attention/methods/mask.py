@@ -7,7 +7,8 @@ Two ways to give the pattern (over the video tokens of a call, frame-major order
   coordinates ``(1, Nk)``), like flex_attention's ``mask_mod``. Example, a ±1-frame
   window: ``lambda qt, qh, qw, kt, kh, kw: (qt - kt).abs() <= 1``.
 * a bool block mask ``[n_q_blocks, n_kv_blocks]`` or ``[H, n_q_blocks, n_kv_blocks]``
-  over the video tokens with blocks ``block_m x block_n``.
+  over the video tokens with blocks ``block_m x block_n`` (per head: under context
+  parallelism a rank runs its heads' rows, ``AttentionContext.head_offset``).
 
 A function is evaluated on every token pair (in chunks of query blocks, so memory
 stays bounded) and coarsened to blocks: a block is visited when any pair in it is
@@ -21,8 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..context import AttentionContext
 from ..layout import TokenLayout
 from ..plan import BlockPlan
+from ..plan_cache import PlanCache
 from .base import MethodConfig, SparseMethod
 
 __all__ = ["MaskConfig", "MaskAttention"]
@@ -61,6 +64,29 @@ class MaskAttention(SparseMethod):
     name = "mask"
     config_cls = MaskConfig
     summary = "your own pattern: a function of token coordinates or a block mask"
+
+    def __init__(self, config: MaskConfig | None = None, *, model: str | None = None) -> None:
+        super().__init__(config, model=model)
+        # a per-head block mask on a call that holds some of the model's heads (context
+        # parallelism): those heads' rows of the whole plan
+        self._head_plans = PlanCache(self._build_head_slice)
+
+    def plan(self, layout: TokenLayout, num_heads: int, ctx: AttentionContext | None = None, *,
+             q: torch.Tensor | None = None, k: torch.Tensor | None = None) -> BlockPlan:
+        pattern = self.config.pattern
+        per_head = isinstance(pattern, torch.Tensor) and pattern.dim() == 3 and pattern.shape[0] > 1
+        if not per_head or ctx is None or ctx.num_heads is None or ctx.num_heads == num_heads:
+            return super().plan(layout, num_heads, ctx, q=q, k=k)
+        offset, total = ctx.heads_of(num_heads)
+        device = q.device if q is not None else torch.device("cpu")
+        return self._head_plans.get(self.plan_key(layout, total, device) + (offset, num_heads))
+
+    def _build_head_slice(self, key: tuple) -> BlockPlan:
+        *whole, offset, n = key
+        plan = self._plans.get(tuple(whole))
+        return BlockPlan(plan.block_m, plan.block_n, plan.q_len, plan.kv_len,
+                         plan.kv_indices[:, offset:offset + n].contiguous(),
+                         plan.kv_counts[:, offset:offset + n].contiguous())
 
     def build_plan(self, key: tuple) -> BlockPlan:
         layout, num_heads, device = self.key_layout(key)

@@ -724,12 +724,18 @@ class SparseVDiTAttention(SparseMethod):
                    head_dim: int | None = None) -> tuple[list[int], list[tuple[int, ...]]]:
         """Per head of the call: its mode and stripe columns. From ``ctx.extras`` when a
         caller set them there (the search does), else from the plan at ``ctx``'s (step,
-        layer) after checking the call against the plan."""
+        layer) after checking the call against the plan. A call that holds some of the
+        model's heads (context parallelism: ``ctx.head_offset``, ``ctx.num_heads``) gets
+        those heads' entries."""
         given = ctx.extras.get(_EXTRAS_KEY)
         if given is not None:
             return given
-        step, layer = self.sv_plan.check_call(layout, num_heads, head_dim, ctx)
-        return self._modes[step][layer], self._stripes[step][layer]
+        offset, total = ctx.heads_of(num_heads)
+        step, layer = self.sv_plan.check_call(layout, total, head_dim, ctx)
+        modes, stripes = self._modes[step][layer], self._stripes[step][layer]
+        if num_heads != total:
+            modes, stripes = modes[offset:offset + num_heads], stripes[offset:offset + num_heads]
+        return modes, stripes
 
     def _with_assignment(self, ctx: AttentionContext, modes, stripes) -> AttentionContext:
         return dataclasses.replace(ctx, extras={**ctx.extras, _EXTRAS_KEY: (list(modes), list(stripes))})

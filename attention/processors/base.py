@@ -7,6 +7,9 @@ stock dispatcher unchanged (bit-identical to stock), and so do calls whose geome
 could not be read (``RunState.fallback``); the others go to the method on
 ``(B, H, S, D)`` tensors with the call's ``TokenLayout`` and ``AttentionContext``, in the
 run's token order when it has one (FLUX reference-image tokens moved next to the text).
+Under diffusers' context parallelism (Ulysses) every call of a bound processor runs
+inside diffusers' all-to-all on the rank's heads over the whole sequence
+(:mod:`.parallel`).
 
 A processor built with no arguments is *unbound*: diffusers' loaders re-create
 processors as ``type(processor)()`` (the FLUX IP-Adapter loader does, for the single
@@ -24,6 +27,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from ..context import AttentionContext
 from ..methods.base import SparseMethod
+from .parallel import context_parallel_config, ulysses_attention
 from .runtime import RunState
 
 __all__ = ["SparseAttnProcessorBase"]
@@ -96,22 +100,26 @@ class SparseAttnProcessorBase:
         dense = fallback is not None or self.method.is_dense(ctx)
         if not torch.compiler.is_compiling():
             run.stats.record(self.layer_index, dense, run.layout, fallback)
+        if context_parallel_config(self._parallel_config) is not None:
+            # Ulysses: the method (or the stock dense attention) runs inside diffusers' all-to-all
+            return ulysses_attention(self, query, key, value, attn_mask, kv_valid, ctx, dense)
         if dense:
             return self._stock_attention(query, key, value, attn_mask)
-        if self._parallel_config is not None:
-            raise ValueError(
-                "context parallelism is not supported by gen's sparse processors yet; call "
-                "gen.sparsify before enable_parallelism only without context parallelism."
-            )
         layout = run.layout
         if layout is None:
             raise ValueError(
                 "no token layout for this call: the processor was installed by hand without the "
                 "geometry hook. Use gen.sparsify(...) or gen.attention.processors.install(...)."
             )
+        return self._method_attention(query, key, value, layout, ctx, kv_valid, run.order)
+
+    def _method_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout,
+                          ctx: AttentionContext, kv_valid: torch.Tensor | None,
+                          order: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """The method on ``(B, S, H, D)`` tensors of the whole sequence, seen in ``order``
+        (``(forward, inverse)`` indices, or None); returns ``(B, S, H, D)`` in the input order."""
         ctx.kv_valid = kv_valid
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-        order = run.order
         if order is not None:
             forward, inverse = order
             q, k, v = q.index_select(2, forward), k.index_select(2, forward), v.index_select(2, forward)
@@ -119,3 +127,10 @@ class SparseAttnProcessorBase:
         if order is not None:
             out = out.index_select(2, inverse)
         return out.transpose(1, 2)
+
+    def _sequence_shards(self) -> int:
+        """Ranks the call's sequence is split over (the Ulysses degree; 1 without context
+        parallelism): whole-sequence inputs such as HunyuanVideo's mask are that many
+        times the local length."""
+        cp = context_parallel_config(self._parallel_config)
+        return 1 if cp is None else cp.ulysses_degree * cp.ring_degree

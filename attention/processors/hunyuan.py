@@ -6,7 +6,9 @@ processor. Joint order is video first, text last. Math around the attention call
 the stock ``HunyuanVideoAttnProcessor2_0``'s (diffusers 0.42): per-head QK RMSNorm, RoPE
 on the video part only, ``add_*_proj`` for the text stream of dual blocks. The model's
 always-present padding mask ``[B, 1, 1, N]`` (valid keys form a prefix: video, then the
-prompt's real tokens) is honoured as a per-sample valid-key count.
+prompt's real tokens) is honoured as a per-sample valid-key count. Under context
+parallelism (gen's plan, ``parallel.hunyuan_video_cp_plan``) the streams arrive as local
+shards and the mask stays whole.
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ class HunyuanVideoSparseAttnProcessor(SparseAttnProcessorBase):
             key = torch.cat([key, enc_k], dim=1)
             value = torch.cat([value, enc_v], dim=1)
 
-        kv_valid = _valid_keys(attention_mask, query.shape[0], key.shape[1])
+        # the mask covers the whole sequence, also under context parallelism (local shards here)
+        kv_valid = _valid_keys(attention_mask, query.shape[0], key.shape[1] * self._sequence_shards())
         hidden_states = self._attend(query, key, value, attn_mask=attention_mask, kv_valid=kv_valid)
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
 

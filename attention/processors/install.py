@@ -16,6 +16,12 @@ processor of the model (``FluxAttnProcessor``, ``FluxIPAdapterAttnProcessor``,
 gets gen's processor on top. Any other processor is left in place (warned once) and
 runs as it is. ``remove()`` restores a module only while it holds gen's processor, so an
 adapter loaded after ``sparsify`` survives ``restore``.
+
+Context parallelism (:mod:`.parallel`): gen's processors take the model's parallel
+config when it has one (``enable_parallelism`` before ``install``), and a sparsified
+transformer's ``enable_parallelism`` is gen's wrapper (ring refused, HunyuanVideo's
+plan supplied, the geometry hook kept outside the split hooks). ``remove()`` gives the
+original processors the config diffusers would have set on them.
 """
 
 from __future__ import annotations
@@ -35,6 +41,12 @@ from ..methods.base import SparseMethod
 from .base import SparseAttnProcessorBase
 from .flux import FluxSparseAttnProcessor, FluxSparseIPAdapterAttnProcessor
 from .hunyuan import HunyuanVideoSparseAttnProcessor
+from .parallel import (
+    check_parallel_config,
+    context_parallel_config,
+    unwrap_enable_parallelism,
+    wrap_enable_parallelism,
+)
 from .runtime import RunState, attach_run_state, detach_run_state, has_geometry_hook
 from .wan import WanSparseAttnProcessor
 
@@ -83,16 +95,24 @@ def attention_modules(transformer: torch.nn.Module, family: str | None = None) -
     return mods
 
 
-def _new_processor(family: str, current, method: SparseMethod, run: RunState, index: int) -> SparseAttnProcessorBase:
+def _context_parallel(transformer: torch.nn.Module):
+    """The transformer's ``ParallelConfig`` when it has context parallelism, else None."""
+    config = getattr(transformer, "_parallel_config", None)
+    return config if context_parallel_config(config) is not None else None
+
+
+def _new_processor(family: str, current, method: SparseMethod, run: RunState, index: int,
+                   parallel_config=None) -> SparseAttnProcessorBase:
     """gen's processor for a module that holds ``current`` (FLUX IP-Adapter: one that
-    shares the adapter's weights); diffusers' backend choice carries over."""
+    shares the adapter's weights); diffusers' backend choice carries over, and so does
+    the model's context parallelism (``parallel_config``, else the current processor's)."""
     if family == "flux" and isinstance(current, FluxIPAdapterAttnProcessor):
         new = FluxSparseIPAdapterAttnProcessor.wrap(current, method, run, index)
     else:
         new = _PROCESSORS[family](method, run, index)
     # carry over diffusers' backend choice for the scheduled dense calls
     new._attention_backend = getattr(current, "_attention_backend", None)
-    new._parallel_config = getattr(current, "_parallel_config", None)
+    new._parallel_config = parallel_config or getattr(current, "_parallel_config", None)
     return new
 
 
@@ -156,7 +176,8 @@ class TransformerPatch:
                     current._parallel_config = slot.installed._parallel_config
                 slot.installed = current
             elif type(current) in _STOCK[self.family]:
-                new = _new_processor(self.family, current, self.method, self.run, slot.layer_index)
+                new = _new_processor(self.family, current, self.method, self.run, slot.layer_index,
+                                     _context_parallel(self.transformer))
                 _set_processor(slot.module, new)
                 slot.original, slot.installed = current, new
                 logger.info("gen: %s now runs %s over the new %s", _name(self.transformer, slot.module),
@@ -186,10 +207,15 @@ class TransformerPatch:
 
         if self.run.sync == self.sync:
             self.run.sync = None
+        attempt(unwrap_enable_parallelism, t)
+        parallel = _context_parallel(t)
         for slot in reversed(self._slots):
             current = getattr(slot.module, "processor", None)
             if current is slot.installed or self._owns(current):
                 attempt(_set_processor, slot.module, slot.original)  # the exact original object
+                if parallel is not None and hasattr(slot.original, "_parallel_config"):
+                    # parallelism enabled while sparsified: what diffusers would have set on it
+                    slot.original._parallel_config = parallel
         if self._hooked:
             attempt(detach_run_state, t)
             if self._forward is not _MISSING and "forward" not in t.__dict__:
@@ -226,11 +252,13 @@ def install(transformer: torch.nn.Module, method: SparseMethod) -> TransformerPa
         raise ValueError("this transformer is already sparsified; call gen.restore(...) before sparsifying again.")
     if has_geometry_hook(transformer):
         raise ValueError("this transformer already has gen's geometry hook; call gen.restore(...) first.")
+    parallel = _context_parallel(transformer)
+    check_parallel_config(parallel)  # ring attention: refused, before anything changes
     # build everything first: nothing on the model changes until all of it exists
     run = RunState(family)
     swaps = []
     for index, (_, module) in enumerate(attention_modules(transformer, family)):
-        swaps.append((module, _new_processor(family, module.processor, method, run, index), index))
+        swaps.append((module, _new_processor(family, module.processor, method, run, index, parallel), index))
     patch = TransformerPatch(transformer, family, method, run, [],
                              had_registry="_diffusers_hook" in transformer.__dict__)
     patch._hooked = False
@@ -241,6 +269,7 @@ def install(transformer: torch.nn.Module, method: SparseMethod) -> TransformerPa
             patch._slots.append(_Slot(module, module.processor, new, index))
             _set_processor(module, new)
         setattr(transformer, _PATCH_ATTR, patch)
+        wrap_enable_parallelism(transformer)
         run.sync = patch.sync
     except BaseException as exc:
         # there was no geometry hook before (checked above): one there now is this install's

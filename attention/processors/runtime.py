@@ -23,6 +23,11 @@ that call run stock dense attention, with one warning per run. The ids are read 
 host once per new ``img_ids`` tensor (cached by tensor identity and version: a
 pipeline's ids cost one read per pipeline call, none per step or layer).
 
+Under diffusers' context parallelism (Ulysses) the layout is the whole call's, never a
+rank's shard: the hook runs before diffusers' split hook on the transformer (and refuses
+to run after it), and the processors run the method on the whole sequence of their
+heads (``parallel.py``).
+
 Under ``torch.compile`` the hook runs inside the graph: it reads only shapes there (no
 ``.item()``, no host copy of the ids), so step inference falls back to (1) and (2),
 which run outside, and a FLUX call uses what an eager call with ids of the same shape
@@ -196,6 +201,10 @@ class RunState:
         self.layout: TokenLayout | None = None
         self.order: tuple[torch.Tensor, torch.Tensor] | None = None
         self.fallback: str | None = None
+        #: text tokens of the call's joint sequence as the model holds them (FLUX: without
+        #: reference-image tokens), whole-sequence count; context parallelism maps the
+        #: gathered order back with it
+        self.text_len = 0
         self.step_index: int | None = None
         self.num_steps: int | None = None
         self.branch: str | None = None
@@ -217,6 +226,7 @@ class RunState:
         self.layout = None
         self.order = None
         self.fallback = None
+        self.text_len = 0
         self.step_index = self.num_steps = self.branch = None
         self._counts.clear()
         self._explicit_step = False
@@ -324,8 +334,29 @@ def _version(t: torch.Tensor) -> int:
         return -1
 
 
-# positional index of ``timestep`` in each family's ``forward``
+# positional index of ``timestep`` and ``encoder_hidden_states`` in each family's ``forward``
 _TIMESTEP_ARG = {"wan": 1, "hunyuan": 1, "flux": 3}
+_TEXT_ARG = {"wan": 2, "hunyuan": 2, "flux": 1}
+_CP_SPLIT_PREFIX = "cp_input---"  # diffusers' context-parallel input hooks (hooks/context_parallel.py)
+
+
+def _check_outside_context_parallel_split(module: torch.nn.Module) -> None:
+    """Under context parallelism the layout must be read from the whole inputs: gen's hook
+    has to run before diffusers' split hook on the transformer itself (FLUX's plan splits
+    there). ``gen.sparsify`` after ``enable_parallelism`` registers it outside; gen's
+    ``enable_parallelism`` on a sparsified transformer moves it outside."""
+    registry = module.__dict__.get("_diffusers_hook")
+    if registry is None or getattr(module, "_parallel_config", None) is None:
+        return
+    order = registry._hook_order
+    if GEOMETRY_HOOK in order and any(name.startswith(_CP_SPLIT_PREFIX) and i > order.index(GEOMETRY_HOOK)
+                                      for i, name in enumerate(order)):
+        raise ValueError(
+            "gen's geometry hook runs after diffusers' context-parallel split, so it would read one rank's shard "
+            "of the inputs. Enable context parallelism with gen.parallel.enable_ulysses(transformer, N), or call "
+            "transformer.enable_parallelism(...) on the sparsified transformer (gen reorders its hook), or "
+            "gen.sparsify after enable_parallelism."
+        )
 
 
 def _arg(args, kwargs, name: str, index: int):
@@ -372,7 +403,11 @@ class _GeometryHook(ModelHook):
 
     def pre_forward(self, module, *args, **kwargs):
         run = self.run
+        if not torch.compiler.is_compiling():
+            _check_outside_context_parallel_split(module)
         run.layout, run.order, run.fallback = _geometry(run.family, module, args, kwargs, run)
+        text = None if run.family == "wan" else _arg(args, kwargs, "encoder_hidden_states", _TEXT_ARG[run.family])
+        run.text_len = 0 if text is None else int(text.shape[1])
         if not torch.compiler.is_compiling():
             if run.fallback is not None:
                 run.warn_once(f"{run.fallback}; these calls run the stock dense attention.")
