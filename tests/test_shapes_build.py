@@ -55,6 +55,18 @@ def test_trained_folder_loads_and_renders_through_the_registry(trained):
     assert not torch.equal(c.transformer.proj_out.weight, pipe.transformer.proj_out.weight)
 
 
+def test_diagnose_reads_a_saved_folder(trained):
+    from gen.pipelines.shapes.diagnose import diagnose, word_sensitivity
+
+    res = diagnose(trained[0], clips=2, levels=(0.5, 1.0), steps=2, batch=2, device="cpu", progress=False)
+    assert list(res.rows) == ["truth", "vae", "onestep@0.5", "onestep@1.0", "denoise@0.5", "denoise@1.0"]
+    assert all(res.rows["truth"][a] == 1.0 for a in ("color", "background", "shape", "motion"))
+    assert all(0.0 <= r["color_and_motion"] <= 1.0 for r in res.rows.values())
+    assert "| vae |" in res.markdown() and "| denoise@1.0 |" in res.motion_markdown()
+    sens = word_sensitivity(trained[0], levels=(1.0,), latents=1, device="cpu")
+    assert list(sens) == ["text", "t=1.0"] and all(v >= 0 for r in sens.values() for v in r.values())
+
+
 def _damaged(src, tmp_path, name):
     dst = tmp_path / name
     shutil.copytree(src, dst)

@@ -7,9 +7,11 @@ always gives the same pixels. Units are pixels and frames; ``y`` grows downwards
 
 Motions: ``left/right/up/down`` move at constant speed; ``still`` stays put; ``bouncing``
 hops vertically, ``|sin|``-shaped, on a floor. Short clips (``wrap=False``, the
-text-to-video data) keep the whole path inside the frame; long clips (``wrap=True``, the
-causal model's data) let a moving shape leave one edge and come back in at the opposite
-one, so "moving right" stays true for a video of any length.
+text-to-video data) keep the whole shape inside the frame on every frame, bounded by the
+shape's own extent (``shape_extent``: a triangle reaches 1.5 radii above its centre but
+0.75 below it); long clips (``wrap=True``, the causal model's data) let a moving shape
+leave one edge and come back in at the opposite one, so "moving right" stays true for a
+video of any length.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 
 from .grammar import BACKGROUNDS, COLORS, Caption
 
-__all__ = ["ClipMotion", "DIRECTIONS", "render_clip", "sample_clip", "sample_motion"]
+__all__ = ["ClipMotion", "DIRECTIONS", "render_clip", "sample_clip", "sample_motion", "shape_extent"]
 
 # Unit velocity of each directional motion, image axes (x right, y down).
 DIRECTIONS: dict[str, tuple[float, float]] = {
@@ -34,6 +36,27 @@ _MARGIN = 2.0  # pixels kept between a non-wrapping shape and the frame edge
 # of the loss.
 RADIUS = (16.0, 26.0)
 SPEED = (1.5, 3.0)  # pixels per frame
+
+
+_SQUARE_HALF = 0.9  # half side of the square, in radii (same area as the circle to within 3%)
+_TRIANGLE_HALF = 1.3  # half side of the triangle, in radii
+
+
+def shape_extent(shape: str, radius: float) -> tuple[float, float, float, float]:
+    """Distances ``(left, right, top, bottom)`` in pixels from the centre ``render_clip``
+    draws ``shape`` around to the edges of its bounding box (``y`` down; the one pixel of
+    anti-aliased edge not included).
+
+    A circle reaches ``radius`` every way and a square ``0.9 radius``; the triangle points
+    up and is centred on its centroid: half its side (``1.3 radius``) left and right, its
+    circumradius (``1.5 radius``) up to the apex and its inradius (``0.75 radius``) down.
+    """
+    if shape == "circle":
+        return (radius,) * 4
+    if shape == "square":
+        return (_SQUARE_HALF * radius,) * 4
+    s = _TRIANGLE_HALF * radius
+    return s, s, 2 * s / math.sqrt(3.0), s / math.sqrt(3.0)
 
 
 @dataclass(frozen=True)
@@ -76,32 +99,36 @@ def sample_motion(caption: Caption, rng: np.random.Generator, *, frames: int, si
     """Draw size, start, speed and bounce for ``caption`` (its motion must be set).
 
     Radii ``RADIUS``, speeds ``SPEED`` (px/frame), bounces 24-44 px high every 8-12 frames
-    (at 128 px; scaled with ``size``). With ``wrap=False`` the path of all ``frames`` stays inside the frame.
+    (at 128 px; scaled with ``size``). With ``wrap=False`` the whole shape (its
+    ``shape_extent``, plus ``_MARGIN`` pixels) stays inside the frame on all ``frames``.
     """
     motion = caption.motion or "still"
     k = size / 128.0
     r = float(rng.uniform(RADIUS[0], RADIUS[1])) * k
-    lo, hi = r + _MARGIN, size - r - _MARGIN
+    left, right, top, bottom = shape_extent(caption.shape, r)
+    xlo, xhi = left + _MARGIN, size - right - _MARGIN  # where the centre may go
+    ylo, yhi = top + _MARGIN, size - bottom - _MARGIN
     speed = float(rng.uniform(SPEED[0], SPEED[1])) * k
     if motion in DIRECTIONS and not wrap:
+        dx, dy = DIRECTIONS[motion]
+        (lo, hi), (clo, chi) = ((xlo, xhi), (ylo, yhi)) if dx else ((ylo, yhi), (xlo, xhi))
         travel = speed * (frames - 1)
         if travel > hi - lo:  # a long clip cannot stay inside: slow down to fit
             speed = (hi - lo) / max(frames - 1, 1)
             travel = speed * (frames - 1)
-        dx, dy = DIRECTIONS[motion]
-        along = float(rng.uniform(lo, hi - travel))
-        start = along if (dx > 0 or dy > 0) else size - along
-        across = float(rng.uniform(lo, hi))
+        along = float(rng.uniform(lo, max(lo, hi - travel)))  # max: rounding of a fitted travel
+        start = along if (dx > 0 or dy > 0) else lo + hi - along  # mirrored: ends inside too
+        across = float(rng.uniform(clo, chi))
         x, y = (start, across) if dx else (across, start)
         return ClipMotion(x, y, r, speed=speed)
     if motion == "bouncing":
         amp = float(rng.uniform(24.0, 44.0)) * k
-        amp = min(amp, hi - lo)
-        floor = float(rng.uniform(lo + amp, hi))
-        return ClipMotion(float(rng.uniform(lo, hi)), floor, r, amplitude=amp,
+        amp = min(amp, yhi - ylo)
+        floor = float(rng.uniform(ylo + amp, yhi))
+        return ClipMotion(float(rng.uniform(xlo, xhi)), floor, r, amplitude=amp,
                           period=float(rng.uniform(8.0, 12.0)), phase=float(rng.uniform(0.0, 1.0)))
-    x = float(rng.uniform(0, size) if wrap else rng.uniform(lo, hi))
-    y = float(rng.uniform(0, size) if wrap else rng.uniform(lo, hi))
+    x = float(rng.uniform(0, size) if wrap else rng.uniform(xlo, xhi))
+    y = float(rng.uniform(0, size) if wrap else rng.uniform(ylo, yhi))
     return ClipMotion(x, y, r, speed=speed if motion in DIRECTIONS else 0.0)
 
 
@@ -110,11 +137,11 @@ def _sdf(shape: str, px: np.ndarray, py: np.ndarray, r: float) -> np.ndarray:
     if shape == "circle":
         return np.hypot(px, py) - r
     if shape == "square":
-        a = 0.9 * r  # same area as the circle to within 3%
+        a = _SQUARE_HALF * r
         qx, qy = np.abs(px) - a, np.abs(py) - a
         return np.hypot(np.maximum(qx, 0), np.maximum(qy, 0)) + np.minimum(np.maximum(qx, qy), 0)
     # equilateral triangle pointing up, half-side s, centred on its centroid
-    s = 1.3 * r
+    s = _TRIANGLE_HALF * r
     k = math.sqrt(3.0)
     x, y = np.abs(px) - s, -py + s / k
     flip = x + k * y > 0

@@ -116,6 +116,12 @@ class DitTrain:
             sigma 0.5, where a small shape is invisible, and after 1000 image steps the
             shape had its caption's colour 1 time in 3 (11 in 12 with 1, lr 2e-3 and the
             larger shapes of ``clips.RADIUS``).
+        clip_shift: the shift of the clip phase's noise levels (None: ``shift``). The
+            motion of a clip is decided at high noise (``diagnose.py``, the README's table:
+            teacher-forced, the shipped transformer keeps 88% of the motions from sigma
+            0.6, 75% from 0.8, 21%, chance, from 1.0), where shift 1 puts a fifth of the
+            training samples above 0.8 (shift 3: 43%) and the sampler (shift 3) takes 11
+            of its 25 steps.
         drop_caption: fraction of captions replaced by ``""`` (what the pipeline's
             default negative prompt encodes), for classifier-free guidance.
         drop_motion: fraction of captions written without the motion clause.
@@ -134,6 +140,7 @@ class DitTrain:
     weight_decay: float = 0.01
     ema: float = 0.998
     shift: float = 1.0
+    clip_shift: float | None = None
     drop_caption: float = 0.1
     drop_motion: float = 0.1
     drop_background: float = 0.1

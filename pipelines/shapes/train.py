@@ -361,7 +361,8 @@ def train_t2v(transformer, text_encoder, tokenizer, data: LatentSet, cfg: TrainC
                     prompts = caption_texts(caps, rng, drop_caption=d.drop_caption, drop_motion=d.drop_motion,
                                             drop_background=d.drop_background)
                     noise = torch.randn(x0.shape, generator=gen)
-                    sigma = shifted_sigmas(torch.rand(x0.shape[0], generator=gen), d.shift)
+                    shift = d.shift if phase == "frames" or d.clip_shift is None else d.clip_shift
+                    sigma = shifted_sigmas(torch.rand(x0.shape[0], generator=gen), shift)
                     s = sigma.view(-1, 1, 1, 1, 1)
                     xt = ((1 - s) * x0 + s * noise).to(device)
                     text, lengths = encode_text(tokenizer, text_encoder, prompts, text_len=d.text_len, short=True)
