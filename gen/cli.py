@@ -178,6 +178,8 @@ def render(
     device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)"),
     dtype: str = typer.Option(None, help="bf16 | fp16 | fp32 (default: the model's)"),
     model_path: Path = typer.Option(None, help="local folder with the model's diffusers-format weights"),
+    ulysses: int = typer.Option(1, "--ulysses", min=1, help="N processes share each attention call (diffusers' "
+                                "Ulysses context parallelism); launch with torchrun --nproc_per_node N"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logs"),
 ) -> None:
     """Render PROMPT to a video (mp4) or image (png) with a sparse attention method."""
@@ -194,11 +196,20 @@ def render(
     try:
         prompt = _read_prompt(prompt)
         overrides = parse_overrides(attention, set_ or [])
-        result = do_render(
-            prompt, model=model, attention=attention, overrides=overrides, steps=steps, frames=frames,
-            height=height, width=width, seed=seed, guidance=guidance, negative_prompt=negative_prompt,
-            image=image, out=out, device=device, dtype=dtype, model_path=model_path,
-        )
+        if ulysses > 1:
+            result = _render_ulysses(
+                ulysses, prompt, model=model, attention=attention, overrides=overrides, steps=steps, frames=frames,
+                height=height, width=width, seed=seed, guidance=guidance, negative_prompt=negative_prompt,
+                image=image, out=out, device=device, dtype=dtype, model_path=model_path,
+            )
+            if result is None:  # not rank 0: rank 0 wrote the file and reports
+                return
+        else:
+            result = do_render(
+                prompt, model=model, attention=attention, overrides=overrides, steps=steps, frames=frames,
+                height=height, width=width, seed=seed, guidance=guidance, negative_prompt=negative_prompt,
+                image=image, out=out, device=device, dtype=dtype, model_path=model_path,
+            )
     except ValueError as err:
         console.print(f"[red]error:[/red] {escape(str(err))}")
         raise typer.Exit(2) from None
@@ -215,6 +226,38 @@ def render(
         if t["dense_layers"]:
             table.add_row("ran dense", f"layers {t['dense_layers']} (schedule)")
     console.print(table)
+
+
+def _render_ulysses(degree: int, prompt: str, *, out, device, dtype, model_path, image, **job):
+    """``gen render --ulysses N`` under ``torchrun --nproc_per_node N``: every rank joins the
+    process group (gloo on the CPU, nccl on cuda:LOCAL_RANK), loads the model with Ulysses
+    over the N ranks and renders the same job with the same seed; rank 0 writes the file
+    and gets the result, the others None."""
+    import torch.distributed as dist
+
+    from gen.parallel import init_distributed
+    from gen.render import RenderResult, default_output_path, warn_outside_vocabulary, write_output
+    from gen.session import RenderJob, Session
+    from gen.values import check_output_path
+
+    rank, _, dev = init_distributed(device)
+    try:
+        job = RenderJob(prompt, image=None if image is None else str(image), **job).resolved()
+        spec = job.spec
+        if rank == 0:
+            warn_outside_vocabulary(spec, prompt)
+        path = Path(out) if out else default_output_path(spec, prompt, job.attention, job.seed)
+        check_output_path(path, video=spec.is_video)
+        result = Session(device=str(dev), dtype=dtype, model_path=model_path, ulysses=degree).run(job)
+        if rank == 0:
+            write_output(result.frames, path, spec.fps)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    if rank != 0:
+        return None
+    return RenderResult(path, result.seconds, result.load_seconds, result.frames.shape[0], job.seed,
+                        result.attention)
 
 
 @app.command("batch")
@@ -832,6 +875,13 @@ def demo(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logs"),
 ) -> None:
     """Start the Gradio demo: generate, compare dense vs sparse attention, look at block masks."""
+    from gen.values import check_port
+
+    try:
+        check_port(port)
+    except ValueError as err:
+        console.print(f"[red]error:[/red] {escape(str(err))}")
+        raise typer.Exit(2) from None
     outputs = _demo_outputs(outputs)
     from gen.demos.app import serve
 
@@ -961,15 +1011,22 @@ def long(
     height: int = typer.Option(None, help="height in pixels (default: the model's)"),
     width: int = typer.Option(None, help="width in pixels (default: the model's)"),
     device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)"),
-    out: Path = typer.Option(Path("long.mp4"), "--out", "-o", help="output .mp4 (appended as chunks finish)"),
+    out: Path = typer.Option(None, "--out", "-o", help="output .mp4 (written as chunks finish, in place when "
+                             "complete); default: a unique name in outputs/"),
     flex: bool = typer.Option(False, "--flex", help="FLEX: modulated temporal RoPE, antiphase noise, inference-only sink"),
     checkpoint: list[Path] = typer.Option(None, "--checkpoint", help="causal checkpoint (Self-Forcing, CausVid, "
                                           "LongLive, Rolling Forcing) loaded into the transformer; repeat for a LoRA"),
     model_path: Path = typer.Option(None, help="local folder with the model's diffusers-format weights"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logs"),
 ) -> None:
-    """Long video, chunk by chunk with a KV cache, streamed to an mp4 (see gen.long)."""
+    """Long video, chunk by chunk with a KV cache, streamed to an mp4 (see gen.long).
+
+    Nothing reaches the output before the video is complete: Ctrl-C, SIGTERM (exit 143) or an
+    error leave no file and no ffmpeg process behind; an existing --out is replaced only
+    then, with a warning first."""
     from gen.long import long_video, parse_switch
 
+    _setup_logging(verbose)
     try:
         switches = [parse_switch(s) for s in switch or []]
         result = long_video(prompt, out, model=model, schedule=schedule, seconds=seconds, switches=switches,

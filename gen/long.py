@@ -26,6 +26,7 @@ public causal checkpoint (Self-Forcing, CausVid, LongLive, Rolling Forcing), con
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -35,7 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["SCHEDULES", "LongResult", "long_video", "long_video_frames", "parse_switch"]
+from gen.values import MAX_SECONDS, check_seconds
+
+__all__ = ["SCHEDULES", "LongResult", "default_long_path", "long_video", "long_video_frames", "parse_switch"]
 
 SCHEDULES = ("chunk", "sink", "rolling")
 
@@ -96,6 +99,7 @@ def long_video_frames(
     flex: bool = False,
     checkpoint: str | Path | Sequence[str | Path] | None = None,
     model_path: str | Path | None = None,
+    max_seconds: float = MAX_SECONDS,
 ) -> Iterator[np.ndarray]:
     """Generate and decode chunk by chunk; yield ``(F, H, W, 3)`` uint8 frame batches.
 
@@ -103,7 +107,8 @@ def long_video_frames(
         prompt: the first prompt.
         model: registry name (a Wan text-to-video model).
         schedule: ``"chunk"``, ``"sink"`` or ``"rolling"``.
-        seconds: video length at the model's fps (rounded up to whole chunks).
+        seconds: video length at the model's fps (rounded up to whole chunks); at most
+            ``max_seconds`` (default one hour: a longer request is refused before any work).
         switches: ``(seconds, prompt)`` prompt changes, each strictly inside the video.
         seed: noise seed.
         height, width: pixels (default: the model's).
@@ -132,8 +137,7 @@ def long_video_frames(
         raise ValueError(f"long video needs a Wan text-to-video model, got {spec.name!r}.")
     if schedule not in SCHEDULES:
         _schedule(schedule, None, None)  # raises the message
-    if not seconds > 0:
-        raise ValueError(f"seconds must be positive, got {seconds}.")
+    check_seconds(seconds, limit=max_seconds)
     for t, _ in switches:
         if not 0 < t < seconds:
             raise ValueError(f"switch time {t}s is outside the video (0, {seconds}s); pick a time inside it.")
@@ -142,11 +146,13 @@ def long_video_frames(
     height, width = height or spec.height, width or spec.width
     registry.check_geometry(spec, height, width, 1)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipe = registry.load(spec.name, model_path=model_path).to(dev)
-    if checkpoint is not None:
-        from gen.pipelines.ar.checkpoints import load_causal_checkpoint
+    paths = [] if checkpoint is None else [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+    if paths:
+        from gen.pipelines.ar.checkpoints import check_checkpoint_files, load_causal_checkpoint
 
-        paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+        check_checkpoint_files(*paths)  # before the model loads
+    pipe = registry.load(spec.name, model_path=model_path).to(dev)
+    if paths:
         load_causal_checkpoint(pipe.transformer, *paths)
     fcfg = flex_config(spec.name) if flex else None
     sched = _schedule(schedule, pipe.transformer, backend, fcfg, spec.name)
@@ -180,12 +186,54 @@ def long_video_frames(
         decoder.close()
 
 
-def long_video(prompt: str, out: str | Path, *, progress: bool = True, **kwargs) -> LongResult:
+def default_long_path(prompt: str, *, model: str = "shapes-wan-causal", schedule: str = "sink", seed: int = 0,
+                      folder: str | Path = "outputs") -> Path:
+    """``outputs/<model>-long-<schedule>-<prompt words>-s<seed>-<time>-<pid>.mp4``: a new name
+    for every call (``gen.render.default_output_path``), never one fixed file."""
+    from gen.pipelines import registry
+    from gen.render import default_output_path
+
+    return default_output_path(registry.get_spec(model), prompt, f"long-{schedule}", seed, folder)
+
+
+def long_video(prompt: str, out: str | Path | None = None, *, progress: bool = True, **kwargs) -> LongResult:
     """Generate a long video into ``out`` (.mp4), appending frames as chunks finish.
 
     Takes the arguments of ``long_video_frames``; ``progress`` shows a bar with frames and FPS.
-    The file appears atomically when the video is complete (nothing on error).
+    ``out`` None picks a new name under ``outputs/`` (``default_long_path``); an existing
+    ``out`` is replaced (with a warning) once the new video is complete.
+
+    The file appears atomically when the video is complete: until then frames go to a hidden
+    partial file next to it, removed (and ffmpeg stopped) on an error, Ctrl-C, SIGTERM or
+    SIGHUP (``gen._io.exit_on_sigterm``: the command exits with 143 after a SIGTERM).
+    Partial files of runs killed outright (SIGKILL) are removed when the next run starts
+    writing in that folder; this one sweeps them before it loads the model.
+
+    Raises:
+        ValueError: ``out`` not an ``.mp4`` or not writable, and what ``long_video_frames`` raises.
     """
+    from gen._io import exit_on_sigterm, note_replacing, sweep_stale_partials
+    from gen.values import check_writable_folder
+
+    if out is None:
+        defaults = inspect.signature(long_video_frames).parameters
+        path = default_long_path(prompt, **{k: kwargs.get(k, defaults[k].default) for k in ("model", "schedule", "seed")})
+    else:
+        path = Path(out).expanduser()
+        if path.suffix.lower() != ".mp4":
+            raise ValueError(f"streaming output must be an .mp4 file, got {path.name!r}.")
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder; give a file name ending in .mp4.")
+    check_writable_folder(path.parent)
+    if out is not None:
+        note_replacing(path)
+    with exit_on_sigterm():  # SIGTERM unwinds like Ctrl-C: no partial file, no ffmpeg left
+        if path.parent.is_dir():
+            sweep_stale_partials(path.parent)  # partial files of earlier runs that were killed
+        return _long_video(prompt, path, progress, kwargs)
+
+
+def _long_video(prompt: str, path: Path, progress: bool, kwargs: dict) -> LongResult:
     from tqdm.auto import tqdm
 
     from gen.pipelines.ar.stream import Mp4Stream
@@ -193,14 +241,17 @@ def long_video(prompt: str, out: str | Path, *, progress: bool = True, **kwargs)
     stats: dict = {}
     frames = long_video_frames(prompt, stats=stats, **kwargs)
     start = time.perf_counter()
-    first = next(frames)  # loads the model and fixes the fps before the file is opened
-    total = (stats["latent_frames"] - 1) * 4 + 1
-    with Mp4Stream(out, stats["fps"]) as stream, tqdm(total=total, unit="frame", disable=not progress) as bar:
-        stream.append(first)
-        bar.update(len(first))
-        for batch in frames:
-            stream.append(batch)
-            bar.update(len(batch))
-            bar.set_postfix(fps=f"{stream.frames / (time.perf_counter() - start):.1f}")
-        n = stream.frames
-    return LongResult(Path(out), n, stats["fps"], time.perf_counter() - start)
+    try:
+        first = next(frames)  # loads the model and fixes the fps before the file is opened
+        total = (stats["latent_frames"] - 1) * 4 + 1
+        with Mp4Stream(path, stats["fps"]) as stream, tqdm(total=total, unit="frame", disable=not progress) as bar:
+            stream.append(first)
+            bar.update(len(first))
+            for batch in frames:
+                stream.append(batch)
+                bar.update(len(batch))
+                bar.set_postfix(fps=f"{stream.frames / (time.perf_counter() - start):.1f}")
+            n = stream.frames
+    finally:
+        frames.close()  # the decoder's cache is freed now, not when the generator is collected
+    return LongResult(path, n, stats["fps"], time.perf_counter() - start)

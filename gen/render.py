@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,40 +46,53 @@ class RenderResult:
     attention: dict = field(default_factory=dict)
 
 
+_issued: set[Path] = set()
+_issued_lock = threading.Lock()
+
+
 def default_output_path(spec, prompt: str, method: str, seed: int, folder: str | os.PathLike = "outputs") -> Path:
-    """``outputs/<model>-<method>-<prompt words>-s<seed>-<time>.<ext>``: unique, never one fixed name."""
+    """``outputs/<model>-<method>-<prompt words>-s<seed>-<time>-<pid>.<ext>``: unique, never one
+    fixed name (``-2``, ``-3``, ... are added if this process already chose the name in the
+    same second or a file has it)."""
     words = "-".join(re.findall(r"[a-z0-9]+", prompt.lower())[:6]) or "clip"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     ext = "png" if spec.task == "t2i" else "mp4"
-    return Path(folder) / f"{spec.name}-{method}-{words}-s{seed}-{stamp}-{os.getpid()}.{ext}"
+    base = f"{spec.name}-{method}-{words}-s{seed}-{stamp}-{os.getpid()}"
+    with _issued_lock:
+        path, n = Path(folder) / f"{base}.{ext}", 1
+        while path in _issued or path.exists():
+            n += 1
+            path = Path(folder) / f"{base}-{n}.{ext}"
+        _issued.add(path)
+    return path
 
 
 def write_output(frames: np.ndarray, path: str | os.PathLike, fps: int) -> Path:
     """Write ``(F, H, W, 3)`` uint8 frames as an mp4 (``.mp4``) or one image (``.png``/``.jpg``),
-    atomically: a temporary file in the same folder renamed into place."""
+    atomically: a hidden partial file in the same folder (the writer's pid in its name) renamed
+    into place. On any error, Ctrl-C or SIGTERM/SIGHUP it is removed and nothing reaches
+    ``path`` (``gen._io``: a SIGTERM here exits with 143); partial files of runs killed
+    outright are removed by the next write in that folder. mp4s are encoded by
+    ``gen._io.Mp4Writer``, whose ffmpeg process does not outlive this one."""
     import imageio.v3 as iio
 
-    from gen._io import atomic_path
+    from gen._io import Mp4Writer, atomic_path, exit_on_sigterm
 
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".png", ".jpg", ".jpeg", ".webp", ".mp4", ".gif"):
         raise ValueError(f"unsupported output extension {suffix!r}; use .mp4, .gif or .png.")
-    with atomic_path(path) as tmp:
+    if suffix not in (".mp4", ".gif") and frames.shape[0] != 1:
+        raise ValueError(f"{path.name}: an image file holds one frame, got {frames.shape[0]}; use .mp4.")
+    with exit_on_sigterm(), atomic_path(path) as tmp:
         if suffix == ".mp4":
-            import imageio.v2 as iio2
-
-            # H.264 in yuv420p needs even sizes; tiny models can produce odd ones
-            h, w = frames.shape[1] - frames.shape[1] % 2, frames.shape[2] - frames.shape[2] % 2
-            with iio2.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
-                                 pixelformat="yuv420p", macro_block_size=2, quality=8) as writer:
+            # H.264 in yuv420p needs even sizes; tiny models can produce odd ones (Mp4Writer crops)
+            with Mp4Writer(tmp, fps) as writer:
                 for frame in frames:
-                    writer.append_data(frame[:h, :w])
+                    writer.append(frame)
         elif suffix == ".gif":
             iio.imwrite(tmp, frames, extension=".gif", duration=1000 / fps, loop=0)
         else:
-            if frames.shape[0] != 1:
-                raise ValueError(f"{path.name}: an image file holds one frame, got {frames.shape[0]}; use .mp4.")
             iio.imwrite(tmp, frames[0])
     return path
 

@@ -9,14 +9,14 @@ So decoding chunk by chunk gives the same pixels as one decode of the whole vide
 memory holds one chunk (plus the cache's last conv frames), not the video. Tiled VAE
 decoding is not used here. The first latent frame gives 1 video frame, each later one 4.
 
-``Mp4Stream`` keeps an imageio/ffmpeg writer open on a temporary file next to the target
-and renames it into place on ``close()``; on error the temporary file is removed.
+``Mp4Stream`` keeps an ffmpeg writer (``gen._io.Mp4Writer``) open on a hidden partial file
+next to the target and renames it into place on ``close()``; on error or interruption the
+partial file is removed and ffmpeg stopped.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -76,40 +76,58 @@ def to_uint8(video: torch.Tensor) -> np.ndarray:
 class Mp4Stream:
     """An mp4 written frame batch by frame batch, published atomically on ``close()``.
 
-    Use as a context manager; ``append(frames)`` takes ``(F, H, W, 3)`` uint8.
+    Use as a context manager; ``append(frames)`` takes ``(F, H, W, 3)`` uint8 (odd sizes are
+    cropped to even ones, as H.264 in yuv420p needs). The first ``append`` creates a hidden
+    partial file next to the target (``tmp``; ``gen._io.PartialFile``: the owner's pid in its
+    name, swept by later runs if this one is killed) and starts ``gen._io.Mp4Writer`` on it,
+    whose ffmpeg process dies with this one; nothing is on disk before. ``close(ok=False)``
+    (any exception in the ``with`` block) stops ffmpeg and removes the partial file.
     """
 
     def __init__(self, path: str | os.PathLike, fps: int):
-        import imageio.v2 as iio2
-
         self.path = Path(path)
         if self.path.suffix.lower() != ".mp4":
             raise ValueError(f"streaming output must be an .mp4 file, got {self.path.name!r}.")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.stem}.", suffix=".mp4")
-        os.close(fd)
-        self.tmp = Path(tmp)
+        self.fps = fps
         self.frames = 0
-        self._writer = iio2.get_writer(self.tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
-                                       pixelformat="yuv420p", macro_block_size=2, quality=8)
+        self.tmp: Path | None = None
+        self._part = None
+        self._writer = None
+
+    def _open(self) -> None:
+        from gen._io import Mp4Writer, PartialFile, _critical
+
+        with _critical:  # the partial file is ours before any signal can interrupt
+            self._part = PartialFile(self.path)
+            self.tmp = self._part.tmp
+            self._writer = Mp4Writer(self.tmp, self.fps)
 
     def append(self, frames: np.ndarray) -> None:
-        # H.264 in yuv420p needs even sizes
-        h, w = frames.shape[1] - frames.shape[1] % 2, frames.shape[2] - frames.shape[2] % 2
+        if self._part is None:
+            self._open()
         for frame in frames:
-            self._writer.append_data(frame[:h, :w])
+            self._writer.append(frame)
             self.frames += 1
 
     def close(self, ok: bool = True) -> Path:
-        self._writer.close()
-        if not ok:
-            self.tmp.unlink(missing_ok=True)
+        part, writer = self._part, self._writer
+        if not ok or part is None:
+            try:
+                if writer is not None:
+                    writer.abort()
+            finally:
+                if part is not None:
+                    part.discard()
+            if ok:
+                raise ValueError(f"{self.path.name}: no frames were written.")
             return self.path
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o666 & ~umask)
-        os.replace(self.tmp, self.path)
-        return self.path
+        try:
+            writer.close()
+            return part.publish()
+        except BaseException:
+            writer.abort()
+            part.discard()
+            raise
 
     def __enter__(self) -> Mp4Stream:
         return self
