@@ -9,6 +9,8 @@ another axis, or a stretch of a space-filling curve. Each order here is a
   a tile); ragged edges padded so every tile is full, or left short (``pad=False``).
 * :func:`axis_order` – any order of the axes (e.g. ``"hwt"``: time varies fastest).
 * :func:`hilbert_order` – 2-D/3-D Hilbert curve order.
+* :func:`gilbert_order` – generalized Hilbert ("Gilbert") curve for any grid size: nearly
+  every step moves to a face neighbour (a few short jumps where sizes are odd).
 
 All work on the video grid; :meth:`TokenPermutation.with_text` extends one to a whole
 sequence whose text tokens stay in place.
@@ -16,6 +18,7 @@ sequence whose text tokens stay in place.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -23,7 +26,7 @@ import torch
 
 from .layout import TokenLayout
 
-__all__ = ["TokenPermutation", "tile_order", "axis_order", "hilbert_order"]
+__all__ = ["TokenPermutation", "tile_order", "axis_order", "hilbert_order", "gilbert_order"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -275,3 +278,118 @@ def hilbert_order(grid) -> TokenPermutation:
     coords = torch.stack([a.flatten() for a in axes], dim=1)
     index = torch.argsort(_hilbert_index(coords, bits), stable=True)
     return TokenPermutation(index.contiguous(), math.prod(grid))
+
+
+def _gilbert_cells(width: int, height: int, depth: int) -> list[tuple[int, int, int]]:
+    """The cells ``(x, y, z)`` of a ``width x height x depth`` cuboid in generalized
+    Hilbert ("Gilbert") curve order (J. Červený's recursive construction for arbitrary
+    sizes): the cuboid, given by an origin and three axis vectors (the first the longest),
+    is halved along its long axes (halves made even where possible so sub-curves end next
+    to where the next one starts) and the parts are walked in an order that joins them.
+    Without recursion through generators: cells are appended to one list."""
+    cells: list[tuple[int, int, int]] = []
+
+    def size(v):
+        return abs(v[0] + v[1] + v[2])
+
+    def unit(v):
+        return tuple((c > 0) - (c < 0) for c in v)
+
+    def add(*vs):
+        return (sum(v[0] for v in vs), sum(v[1] for v in vs), sum(v[2] for v in vs))
+
+    def neg(v):
+        return (-v[0], -v[1], -v[2])
+
+    def line(o, step, n):
+        x, y, z = o
+        for _ in range(n):
+            cells.append((x, y, z))
+            x, y, z = x + step[0], y + step[1], z + step[2]
+
+    def walk(o, a, b, c):
+        la, lb, lc = size(a), size(b), size(c)
+        ua, ub, uc = unit(a), unit(b), unit(c)
+        if lb == 1 and lc == 1:
+            return line(o, ua, la)
+        if la == 1 and lc == 1:
+            return line(o, ub, lb)
+        if la == 1 and lb == 1:
+            return line(o, uc, lc)
+        # halves (floor division, also for negative directions), made even when odd
+        a2, b2, c2 = (tuple(x // 2 for x in v) for v in (a, b, c))
+        if size(a2) % 2 and la > 2:
+            a2 = add(a2, ua)
+        if size(b2) % 2 and lb > 2:
+            b2 = add(b2, ub)
+        if size(c2) % 2 and lc > 2:
+            c2 = add(c2, uc)
+        rest_a = add(a, neg(a2))  # a - a2
+        if 2 * la > 3 * lb and 2 * la > 3 * lc:  # long in a: two halves along a
+            walk(o, a2, b, c)
+            walk(add(o, a2), rest_a, b, c)
+        elif 3 * lb > 4 * lc:  # split a and b, keep c whole
+            walk(o, b2, c, a2)
+            walk(add(o, b2), a, add(b, neg(b2)), c)
+            walk(add(o, a, neg(ua), b2, neg(ub)), neg(b2), c, neg(rest_a))
+        elif 3 * lc > 4 * lb:  # split a and c, keep b whole
+            walk(o, c2, a2, b)
+            walk(add(o, c2), a, b, add(c, neg(c2)))
+            walk(add(o, a, neg(ua), c2, neg(uc)), neg(c2), neg(rest_a), b)
+        else:  # split all three
+            rest_b, rest_c = add(b, neg(b2)), add(c, neg(c2))
+            walk(o, b2, c2, a2)
+            walk(add(o, b2), c, a2, rest_b)
+            walk(add(o, b2, neg(ub), c, neg(uc)), a, neg(b2), neg(rest_c))
+            walk(add(o, a, neg(ua), b2, c, neg(uc)), neg(c), neg(rest_a), rest_b)
+            walk(add(o, a, neg(ua), b2, neg(ub)), neg(b2), c2, neg(rest_a))
+
+    x_axis, y_axis, z_axis = (width, 0, 0), (0, height, 0), (0, 0, depth)
+    if width >= height and width >= depth:
+        walk((0, 0, 0), x_axis, y_axis, z_axis)
+    elif height >= width and height >= depth:
+        walk((0, 0, 0), y_axis, x_axis, z_axis)
+    else:
+        walk((0, 0, 0), z_axis, x_axis, y_axis)
+    return cells
+
+
+@functools.lru_cache(maxsize=32)
+def _gilbert_index_cpu(grid: tuple[int, int, int]) -> torch.Tensor:
+    t, h, w = grid
+    cells = torch.tensor(_gilbert_cells(w, h, t), dtype=torch.long)  # (n, 3): x = w, y = h, z = t
+    return cells[:, 2] * (h * w) + cells[:, 1] * w + cells[:, 0]
+
+
+@torch.library.custom_op("gen::gilbert_index", mutates_args=())
+def _gilbert_index_op(t: int, h: int, w: int) -> torch.Tensor:
+    # a fresh tensor: a custom op may not hand out storage it keeps
+    return _gilbert_index_cpu((t, h, w)).clone()
+
+
+@_gilbert_index_op.register_fake
+def _(t: int, h: int, w: int) -> torch.Tensor:
+    return torch.empty(t * h * w, dtype=torch.long)
+
+
+def gilbert_order(grid) -> TokenPermutation:
+    """Generalized Hilbert ("Gilbert") curve order of a 2-D ``(h, w)`` or 3-D ``(t, h, w)``
+    grid of any size, the token order PSA's authors block over.
+
+    Unlike :func:`hilbert_order` (a power-of-two curve clipped to the grid), the curve is
+    built for the grid itself, so every run of tokens is a compact brick. Where halves
+    cannot be made even (odd sizes) a few steps are diagonal or skip one cell (in 2-D
+    one step, on some grids with an odd side); never more than 2 cells on an axis, and 99.5-99.8 % of the steps are to a face neighbour on the Wan and
+    HunyuanVideo grids (all of them on a 64 x 64 FLUX grid). The curve
+    runs over (x = w, y = h, z = t) starting at the longest axis. No padding: ``n_out ==
+    n_in``. The index is built once per grid in Python (Wan 14B 720p, 75,600 tokens:
+    well under a second) and kept; inside a compiled graph it comes out of a custom op
+    (``gen::gilbert_index``), so nothing is traced or cached there.
+    """
+    grid = _check_grid(grid)
+    full = (1, *grid) if len(grid) == 2 else grid
+    if torch.compiler.is_compiling():
+        index = _gilbert_index_op(*full)
+    else:
+        index = _gilbert_index_cpu(tuple(full)).clone()
+    return TokenPermutation(index, math.prod(grid))

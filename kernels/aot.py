@@ -178,7 +178,7 @@ def _bsa_cases(arch: int, full: bool) -> list[AotCase]:
             out.append(AotCase(m.__name__, "_block_sparse_fwd_kernel", name, arch, dt, runtime,
                                {**spec.meta, **c.kwargs}, c.num_warps, c.num_stages,
                                estimate_shared_memory(c, d, dtype.itemsize)))
-    return out
+    return out + _bsa_chunk_cases(arch, full)
 
 
 def _in_quick(main: bool, dtype: str, arch: int) -> bool:
@@ -302,12 +302,188 @@ def _select_cases(arch: int, full: bool) -> list[AotCase]:
     return out
 
 
+# (label, dtype, head_dim, heads, seq_len, plan_bm, plan_bn, tile_n, max_level, flags): PSA's
+# pyramid kernel on video self-attention. Wan 2.1 1.3B 480p psa_topk: 128x32 blocks, 1024
+# key blocks (the packed case: 8 level-8 visits a tile); Wan 2.1 14B 720p psa_balanced:
+# 128x128 blocks; the default 128x64; HunyuanVideo 720p with a 64-key tile.
+_PYR_MAIN = [("wan480 psa_topk", "bf16", 128, 12, 32760, 128, 32, 32, 8, ("lse",))]
+_PYR_EXTRA = [
+    ("wan14b720 psa_balanced", "bf16", 128, 40, 75600, 128, 128, 32, 8, ("lse",)),
+    ("wan480 default", "bf16", 128, 12, 32760, 128, 64, 32, 8, ("lse",)),
+    ("hunyuan720 video", "bf16", 128, 24, 119040, 128, 128, 64, 8, ("lse",)),
+    ("wan480 psa_topk", "fp16", 128, 12, 32760, 128, 32, 32, 8, ("lse",)),
+    ("wan480 psa_topk", "fp32", 128, 12, 32760, 128, 32, 32, 8, ("lse",)),
+    ("wan480 psa_topk", "bf16", 64, 12, 32760, 128, 32, 32, 8, ("lse",)),
+    ("wan480 psa_topk video only", "bf16", 128, 12, 32760, 128, 32, 32, 8, ()),
+    ("wan480 padded keys", "bf16", 128, 12, 32760, 128, 64, 32, 8, ("lse", "valid")),
+]
+
+
+def _pyramid_cases(arch: int, full: bool) -> list[AotCase]:
+    import triton
+
+    from ._common import SMEM_LIMIT, estimate_shared_memory
+
+    m = _module("pyramid_attention")
+    arg_names, const_names = _params(m._pyramid_fwd_kernel)
+    out = []
+    for i, (label, dt, d, h, s, pbm, pbn, tile, top, flags) in enumerate(_PYR_MAIN + _PYR_EXTRA):
+        main = i < len(_PYR_MAIN)
+        if not full and not _in_quick(main, dt, arch):
+            continue
+        dtype = _DTYPES[dt]
+        q, k, v = (_bshd(1, s, h, d, dtype) for _ in range(3))
+        n_levels = m.level_count(top)
+        pooled = sum(-(-s // (1 << e)) for e in range(1, n_levels))
+        kp = torch.empty(1, h, pooled, d, dtype=dtype, device="meta")
+        nqb, nkb = math.ceil(s / pbm), math.ceil(s / pbn)
+        idx = torch.empty(1, h, nqb, nkb, dtype=torch.int32, device="meta")
+        seg = torch.empty(1, h, nqb, n_levels, dtype=torch.int32, device="meta")
+        kv_valid = torch.empty(1, dtype=torch.int32, device="meta") if "valid" in flags else None
+        spec = m.launch_spec(q, k, v, kp, kp, idx, seg, kv_valid, pbm, pbn, n_levels, tile, 1 / math.sqrt(d),
+                             "lse" in flags)
+        runtime = _runtime_values(spec.args, arg_names, const_names)
+        # the configs the autotuner may keep, sized with the (fixed) pooled-key tile
+        kept = [triton.Config({"BLOCK_M": c.kwargs["BLOCK_M"], "BLOCK_N": tile}, num_warps=c.num_warps,
+                              num_stages=c.num_stages)
+                for c in m.HOPPER_CONFIGS if m.keep_config(c, pbm, tile, d, dtype.itemsize, SMEM_LIMIT[arch])]
+        if not full:
+            kept = _quick_pick(kept, main=main)
+        name = f"{label} {dt} D{d} plan{pbm}x{pbn} tile{tile} L<={top} " + "+".join(flags)
+        meta = {key: val for key, val in spec.meta.items() if key != "BLOCK_N"}
+        for sized in kept:
+            out.append(AotCase(m.__name__, "_pyramid_fwd_kernel", name.rstrip(), arch, dt, runtime,
+                               {**meta, **sized.kwargs}, sized.num_warps, sized.num_stages,
+                               estimate_shared_memory(sized, d, dtype.itemsize)))
+    return out
+
+
+# (label, dtype, head_dim, heads, seq_len, plan_bm, chunk tile, flags): the chunk variant of
+# the block-sparse kernel (VMoBA) at Wan 2.1 1.3B 480p (21x30x52): 3-D chunks 4x4x13 (192
+# chunks, ragged), 1-D chunks of 2 frames (11), 2-D 4x13 patches (32); HunyuanVideo 720p
+# (33x45x80) 6x9x20 cubes (120).
+_BSA_CHUNK_MAIN = [("wan480 vmoba 3d", "bf16", 128, 12, (21, 30, 52), 64, (4, 4, 13), ("lse",))]
+_BSA_CHUNK_EXTRA = [
+    ("wan480 vmoba 1d", "bf16", 128, 12, (21, 30, 52), 64, (2, 30, 52), ("lse",)),
+    ("wan480 vmoba 2d video only", "bf16", 128, 12, (21, 30, 52), 64, (21, 4, 13), ()),
+    ("hunyuan720 vmoba 3d", "bf16", 128, 24, (33, 45, 80), 128, (6, 9, 20), ("lse",)),
+    ("wan480 vmoba 3d", "fp16", 128, 12, (21, 30, 52), 64, (4, 4, 13), ("lse",)),
+    ("wan480 vmoba 3d", "fp32", 128, 12, (21, 30, 52), 64, (4, 4, 13), ("lse",)),
+    ("wan480 vmoba 3d", "bf16", 64, 12, (21, 30, 52), 64, (4, 4, 13), ("lse",)),
+    ("wan480 vmoba 3d split", "bf16", 128, 12, (21, 30, 52), 64, (4, 4, 13), ("lse", "split")),
+]
+
+
+def _chunk_count(grid, tile) -> int:
+    return math.prod(-(-g // t) for g, t in zip(grid, tile))
+
+
+def _bsa_chunk_cases(arch: int, full: bool) -> list[AotCase]:
+    from ._common import SMEM_LIMIT, estimate_shared_memory
+
+    m = _module("block_sparse_attention")
+    arg_names, const_names = _params(m._block_sparse_fwd_kernel)
+    out = []
+    for i, (label, dt, d, h, grid, pbm, tile, flags) in enumerate(_BSA_CHUNK_MAIN + _BSA_CHUNK_EXTRA):
+        main = i < len(_BSA_CHUNK_MAIN)
+        if not full and not _in_quick(main, dt, arch):
+            continue
+        dtype = _DTYPES[dt]
+        s, nc = math.prod(grid), _chunk_count(grid, tile)
+        q, k, v = (_bshd(1, s, h, d, dtype) for _ in range(3))
+        nqb = math.ceil(s / pbm)
+        idx = torch.empty(1, h, nqb, nc, dtype=torch.int32, device="meta")
+        cnt = torch.empty(1, h, nqb, dtype=torch.int32, device="meta")
+        bounds = torch.empty(nc + 1, dtype=torch.int32, device="meta")
+        bits = torch.empty(1, h, -(-nc // 32), s, dtype=torch.int32, device="meta")
+        splits = 3 if "split" in flags else 1
+        spec = m.launch_spec(q, k, v, idx, cnt, None, None, pbm, m.CHUNK_PLAN_BN, 1 / math.sqrt(d), "lse" in flags,
+                             splits, False, chunk_bounds=bounds, row_bits=bits)
+        runtime = _runtime_values(spec.args, arg_names, const_names)
+        kept = [c for c in m.HOPPER_CONFIGS
+                if m.keep_config(c, pbm, m.CHUNK_PLAN_BN, d, dtype.itemsize, SMEM_LIMIT[arch])]
+        if not full:
+            kept = _quick_pick(kept, main=main)
+        name = f"{label} {dt} D{d} {nc} chunks of <={math.prod(tile)}, plan rows {pbm} " + "+".join(flags)
+        for c in kept:
+            out.append(AotCase(m.__name__, "_block_sparse_fwd_kernel", name.rstrip(), arch, dt, runtime,
+                               {**spec.meta, **c.kwargs}, c.num_warps, c.num_stages,
+                               estimate_shared_memory(c, d, dtype.itemsize)))
+    return out
+
+
+# (label, dtype, heads, grid, head_dim, chunk tile): chunk key means (VMoBA), read in place
+# from diffusers' (B, S, H, D) layout.
+_CHUNK_MEAN_MAIN = [("wan480 3d chunks", "bf16", 12, (21, 30, 52), 128, (4, 4, 13))]
+_CHUNK_MEAN_EXTRA = [
+    ("wan480 1d chunks", "bf16", 12, (21, 30, 52), 128, (2, 30, 52)),
+    ("hunyuan720 3d chunks", "bf16", 24, (33, 45, 80), 128, (6, 9, 20)),
+    ("wan480 3d chunks", "fp16", 12, (21, 30, 52), 128, (4, 4, 13)),
+    ("wan480 3d chunks", "fp32", 12, (21, 30, 52), 128, (4, 4, 13)),
+    ("wan480 3d chunks", "bf16", 12, (21, 30, 52), 64, (4, 4, 13)),
+]
+
+
+def _chunk_mean_cases(arch: int, full: bool) -> list[AotCase]:
+    m = _module("chunk_gate")
+    arg_names, const_names = _params(m._chunk_mean_kernel)
+    out = []
+    for i, (label, dt, h, grid, d, tile) in enumerate(_CHUNK_MEAN_MAIN + _CHUNK_MEAN_EXTRA):
+        if not full and not _in_quick(i < len(_CHUNK_MEAN_MAIN), dt, arch):
+            continue
+        x = _bshd(1, math.prod(grid), h, d, _DTYPES[dt])
+        bounds = torch.empty(_chunk_count(grid, tile) + 1, dtype=torch.int32, device="meta")
+        spec = m.mean_launch_spec(x, bounds)
+        runtime = _runtime_values(spec.args, arg_names, const_names)
+        name = f"{label} {'x'.join(map(str, tile))} {dt} D{d}"
+        out.append(AotCase(m.__name__, "_chunk_mean_kernel", name, arch, dt, runtime, spec.meta, spec.num_warps, 1,
+                           m.mean_shared_memory(d, spec.num_warps), tensor_cores=False))
+    return out
+
+
+# (label, dtype, heads, grid, head_dim, chunk tile, topk): the per-token gate and selection
+# (VMoBA), queries read in place; the most chunks the kernel takes (MAX_CHUNKS).
+_CHUNK_GATE_MAIN = [("wan480 3d chunks", "bf16", 12, (21, 30, 52), 128, (4, 4, 13), False)]
+_CHUNK_GATE_EXTRA = [
+    ("wan480 3d chunks topk", "bf16", 12, (21, 30, 52), 128, (4, 4, 13), True),
+    ("wan480 1d chunks", "bf16", 12, (21, 30, 52), 128, (2, 30, 52), False),
+    ("wan480 2d chunks", "bf16", 12, (21, 30, 52), 128, (21, 4, 13), False),
+    ("most chunks", "bf16", 12, (32, 32, 32), 128, (2, 4, 4), False),
+    ("wan480 3d chunks", "fp16", 12, (21, 30, 52), 128, (4, 4, 13), False),
+    ("wan480 3d chunks", "fp32", 12, (21, 30, 52), 128, (4, 4, 13), False),
+    ("wan480 3d chunks", "bf16", 12, (21, 30, 52), 64, (4, 4, 13), False),
+]
+
+
+def _chunk_gate_cases(arch: int, full: bool) -> list[AotCase]:
+    m = _module("chunk_gate")
+    arg_names, const_names = _params(m._chunk_gate_kernel)
+    out = []
+    for i, (label, dt, h, grid, d, tile, topk) in enumerate(_CHUNK_GATE_MAIN + _CHUNK_GATE_EXTRA):
+        if not full and not _in_quick(i < len(_CHUNK_GATE_MAIN), dt, arch):
+            continue
+        s, nc = math.prod(grid), _chunk_count(grid, tile)
+        q = _bshd(1, s, h, d, _DTYPES[dt])
+        means = torch.empty(1, h, d, nc, dtype=torch.float32, device="meta").transpose(2, 3)
+        bounds = torch.empty(nc + 1, dtype=torch.int32, device="meta")
+        spec = m.gate_launch_spec(q, means, bounds, topk=topk, tau=0.25, k_other=5, query_block=64)
+        runtime = _runtime_values(spec.args, arg_names, const_names)
+        name = f"{label} {'x'.join(map(str, tile))} ({nc}) {dt} D{d}"
+        out.append(AotCase(m.__name__, "_chunk_gate_kernel", name, arch, dt, runtime, spec.meta, spec.num_warps, 1,
+                           m.gate_shared_memory(spec.meta["ROWS"], spec.meta["NC_P2"], spec.num_warps),
+                           tensor_cores=False))
+    return out
+
+
 # kernel function name -> (module in this folder, case generator(arch, full))
 KERNELS: dict[str, tuple[str, Callable[[int, bool], list[AotCase]]]] = {
     "_block_sparse_fwd_kernel": ("block_sparse_attention", _bsa_cases),
     "_cache_attn_fwd_kernel": ("cache_attention", _cache_cases),
     "_block_stats_kernel": ("block_estimate", _stats_cases),
     "_block_select_kernel": ("block_estimate", _select_cases),
+    "_chunk_mean_kernel": ("chunk_gate", _chunk_mean_cases),
+    "_chunk_gate_kernel": ("chunk_gate", _chunk_gate_cases),
+    "_pyramid_fwd_kernel": ("pyramid_attention", _pyramid_cases),
 }
 
 

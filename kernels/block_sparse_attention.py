@@ -16,6 +16,13 @@ Contract (shared with ``gen.attention.reference.block_sparse_attention``):
 * A row that sees no valid key returns zeros and ``lse = -inf``.
 * ``lse`` is the natural-log log-sum-exp of the scaled scores, fp32 ``(B, H, Sq)``.
 
+Chunk variant (``CHUNKED``, :func:`chunk_sparse_attention`, for VMoBA): the plan's visits
+are *chunks* of any length (a table of chunk bounds, not ``kb * block_n``), each walked as
+``ceil(len / BLOCK_N)`` tiles with its ragged last tile masked, and a per-row bitmask
+says which chunks each query row chose (rows of a query tile that did not choose a chunk
+get ``-inf`` for it), so the kernel computes exactly a per-token selection. Same kernel,
+same online softmax; only the visit walk differs.
+
 Tiling: the kernel tile ``BLOCK_M x BLOCK_N`` divides the plan's ``block_m x block_n``,
 so a plan's granularity and the kernel's tile are chosen separately. On CUDA the tile,
 warps and stages are autotuned over ``HOPPER_CONFIGS`` (data, pruned by
@@ -43,6 +50,7 @@ from ._checks import (
     check_kv_mask,
     check_kv_valid,
     check_plan,
+    check_plan_values,
     check_qkv,
     check_scale,
     check_triton_limits,
@@ -61,10 +69,13 @@ from ._common import (
 
 __all__ = [
     "AUTOTUNE_KEY",
+    "CHUNK_PLAN_BN",
     "HOPPER_CONFIGS",
     "LaunchSpec",
     "block_sparse_attention",
     "choose_kv_splits",
+    "check_chunk_plan",
+    "chunk_sparse_attention",
     "estimate_shared_memory",
     "fallback_config",
     "keep_config",
@@ -158,8 +169,49 @@ def _attend_tiles(
     return acc, l_i, m_i
 
 
+@triton.jit
+def _attend_chunks(
+    acc, l_i, m_i, q, k_base, v_base, idx_base, bits_base, Bounds,  #
+    stride_iv, stride_kn, stride_kd, stride_vn, stride_vd, stride_bw,  #
+    m_ok, offs_d, d_ok, qk_scale, v_begin, v_end,  #
+    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,  #
+):
+    """Online softmax over the chunks ``v_begin .. v_end`` of a row's visit list (chunk
+    variant): chunk ``c`` holds keys ``Bounds[c] .. Bounds[c + 1]`` and is walked in
+    ``BLOCK_N`` tiles, the last one masked at the chunk's end; row ``r`` of the tile scores
+    it only when bit ``c`` of its row mask is set (``bits_base`` points at the tile's rows
+    of word 0). A chunk no row of the tile chose is skipped."""
+    for vi in range(v_begin, v_end):
+        c = tl.load(idx_base + vi * stride_iv)
+        c_start = tl.load(Bounds + c)
+        c_end = tl.load(Bounds + c + 1)
+        word = tl.load(bits_base + (c // 32) * stride_bw, mask=m_ok, other=0)
+        row_ok = ((word >> (c % 32)) & 1) != 0
+        t_end = tl.where(tl.max(row_ok.to(tl.int32), 0) > 0, c_end, c_start)
+        for start_n in range(c_start, t_end, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < c_end
+            k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+            v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+            kt = tl.load(k_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            vt = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            if UPCAST:
+                kt = kt.to(tl.float32)
+                vt = vt.to(tl.float32)
+            qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+            qk = tl.where(row_ok[:, None] & n_ok[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet
+            p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+            alpha = tl.math.exp2(m_i - m_sub)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
+            m_i = m_new
+    return acc, l_i, m_i
+
+
 def _block_sparse_fwd_kernel(
-    Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid, KvMask, RowOrder,  #
+    Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid, KvMask, RowOrder, ChunkBounds, RowBits,  #
     qk_scale,  #
     stride_qb, stride_qh, stride_qm, stride_qd,  #
     stride_kb, stride_kh, stride_kn, stride_kd,  #
@@ -170,12 +222,14 @@ def _block_sparse_fwd_kernel(
     stride_cb, stride_ch, stride_cm,  #
     stride_rb, stride_rh,  #
     stride_mb,  #
+    stride_bb, stride_bh, stride_bw,  #
     H, Q_LEN, KV_LEN, N_SPLITS,  #
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,  #
     PLAN_BM: tl.constexpr, PLAN_BN: tl.constexpr,  #
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
     HAS_KV_VALID: tl.constexpr, HAS_KV_MASK: tl.constexpr, RETURN_LSE: tl.constexpr,  #
     USE_TMA: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, IO_DTYPE: tl.constexpr,  #
+    CHUNKED: tl.constexpr,  #
 ):
     # grid: (batch * heads, query tiles, key splits). Query tiles are taken in RowOrder
     # (plan rows with the most visits first), so uneven plans do not leave a tail of long
@@ -211,46 +265,57 @@ def _block_sparse_fwd_kernel(
     per_split = tl.cdiv(cnt, N_SPLITS)
     v_begin = tl.minimum(split * per_split, cnt)
     v_end = tl.minimum(v_begin + per_split, cnt)
-    # visits are ascending, so whole blocks come first, then the (at most few) blocks that
-    # cross kv_limit, then blocks past it, which are skipped
-    if HAS_KV_MASK:
-        n_whole = cnt * 0
-    else:
-        n_whole = _count_visits_below(idx_base, stride_iv, cnt, kv_limit, PLAN_BN, True)
-    n_any = _count_visits_below(idx_base, stride_iv, cnt, kv_limit, PLAN_BN, False)
-    whole_end = tl.minimum(v_end, n_whole)
-    masked_begin = tl.maximum(v_begin, n_whole)
-    masked_end = tl.minimum(v_end, n_any)
 
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    mask_base = KvMask + b * stride_mb
-    if USE_TMA:
-        # per-(batch, head) 2-D views [KV_LEN, D]; the launcher checked alignment and
-        # that D is contiguous and a power of two
-        k_desc = tl.make_tensor_descriptor(k_base, shape=[KV_LEN, HEAD_DIM], strides=[stride_kn, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-        v_desc = tl.make_tensor_descriptor(v_base, shape=[KV_LEN, HEAD_DIM], strides=[stride_vn, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-    else:
-        k_desc = k_base
-        v_desc = v_base
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    SUB: tl.constexpr = PLAN_BN // BLOCK_N
-    acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, idx_base, mask_base,
-        stride_iv, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_d, d_ok, kv_limit, qk_scale, v_begin * SUB, whole_end * SUB,
-        HEAD_DIM, HEAD_DIM_PAD, PLAN_BN, BLOCK_N, False, HAS_KV_MASK, USE_TMA, UPCAST, DOT_PRECISION,
-    )
-    acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, idx_base, mask_base,
-        stride_iv, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_d, d_ok, kv_limit, qk_scale, masked_begin * SUB, masked_end * SUB,
-        HEAD_DIM, HEAD_DIM_PAD, PLAN_BN, BLOCK_N, True, HAS_KV_MASK, USE_TMA, UPCAST, DOT_PRECISION,
-    )
+    if CHUNKED:
+        # chunk variant: visits are chunks from the bounds table, rows filtered by their
+        # chunk bitmask (S contiguous: the tile's rows of word w are consecutive)
+        bits_base = RowBits + b * stride_bb + h * stride_bh + offs_m
+        acc, l_i, m_i = _attend_chunks(
+            acc, l_i, m_i, q, k_base, v_base, idx_base, bits_base, ChunkBounds,
+            stride_iv, stride_kn, stride_kd, stride_vn, stride_vd, stride_bw,
+            m_ok, offs_d, d_ok, qk_scale, v_begin, v_end, BLOCK_N, UPCAST, DOT_PRECISION,
+        )
+    else:
+        # visits are ascending, so whole blocks come first, then the (at most few) blocks that
+        # cross kv_limit, then blocks past it, which are skipped
+        if HAS_KV_MASK:
+            n_whole = cnt * 0
+        else:
+            n_whole = _count_visits_below(idx_base, stride_iv, cnt, kv_limit, PLAN_BN, True)
+        n_any = _count_visits_below(idx_base, stride_iv, cnt, kv_limit, PLAN_BN, False)
+        whole_end = tl.minimum(v_end, n_whole)
+        masked_begin = tl.maximum(v_begin, n_whole)
+        masked_end = tl.minimum(v_end, n_any)
+
+        mask_base = KvMask + b * stride_mb
+        if USE_TMA:
+            # per-(batch, head) 2-D views [KV_LEN, D]; the launcher checked alignment and
+            # that D is contiguous and a power of two
+            k_desc = tl.make_tensor_descriptor(k_base, shape=[KV_LEN, HEAD_DIM], strides=[stride_kn, 1],
+                                               block_shape=[BLOCK_N, HEAD_DIM])
+            v_desc = tl.make_tensor_descriptor(v_base, shape=[KV_LEN, HEAD_DIM], strides=[stride_vn, 1],
+                                               block_shape=[BLOCK_N, HEAD_DIM])
+        else:
+            k_desc = k_base
+            v_desc = v_base
+        SUB: tl.constexpr = PLAN_BN // BLOCK_N
+        acc, l_i, m_i = _attend_tiles(
+            acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, idx_base, mask_base,
+            stride_iv, stride_kn, stride_kd, stride_vn, stride_vd,
+            offs_d, d_ok, kv_limit, qk_scale, v_begin * SUB, whole_end * SUB,
+            HEAD_DIM, HEAD_DIM_PAD, PLAN_BN, BLOCK_N, False, HAS_KV_MASK, USE_TMA, UPCAST, DOT_PRECISION,
+        )
+        acc, l_i, m_i = _attend_tiles(
+            acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, idx_base, mask_base,
+            stride_iv, stride_kn, stride_kd, stride_vn, stride_vd,
+            offs_d, d_ok, kv_limit, qk_scale, masked_begin * SUB, masked_end * SUB,
+            HEAD_DIM, HEAD_DIM_PAD, PLAN_BN, BLOCK_N, True, HAS_KV_MASK, USE_TMA, UPCAST, DOT_PRECISION,
+        )
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -284,6 +349,9 @@ def keep_config(conf: triton.Config, plan_bm: int, plan_bn: int, head_dim: int,
 
 
 def _prune(configs, named_args, **kwargs):
+    # the autotuner hands positional arguments as ``named_args`` and the meta-parameters
+    # (passed by keyword at launch) as ``kwargs``: read both
+    named_args = {**named_args, **kwargs}
     q = named_args["Q"]
     limit = shared_memory_limit(q.device)
     plan_bm, plan_bn, head_dim = named_args["PLAN_BM"], named_args["PLAN_BN"], named_args["HEAD_DIM"]
@@ -299,7 +367,12 @@ def fallback_config(plan_bm: int, plan_bn: int) -> triton.Config:
     return triton.Config({"BLOCK_M": plan_bm, "BLOCK_N": plan_bn}, num_warps=4, num_stages=2)
 
 
-AUTOTUNE_KEY = ["HEAD_DIM", "PLAN_BM", "PLAN_BN", "HAS_KV_VALID", "HAS_KV_MASK", "RETURN_LSE", "USE_TMA", "IO_DTYPE"]
+AUTOTUNE_KEY = ["HEAD_DIM", "PLAN_BM", "PLAN_BN", "HAS_KV_VALID", "HAS_KV_MASK", "RETURN_LSE", "USE_TMA", "IO_DTYPE",
+                "CHUNKED"]
+
+#: ``PLAN_BN`` of a chunk-variant launch: unused by its walk (chunk bounds come from a
+#: table), set to a multiple of every tuned ``BLOCK_N`` so the pruning keeps them all
+CHUNK_PLAN_BN = 128
 
 
 @functools.cache
@@ -437,11 +510,14 @@ class LaunchSpec(NamedTuple):
 
 def launch_spec(q, k, v, kv_indices, kv_counts, kv_valid, kv_mask, block_m: int, block_n: int,
                 sm_scale: float, return_lse: bool, splits: int = 1, use_tma: bool = False, *,
-                interpret: bool = False) -> LaunchSpec:
+                interpret: bool = False, chunk_bounds: torch.Tensor | None = None,
+                row_bits: torch.Tensor | None = None) -> LaunchSpec:
     """Kernel arguments for one call, allocating the outputs on ``q``'s device.
 
     Also used by the ahead-of-time compile check (``gen.check.kernels``) on ``meta``
     tensors, so the signature it compiles is exactly the one a real call specialises.
+    ``chunk_bounds`` int32 ``(n_chunks + 1,)`` and ``row_bits`` int32 ``(B|1, H|1, words,
+    Sq)`` (S contiguous) select the chunk variant (both or neither).
     """
     bsz, heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
@@ -464,9 +540,13 @@ def launch_spec(q, k, v, kv_indices, kv_counts, kv_valid, kv_mask, block_m: int,
         # broadcast dims (size 1) read the same plan row for every batch/head
         return 0 if t.shape[dim] == 1 else t.stride(dim)
 
+    chunked = row_bits is not None
+    if chunked != (chunk_bounds is not None):
+        raise ValueError("the chunk variant takes both chunk_bounds and row_bits.")
     args = (
         q, k, v, out, lse, idx, cnt, kv_valid if kv_valid is not None else cnt,
         kv_mask if kv_mask is not None else cnt, order,
+        chunk_bounds if chunked else cnt, row_bits if chunked else cnt,
         sm_scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         lse.stride(0) if splits > 1 else 0,
@@ -474,6 +554,7 @@ def launch_spec(q, k, v, kv_indices, kv_counts, kv_valid, kv_mask, block_m: int,
         bstride(cnt, 0), bstride(cnt, 1), cnt.stride(2),
         bstride(order, 0), bstride(order, 1),
         kv_mask.stride(0) if kv_mask is not None and kv_mask.dim() == 2 else 0,
+        *((bstride(row_bits, 0), bstride(row_bits, 1), row_bits.stride(2)) if chunked else (0, 0, 0)),
         heads, q_len, kv_len, splits,
     )
     meta = dict(
@@ -488,6 +569,7 @@ def launch_spec(q, k, v, kv_indices, kv_counts, kv_valid, kv_mask, block_m: int,
         UPCAST=interpret and q.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         IO_DTYPE=str(q.dtype).removeprefix("torch."),
+        CHUNKED=chunked,
     )
     return LaunchSpec(args, meta, out, lse, cnt.shape[2], splits)
 
@@ -534,6 +616,155 @@ def _block_sparse_attn_fwd(
 
 @_block_sparse_attn_fwd.register_fake
 def _(q, k, v, kv_indices, kv_counts, kv_valid, kv_mask, block_m, block_n, sm_scale, return_lse, splits, use_tma):
+    bsz, heads, q_len, head_dim = q.shape
+    out = q.new_empty((bsz, heads, q_len, head_dim))
+    lse = q.new_empty((bsz, heads, q_len) if return_lse else (1,), dtype=torch.float32)
+    return out, lse
+
+
+# ------------------------------------------------------------------ chunk variant (VMoBA)
+
+
+def check_chunk_plan(plan, q: torch.Tensor, k: torch.Tensor) -> None:
+    """Check that a chunk plan fits ``q (B, H, Sq, D)`` and ``k (B, H, Skv, D)``.
+
+    A chunk plan is duck-typed (``gen.attention.chunk_sparse.ChunkPlan`` is one): ``block_m`` (query
+    rows per plan row), ``q_len``, ``kv_len``, ``chunk_bounds`` int32 ``(n_chunks + 1,)``
+    (chunk ``c`` is keys ``chunk_bounds[c] .. chunk_bounds[c + 1]``), ``kv_indices`` int32
+    ``[B|1, H|1, n_q_blocks, max_visits]`` (chunk ids, ascending, padded), ``kv_counts``
+    int32 ``[B|1, H|1, n_q_blocks]`` and ``row_bits`` int32 ``[B|1, H|1, words, Sq]``
+    (bit ``c % 32`` of word ``c // 32`` of row ``s``: query ``s`` attends chunk ``c``).
+    Index values are checked (one device sync) unless the plan says ``is_validated``."""
+    for attr in ("block_m", "q_len", "kv_len", "chunk_bounds", "kv_indices", "kv_counts", "row_bits"):
+        if not hasattr(plan, attr):
+            raise ValueError(f"chunk plan has no attribute {attr!r}; pass a gen.attention.chunk_sparse.ChunkPlan.")
+    b, h, sq, _ = q.shape
+    skv = k.shape[2]
+    if plan.q_len != sq or plan.kv_len != skv:
+        raise ValueError(
+            f"the chunk plan was built for q_len={plan.q_len}, kv_len={plan.kv_len} but q has {sq} "
+            f"tokens and k has {skv}; build a new plan for this length."
+        )
+    bm = plan.block_m
+    if isinstance(bm, bool) or not isinstance(bm, int) or bm < 16 or bm > 256 or bm & (bm - 1):
+        raise ValueError(f"chunk plan block_m={bm!r} must be a power of two in [16, 256] (query rows per plan row).")
+    bounds, idx, cnt, bits = plan.chunk_bounds, plan.kv_indices, plan.kv_counts, plan.row_bits
+    for name, t in (("chunk_bounds", bounds), ("kv_indices", idx), ("kv_counts", cnt), ("row_bits", bits)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32:
+            raise ValueError(f"chunk plan {name} must be an int32 tensor, got {getattr(t, 'dtype', type(t))}.")
+        if t.device != q.device:
+            raise ValueError(f"the chunk plan's {name} lives on {t.device} but q on {q.device}; call plan.to(q.device).")
+    n_chunks = bounds.numel() - 1
+    if bounds.dim() != 1 or n_chunks < 1:
+        raise ValueError(f"chunk_bounds must be 1-D (n_chunks + 1,) with n_chunks >= 1, got {tuple(bounds.shape)}.")
+    nq = -(-sq // bm)
+    if idx.dim() != 4 or cnt.dim() != 3 or tuple(idx.shape[:3]) != tuple(cnt.shape) or cnt.shape[2] != nq:
+        raise ValueError(
+            f"chunk plan kv_indices {tuple(idx.shape)} / kv_counts {tuple(cnt.shape)} do not agree with "
+            f"{nq} query blocks of {bm} rows."
+        )
+    words = -(-n_chunks // 32)
+    if bits.dim() != 4 or tuple(bits.shape[2:]) != (words, sq) or bits.stride(3) != 1:
+        raise ValueError(
+            f"row_bits must be int32 [B|1, H|1, {words}, {sq}] with the rows contiguous, got "
+            f"{tuple(bits.shape)} (strides {bits.stride()})."
+        )
+    for name, t in (("kv_counts", cnt), ("row_bits", bits)):
+        if t.shape[0] not in (1, b) or t.shape[1] not in (1, h):
+            raise ValueError(f"chunk plan {name} batch/head dims {tuple(t.shape[:2])} do not broadcast to "
+                             f"batch={b}, heads={h}.")
+    if getattr(plan, "is_validated", False) or torch.compiler.is_compiling():
+        return
+    if int(bounds[0]) != 0 or int(bounds[-1]) != skv or bool((bounds[1:] <= bounds[:-1]).any()):
+        raise ValueError(f"chunk_bounds must rise strictly from 0 to kv_len={skv}; got {bounds.tolist()[:8]}...")
+    check_plan_values(idx, cnt, n_chunks)
+
+
+def chunk_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan,
+    *,
+    scale: float | None = None,
+    return_lse: bool = False,
+    kv_splits: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Chunk-sparse attention forward (the kernel's chunk variant): each query row attends
+    the keys of the chunks its row bitmask selects.
+
+    Same contract as ``gen.attention.chunk_reference.chunk_sparse_attention`` (the
+    PyTorch oracle). The plan's visit lists (per ``block_m`` query rows) are the union of
+    their rows' selections; the kernel walks each visited chunk in ``BLOCK_N`` tiles
+    (chunks of any length: 208, 1040 and 2912 tokens are usual) and masks the rows that did
+    not choose it.
+
+    Args:
+        q: ``(B, H, Sq, D)``, fp16/bf16/fp32, any strides.
+        k, v: ``(B, H, Skv, D)``, same dtype and device.
+        plan: a ``gen.attention.chunk_sparse.ChunkPlan`` (see :func:`check_chunk_plan`).
+        scale: softmax scale; default ``1/sqrt(D)``.
+        return_lse: also return the natural-log log-sum-exp, fp32 ``(B, H, Sq)``.
+        kv_splits: split each row's visits over this many programs (None: automatic).
+
+    Returns:
+        ``out (B, H, Sq, D)`` in ``q.dtype`` (and ``lse``). Rows that select nothing get
+        zeros and ``lse = -inf``.
+
+    Raises:
+        ValueError: mismatched shapes, dtypes or devices, a plan for another length, bad
+            plan values, an unsupported head dim, or a device Triton cannot run on.
+    """
+    bsz, heads, q_len, kv_len, head_dim = check_qkv(q, k, v)
+    check_chunk_plan(plan, q, k)
+    sm_scale = check_scale(scale, head_dim)
+    if head_dim % 16 != 0 or not 16 <= head_dim <= 256:
+        raise ValueError(f"head_dim={head_dim} is not supported by the Triton kernel; it needs a multiple of 16 "
+                         "in [16, 256]. Use backend='torch' for other head dims.")
+    if kv_splits is not None and (not isinstance(kv_splits, int) or kv_splits < 1):
+        raise ValueError(f"kv_splits must be a positive int or None (automatic), got {kv_splits!r}.")
+    if not torch.compiler.is_compiling():
+        ok, why = triton_available_for(q.device)
+        if not ok:
+            raise ValueError(why)
+    splits = kv_splits or choose_kv_splits(q.device, bsz * heads, plan.kv_counts.shape[2],
+                                           plan.kv_indices.shape[3])
+    out, lse = _chunk_sparse_attn_fwd(q, k, v, plan.kv_indices, plan.kv_counts, plan.chunk_bounds,
+                                      plan.row_bits, plan.block_m, sm_scale, return_lse, splits)
+    return (out, lse) if return_lse else out
+
+
+@torch.library.custom_op("gen::chunk_sparse_attn_fwd", mutates_args=())
+def _chunk_sparse_attn_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor, kv_counts: torch.Tensor,
+    chunk_bounds: torch.Tensor, row_bits: torch.Tensor, block_m: int, sm_scale: float, return_lse: bool,
+    splits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    ok, why = triton_available_for(q.device)
+    if not ok:
+        raise ValueError(why)
+    bsz, heads = q.shape[:2]
+    interpret = interpreting()
+    spec = launch_spec(q, k, v, kv_indices, kv_counts, None, None, block_m, CHUNK_PLAN_BN, sm_scale,
+                       return_lse, splits, False, interpret=interpret, chunk_bounds=chunk_bounds.contiguous(),
+                       row_bits=row_bits)
+    kernel = _kernel(interpret)
+    if interpret:
+        bm = min(64, block_m)
+        grid = (bsz * heads, spec.row_tiles * (block_m // bm), splits)
+        kernel[grid](*spec.args, **spec.meta, BLOCK_M=bm, BLOCK_N=64)
+    else:
+        grid = lambda m: (bsz * heads, spec.row_tiles * (block_m // m["BLOCK_M"]), splits)
+        with torch.cuda.device(q.device):
+            kernel[grid](*spec.args, **spec.meta)
+    if splits > 1:
+        out, lse = _merge_splits(spec.out, spec.lse, q.dtype)
+        return out, (lse if return_lse else lse.new_empty((1,)))
+    return spec.out[0], (spec.lse[0] if return_lse else spec.lse.new_empty((1,)))
+
+
+@_chunk_sparse_attn_fwd.register_fake
+def _(q, k, v, kv_indices, kv_counts, chunk_bounds, row_bits, block_m, sm_scale, return_lse, splits):
     bsz, heads, q_len, head_dim = q.shape
     out = q.new_empty((bsz, heads, q_len, head_dim))
     lse = q.new_empty((bsz, heads, q_len) if return_lse else (1,), dtype=torch.float32)

@@ -94,6 +94,70 @@ PRESETS: dict[str, dict[str, dict]] = {
         "shapes-wan": dict(block_size=16, p=0.3, drop_rate=0.75, dense_steps=3, dense_layers=1),
         "shapes-wan-causal": dict(block_size=16, p=0.3, drop_rate=0.75, dense_steps=3, dense_layers=1),
     },
+    # PSA: the authors' configs/attention_config.yaml (Gilbert order, tile_n 32, dense warm-up
+    # 15 of 50 steps). Wan 14B: psa_balanced (128x128 blocks, cumulative-mass bounds
+    # 0.4/0.5/0.6/0.8 for levels 1/2/4/8, the rest skipped). Wan 1.3B: psa_topk (128x32
+    # blocks, 5/5/5/10 % of the key blocks at levels 1/2/4/8, 75 % skipped); their default
+    # 1.3B preset needs the legacy kernel's similarity mask, which gen does not implement.
+    # HunyuanVideo and FLUX have no authors' preset: the 14B settings (FLUX: 64-token key
+    # blocks for its 4096 image tokens, warm-up 7 of 28 steps dev, 1 of 4 schnell) are gen's
+    # unmeasured choice.
+    "psa": {
+        "wan2.1-t2v-14b": dict(block_m=128, block_n=128, mode="threshold", bounds=(0.4, 0.5, 0.6, 0.8), dense_steps=15),
+        "wan2.1-i2v-14b-480p": dict(block_m=128, block_n=128, mode="threshold", bounds=(0.4, 0.5, 0.6, 0.8),
+                                    dense_steps=15),
+        "wan2.1-i2v-14b-720p": dict(block_m=128, block_n=128, mode="threshold", bounds=(0.4, 0.5, 0.6, 0.8),
+                                    dense_steps=15),
+        "wan2.1-t2v-1.3b": dict(block_m=128, block_n=32, mode="topk", bounds=(0.05, 0.10, 0.15, 0.25), dense_steps=15),
+        "hunyuanvideo": dict(block_m=128, block_n=128, mode="threshold", bounds=(0.4, 0.5, 0.6, 0.8), dense_steps=15),
+        "flux.1-dev": dict(block_m=128, block_n=64, mode="threshold", bounds=(0.4, 0.5, 0.6, 0.8), dense_steps=7),
+        "flux.1-schnell": dict(block_m=128, block_n=64, mode="threshold", bounds=(0.4, 0.5, 0.6, 0.8), dense_steps=1),
+        "wan": dict(block_m=128, block_n=128, mode="threshold", bounds=(0.4, 0.5, 0.6, 0.8), dense_steps=15),
+        "hunyuan": dict(block_m=128, block_n=128, mode="threshold", bounds=(0.4, 0.5, 0.6, 0.8), dense_steps=15),
+        "flux": dict(block_m=128, block_n=64, mode="threshold", bounds=(0.4, 0.5, 0.6, 0.8), dense_steps=7),
+        # tiny models (320 tokens, 2 steps): 32x16 blocks, the 16-key tile (4 visits a tile at level 8)
+        "tiny-wan": dict(block_m=32, block_n=16, tile_n=16),
+        "tiny-wan-i2v": dict(block_m=32, block_n=16, tile_n=16),
+        "tiny-hunyuan": dict(block_m=32, block_n=16, tile_n=16),
+        "tiny-flux": dict(block_m=32, block_n=16, tile_n=16),
+        # shapes-wan (5x8x8, 25 steps): 32x16 blocks (20 key blocks), the 14B bounds, the
+        # authors' warm-up scaled (the first 7 of 25 steps dense)
+        "shapes-wan": dict(block_m=32, block_n=16, tile_n=16, mode="threshold", bounds=(0.4, 0.5, 0.6, 0.8),
+                           dense_steps=7),
+        "shapes-wan-causal": dict(block_m=32, block_n=16, tile_n=16, mode="threshold", bounds=(0.4, 0.5, 0.6, 0.8),
+                                  dense_steps=7),
+    },
+    # VMoBA: FastVideo's stored Wan 2.1 1.3B config (77 frames, 448x832): threshold 0.25 per
+    # query token and head, chunks 2 frames / 4x13 patches / 4x4x13 cubes (2,912 / 1,040 /
+    # 208 tokens at 20x28x52), no dense steps (the config's first_full_step is never read)
+    # and no dense layers (first_full_layer is not in the notes: 0). At 480p (21x30x52) the
+    # same chunks leave ragged edge chunks (11 / 32 / 192 chunks). The authors' other configs
+    # are for Wan 1.3B only: 14B, HunyuanVideo and FLUX chunks are gen's choice (about the
+    # 1.3B chunk counts; FLUX 2-D only), unmeasured.
+    "vmoba": {
+        "wan2.1-t2v-1.3b": dict(chunks_1d=2, chunks_2d=(4, 13), chunks_3d=(4, 4, 13), select="threshold", tau=0.25),
+        "wan2.1-i2v-14b-480p": dict(chunks_1d=2, chunks_2d=(4, 13), chunks_3d=(4, 4, 13), select="threshold",
+                                    tau=0.25),
+        # 21x45x80: 11 / 36 / 120 chunks
+        "wan2.1-t2v-14b": dict(chunks_1d=2, chunks_2d=(5, 20), chunks_3d=(4, 9, 20), select="threshold", tau=0.25),
+        "wan2.1-i2v-14b-720p": dict(chunks_1d=2, chunks_2d=(5, 20), chunks_3d=(4, 9, 20), select="threshold",
+                                    tau=0.25),
+        # 33x45x80: 11 / 36 / 120 chunks
+        "hunyuanvideo": dict(chunks_1d=3, chunks_2d=(5, 20), chunks_3d=(6, 9, 20), select="threshold", tau=0.25),
+        # 64x64 image tokens (1024 px): 16 patches of 16x16, spatial chunks only
+        "flux.1-dev": dict(chunks_2d=(16, 16), partitions="2d", select="threshold", tau=0.25),
+        "flux.1-schnell": dict(chunks_2d=(16, 16), partitions="2d", select="threshold", tau=0.25),
+        "wan": dict(chunks_1d=2, chunks_2d=(4, 13), chunks_3d=(4, 4, 13), select="threshold", tau=0.25),
+        "hunyuan": dict(chunks_1d=3, chunks_2d=(5, 20), chunks_3d=(6, 9, 20), select="threshold", tau=0.25),
+        "flux": dict(chunks_2d=(16, 16), partitions="2d", select="threshold", tau=0.25),
+        # tiny models and shapes-wan (5x8x8): 3 / 4 / 12 chunks (2 frames, 4x4, 2x4x4)
+        "tiny-wan": dict(chunks_1d=2, chunks_2d=(4, 4), chunks_3d=(2, 4, 4)),
+        "tiny-wan-i2v": dict(chunks_1d=2, chunks_2d=(4, 4), chunks_3d=(2, 4, 4)),
+        "tiny-hunyuan": dict(chunks_1d=2, chunks_2d=(4, 4), chunks_3d=(2, 4, 4)),
+        "tiny-flux": dict(chunks_2d=(4, 4), partitions="2d"),
+        "shapes-wan": dict(chunks_1d=2, chunks_2d=(4, 4), chunks_3d=(2, 4, 4), select="threshold", tau=0.25),
+        "shapes-wan-causal": dict(chunks_1d=2, chunks_2d=(4, 4), chunks_3d=(2, 4, 4), select="threshold", tau=0.25),
+    },
 }
 
 
@@ -138,5 +202,10 @@ PRESET_DENSITIES: dict[str, dict[str, tuple[str, float]]] = {
         "tiny-flux": ("1x16x16", 0.5625),
         "shapes-wan": ("5x8x8", 0.15),
         "shapes-wan-causal": ("5x8x8", 0.15),
+    },
+    # PSA decides per call; only its topk presets have the same level counts in every row
+    # (Wan 1.3B psa_topk: 51/51/51/103 of 1024 key blocks at levels 1/2/4/8, Σ 1/L)
+    "psa": {
+        "wan2.1-t2v-1.3b": ("21x30x52", 0.0997314453125),
     },
 }

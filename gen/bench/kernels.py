@@ -14,6 +14,17 @@ attention shapes below, time our kernel and torch's ``scaled_dot_product_attenti
   ``q``/``k``, e.g. ``rectified``: pooling, pooled scores, selection, R and C), timed
   apart from the attention it plans; static plans are built once and cached (``None``).
 
+A plan with per-visit pooling levels (``psa``: ``visit_data["level"]``) is timed with the
+pyramid operation (``gen.attention.pyramid``: backends ``triton``, ``masked``, ``torch``,
+or ``auto``; the others have no pyramid variant and are listed as skipped), its pooled-key
+tile 32 and pyramid up to the plan's highest level; its ``density`` counts a level-``L``
+visit as ``1/L`` and ``rel_err`` is against the fp64 pyramid reference.
+
+A chunk plan (``vmoba``: chunks of any length, a per-token chunk bitmask) is timed with
+the chunk operation (``gen.attention.chunk_sparse``: backends ``triton``, ``torch``, or
+``auto``; the others are listed as skipped); its ``density`` is the fraction of pairs its
+rows attend and ``rel_err`` is against the fp64 chunk reference.
+
 Third-party baselines in the same run (``gen.bench.baselines``): ``flex`` (compiled torch
 ``flex_attention`` with a ``BlockMask`` of the same plan, CUDA only) and dense
 ``xformers`` (when installed). What did not run is listed in ``meta["skipped"]``.
@@ -288,6 +299,14 @@ def run_kernel_bench(
             raise ValueError(f"plan {label!r} covers {plan.q_len} tokens but the shape has {s}.")
         todo.append((label, plan.to(dev)))
     for label, plan in todo:
+        if hasattr(plan, "row_bits"):  # a chunk plan (vmoba): per-token chunk selection
+            _time_chunks(result, label, plan, q, k, v, backends, best_sdpa, flops_dense, dev, reps, check, say,
+                         plan_times.get(label))
+            continue
+        if "level" in plan.visit_data:
+            _time_pyramid(result, label, plan, q, k, v, backends, best_sdpa, flops_dense, dev, reps, check, say,
+                          plan_times.get(label))
+            continue
         dens = plan.density()
         ref_out = None
         if check:
@@ -327,6 +346,98 @@ def run_kernel_bench(
             if f"flex: {why}" not in result.meta["skipped"]:
                 result.meta["skipped"].append(f"flex: {why}")
     return result
+
+
+def _time_pyramid(result, label, plan, q, k, v, backends, best_sdpa, flops_dense, dev, reps, check, say,
+                  plan_ms) -> None:
+    """Rows for a plan with pooling levels (PSA), through the pyramid operation."""
+    from gen.attention.backends import backends as op_backends
+    from gen.attention.backends import choose
+    from gen.attention.backends.pyramid import describe
+    from gen.attention.pyramid import level_density, pyramid_attention, pyramid_attention_reference
+
+    dens = level_density(plan)
+    top = max(1, int(plan.visit_data["level"].max()))
+    top = 1 << (top - 1).bit_length()
+    ref_out = None
+    if check:
+        say(f"reference for {label}")
+        ref_out = pyramid_attention_reference(q.double(), k.double(), v.double(), plan, max_level=top)
+    names = {b.name for b in op_backends("pyramid")}
+    for be in backends:
+        interp = be == "triton" and dev.type != "cuda"
+        if be != "auto" and be not in names:
+            result.meta["skipped"].append(f"{be} on {label}: no pyramid (pooled-level) variant")
+            continue
+        try:
+            chosen = choose("pyramid", describe(q, k, plan), None if be == "auto" else be).name
+        except ValueError as why:
+            result.meta["skipped"].append(f"{be} on {label}: {why}")
+            continue
+        impl = f"auto ({chosen})" if be == "auto" else chosen
+        say(f"timing {be} on {label}")
+        fn = lambda be=be: pyramid_attention(q, k, v, plan, backend=None if be == "auto" else be, tile_n=32,
+                                             max_level=top)
+        out = fn()
+        t = _time_ms(fn, dev, 1 if interp else reps)
+        speed = best_sdpa / t if math.isfinite(best_sdpa) else None
+        err = None
+        if ref_out is not None:
+            err = float((out.double() - ref_out).norm() / ref_out.norm().clamp_min(1e-300))
+        result.rows.append(KernelBenchRow(
+            impl, label, dens, t, flops_dense * dens / t / 1e9, speed,
+            None if speed is None or dens == 0 else 100.0 * speed * dens, err,
+            note="Triton interpreter on the CPU: checks correctness; its time means nothing" if interp else "",
+            plan_ms=plan_ms,
+        ))
+    note = f"flex_attention baseline on {label}: no pyramid (pooled-level) variant"
+    if note not in result.meta["skipped"]:
+        result.meta["skipped"].append(note)
+
+
+def _time_chunks(result, label, plan, q, k, v, backends, best_sdpa, flops_dense, dev, reps, check, say,
+                 plan_ms) -> None:
+    """Rows for a chunk plan (VMoBA), through the chunk operation: ``density`` is the
+    fraction of pairs the rows attend, ``rel_err`` against the fp64 chunk reference."""
+    from gen.attention.backends import backends as op_backends
+    from gen.attention.backends import choose
+    from gen.attention.backends.chunk import describe
+    from gen.attention.chunk_sparse import chunk_sparse_attention
+
+    dens = plan.density()
+    ref_out = None
+    if check:
+        say(f"reference for {label}")
+        ref_out = chunk_sparse_attention(q.double(), k.double(), v.double(), plan, backend="torch")
+    names = {b.name for b in op_backends("chunk_sparse")}
+    for be in backends:
+        interp = be == "triton" and dev.type != "cuda"
+        if be != "auto" and be not in names:
+            result.meta["skipped"].append(f"{be} on {label}: no chunk (per-token selection) variant")
+            continue
+        try:
+            chosen = choose("chunk_sparse", describe(q, q.shape[2], k.shape[2]), None if be == "auto" else be).name
+        except ValueError as why:
+            result.meta["skipped"].append(f"{be} on {label}: {why}")
+            continue
+        impl = f"auto ({chosen})" if be == "auto" else chosen
+        say(f"timing {be} on {label}")
+        fn = lambda be=be: chunk_sparse_attention(q, k, v, plan, backend=None if be == "auto" else be)
+        out = fn()
+        t = _time_ms(fn, dev, 1 if interp else reps)
+        speed = best_sdpa / t if math.isfinite(best_sdpa) else None
+        err = None
+        if ref_out is not None:
+            err = float((out.double() - ref_out).norm() / ref_out.norm().clamp_min(1e-300))
+        result.rows.append(KernelBenchRow(
+            impl, label, dens, t, flops_dense * dens / t / 1e9, speed,
+            None if speed is None or dens == 0 else 100.0 * speed * dens, err,
+            note="Triton interpreter on the CPU: checks correctness; its time means nothing" if interp else "",
+            plan_ms=plan_ms,
+        ))
+    note = f"flex_attention baseline on {label}: no chunk (per-token selection) variant"
+    if note not in result.meta["skipped"]:
+        result.meta["skipped"].append(note)
 
 
 def _triton_version() -> str:
