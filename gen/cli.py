@@ -174,7 +174,7 @@ def render(
     guidance: float = typer.Option(None, help="guidance scale (default: the model's)"),
     negative_prompt: str = typer.Option(None, help="negative prompt"),
     image: Path = typer.Option(None, help="input image for image-to-video models"),
-    out: Path = typer.Option(None, "--out", "-o", help="output file (.mp4 video, .png image); default: a unique name in outputs/"),
+    out: Path = typer.Option(None, "--out", "-o", help="output file (.mp4 or .gif for video; .png, .jpg or .webp for images); default: a unique name in outputs/"),
     device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)"),
     dtype: str = typer.Option(None, help="bf16 | fp16 | fp32 (default: the model's)"),
     model_path: Path = typer.Option(None, help="local folder with the model's diffusers-format weights"),
