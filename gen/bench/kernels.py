@@ -348,96 +348,76 @@ def run_kernel_bench(
     return result
 
 
+def _time_variant(result, label, op: str, what: str, describe_call, run, ref_out, dens, backends, best_sdpa,
+                  flops_dense, dev, reps, say, plan_ms) -> None:
+    """Rows for a plan of a kernel variant (operation ``op`` of the backend registry): each
+    asked-for backend that has the operation, timed on ``run(backend)``, its error against
+    ``ref_out``; ``what`` names the variant in the skip notes (flex has none)."""
+    from gen.attention.backends import backends as op_backends
+    from gen.attention.backends import choose
+
+    names = {b.name for b in op_backends(op)}
+    for be in backends:
+        interp = be == "triton" and dev.type != "cuda"
+        if be != "auto" and be not in names:
+            result.meta["skipped"].append(f"{be} on {label}: no {what} variant")
+            continue
+        try:
+            chosen = choose(op, describe_call, None if be == "auto" else be).name
+        except ValueError as why:
+            result.meta["skipped"].append(f"{be} on {label}: {why}")
+            continue
+        impl = f"auto ({chosen})" if be == "auto" else chosen
+        say(f"timing {be} on {label}")
+        fn = lambda be=be: run(None if be == "auto" else be)  # noqa: E731
+        out = fn()
+        t = _time_ms(fn, dev, 1 if interp else reps)
+        speed = best_sdpa / t if math.isfinite(best_sdpa) else None
+        err = None
+        if ref_out is not None:
+            err = float((out.double() - ref_out).norm() / ref_out.norm().clamp_min(1e-300))
+        result.rows.append(KernelBenchRow(
+            impl, label, dens, t, flops_dense * dens / t / 1e9, speed,
+            None if speed is None or dens == 0 else 100.0 * speed * dens, err,
+            note="Triton interpreter on the CPU: checks correctness; its time means nothing" if interp else "",
+            plan_ms=plan_ms,
+        ))
+    note = f"flex_attention baseline on {label}: no {what} variant"
+    if note not in result.meta["skipped"]:
+        result.meta["skipped"].append(note)
+
+
 def _time_pyramid(result, label, plan, q, k, v, backends, best_sdpa, flops_dense, dev, reps, check, say,
                   plan_ms) -> None:
     """Rows for a plan with pooling levels (PSA), through the pyramid operation."""
-    from gen.attention.backends import backends as op_backends
-    from gen.attention.backends import choose
     from gen.attention.backends.pyramid import describe
     from gen.attention.pyramid import level_density, pyramid_attention, pyramid_attention_reference
 
-    dens = level_density(plan)
     top = max(1, int(plan.visit_data["level"].max()))
     top = 1 << (top - 1).bit_length()
     ref_out = None
     if check:
         say(f"reference for {label}")
         ref_out = pyramid_attention_reference(q.double(), k.double(), v.double(), plan, max_level=top)
-    names = {b.name for b in op_backends("pyramid")}
-    for be in backends:
-        interp = be == "triton" and dev.type != "cuda"
-        if be != "auto" and be not in names:
-            result.meta["skipped"].append(f"{be} on {label}: no pyramid (pooled-level) variant")
-            continue
-        try:
-            chosen = choose("pyramid", describe(q, k, plan), None if be == "auto" else be).name
-        except ValueError as why:
-            result.meta["skipped"].append(f"{be} on {label}: {why}")
-            continue
-        impl = f"auto ({chosen})" if be == "auto" else chosen
-        say(f"timing {be} on {label}")
-        fn = lambda be=be: pyramid_attention(q, k, v, plan, backend=None if be == "auto" else be, tile_n=32,
-                                             max_level=top)
-        out = fn()
-        t = _time_ms(fn, dev, 1 if interp else reps)
-        speed = best_sdpa / t if math.isfinite(best_sdpa) else None
-        err = None
-        if ref_out is not None:
-            err = float((out.double() - ref_out).norm() / ref_out.norm().clamp_min(1e-300))
-        result.rows.append(KernelBenchRow(
-            impl, label, dens, t, flops_dense * dens / t / 1e9, speed,
-            None if speed is None or dens == 0 else 100.0 * speed * dens, err,
-            note="Triton interpreter on the CPU: checks correctness; its time means nothing" if interp else "",
-            plan_ms=plan_ms,
-        ))
-    note = f"flex_attention baseline on {label}: no pyramid (pooled-level) variant"
-    if note not in result.meta["skipped"]:
-        result.meta["skipped"].append(note)
+    _time_variant(result, label, "pyramid", "pyramid (pooled-level)", describe(q, k, plan),
+                  lambda be: pyramid_attention(q, k, v, plan, backend=be, tile_n=32, max_level=top), ref_out,
+                  level_density(plan), backends, best_sdpa, flops_dense, dev, reps, say, plan_ms)
 
 
 def _time_chunks(result, label, plan, q, k, v, backends, best_sdpa, flops_dense, dev, reps, check, say,
                  plan_ms) -> None:
     """Rows for a chunk plan (VMoBA), through the chunk operation: ``density`` is the
     fraction of pairs the rows attend, ``rel_err`` against the fp64 chunk reference."""
-    from gen.attention.backends import backends as op_backends
-    from gen.attention.backends import choose
     from gen.attention.backends.chunk import describe
     from gen.attention.chunk_sparse import chunk_sparse_attention
 
-    dens = plan.density()
     ref_out = None
     if check:
         say(f"reference for {label}")
         ref_out = chunk_sparse_attention(q.double(), k.double(), v.double(), plan, backend="torch")
-    names = {b.name for b in op_backends("chunk_sparse")}
-    for be in backends:
-        interp = be == "triton" and dev.type != "cuda"
-        if be != "auto" and be not in names:
-            result.meta["skipped"].append(f"{be} on {label}: no chunk (per-token selection) variant")
-            continue
-        try:
-            chosen = choose("chunk_sparse", describe(q, q.shape[2], k.shape[2]), None if be == "auto" else be).name
-        except ValueError as why:
-            result.meta["skipped"].append(f"{be} on {label}: {why}")
-            continue
-        impl = f"auto ({chosen})" if be == "auto" else chosen
-        say(f"timing {be} on {label}")
-        fn = lambda be=be: chunk_sparse_attention(q, k, v, plan, backend=None if be == "auto" else be)
-        out = fn()
-        t = _time_ms(fn, dev, 1 if interp else reps)
-        speed = best_sdpa / t if math.isfinite(best_sdpa) else None
-        err = None
-        if ref_out is not None:
-            err = float((out.double() - ref_out).norm() / ref_out.norm().clamp_min(1e-300))
-        result.rows.append(KernelBenchRow(
-            impl, label, dens, t, flops_dense * dens / t / 1e9, speed,
-            None if speed is None or dens == 0 else 100.0 * speed * dens, err,
-            note="Triton interpreter on the CPU: checks correctness; its time means nothing" if interp else "",
-            plan_ms=plan_ms,
-        ))
-    note = f"flex_attention baseline on {label}: no chunk (per-token selection) variant"
-    if note not in result.meta["skipped"]:
-        result.meta["skipped"].append(note)
+    _time_variant(result, label, "chunk_sparse", "chunk (per-token selection)", describe(q, q.shape[2], k.shape[2]),
+                  lambda be: chunk_sparse_attention(q, k, v, plan, backend=be), ref_out, plan.density(), backends,
+                  best_sdpa, flops_dense, dev, reps, say, plan_ms)
 
 
 def _triton_version() -> str:
