@@ -58,6 +58,7 @@ from ..layout import TokenLayout
 from ..plan import BlockPlan
 from ..pyramid import pyramid_attention
 from ..token_order import TokenPermutation, gilbert_order, tile_order
+from ._observed import ObservedDensities
 from .base import MethodConfig, SparseMethod
 
 __all__ = ["PSAConfig", "PSA", "PSAEstimate", "allocate_levels", "plan_from_levels", "sampled_importance",
@@ -301,7 +302,7 @@ class PSA(SparseMethod):
     def __init__(self, config: PSAConfig | None = None, *, model: str | None = None) -> None:
         super().__init__(config, model=model)
         # per layout: [sum of computed video pair fractions (a device scalar), calls]
-        self._observed: dict[TokenLayout, list] = {}
+        self._observed = ObservedDensities()
 
     # -- order --------------------------------------------------------------------------
     def token_order(self, layout: TokenLayout) -> TokenPermutation | None:
@@ -336,15 +337,12 @@ class PSA(SparseMethod):
         rows, cols = rows.to(level.device), cols.to(level.device)
         weight = torch.where(level > 0, 1.0 / level.clamp(min=1).to(torch.float64), 0.0)
         frac = torch.einsum("bhqk,q,k->bh", weight, rows, cols).mean() / (plan.q_len * plan.kv_len)
-        seen = self._observed.setdefault(layout, [torch.zeros((), dtype=torch.float64, device=level.device), 0])
-        seen[0] = seen[0] + frac
-        seen[1] += 1
+        self._observed.add(layout, frac)
 
     def observed_video_density(self, layout: TokenLayout) -> float | None:
         """Mean level-weighted fraction of video-video pairs over the calls estimated at
         ``layout`` so far (None before any; one device sync)."""
-        seen = self._observed.get(layout)
-        return None if not seen else float(seen[0]) / seen[1]
+        return self._observed.mean(layout)
 
     def reset_observed(self) -> None:
         """Forget the densities observed so far."""

@@ -52,6 +52,7 @@ from ..merge import merge_attention
 from ..plan import BlockPlan
 from ..plan_cache import PlanCache
 from ..token_order import TokenPermutation, hilbert_order
+from ._observed import ObservedDensities
 from .base import MethodConfig, SparseMethod
 
 __all__ = ["RectifiedConfig", "RectifiedSpaAttn", "Estimate", "forced_block_mask"]
@@ -168,7 +169,7 @@ class RectifiedSpaAttn(SparseMethod):
         # read it from the plan cache instead of tracing its construction
         self._forced = PlanCache(self._build_forced)
         # per layout: [sum of computed video pair fractions (a device scalar, no sync), calls]
-        self._observed: dict[TokenLayout, list] = {}
+        self._observed = ObservedDensities()
 
     # -- static parts ---------------------------------------------------------------------
     def token_order(self, layout: TokenLayout) -> TokenPermutation | None:
@@ -244,15 +245,12 @@ class RectifiedSpaAttn(SparseMethod):
         used = torch.arange(plan.max_visits, device=plan.device) < plan.kv_counts.unsqueeze(-1)
         per_row = (cols[plan.kv_indices.long()] * used).sum(-1)  # (B, H, nq)
         frac = (per_row * rows).sum((-1,)).mean() / (plan.q_len * plan.kv_len)
-        seen = self._observed.setdefault(layout, [torch.zeros((), dtype=torch.float64, device=plan.device), 0])
-        seen[0] = seen[0] + frac
-        seen[1] += 1
+        self._observed.add(layout, frac)
 
     def observed_video_density(self, layout: TokenLayout) -> float | None:
         """Mean fraction of video-video pairs computed over the calls estimated at
         ``layout`` so far (None before any; one device sync)."""
-        seen = self._observed.get(layout)
-        return None if not seen else float(seen[0]) / seen[1]
+        return self._observed.mean(layout)
 
     def reset_observed(self) -> None:
         """Forget the densities observed so far."""

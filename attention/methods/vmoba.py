@@ -53,6 +53,7 @@ from ..context import AttentionContext
 from ..layout import TokenLayout
 from ..plan import BlockPlan
 from ..token_order import TokenPermutation
+from ._observed import ObservedDensities
 from .base import MethodConfig, SparseMethod
 
 __all__ = ["VMoBA", "VMoBAConfig", "VMoBAEstimate", "chunk_bounds", "chunk_order", "PARTITIONS"]
@@ -194,7 +195,7 @@ class VMoBA(SparseMethod):
         # the same per device: (order or None, bounds, bounds as an int32 device tensor)
         self._on_devices: dict[tuple, tuple[TokenPermutation | None, list[int], torch.Tensor]] = {}
         # per layout: [attended pair fraction sum, tile pair fraction sum (device scalars), calls]
-        self._observed: dict[TokenLayout, list] = {}
+        self._observed = ObservedDensities()
 
     # -- schedule and partition -----------------------------------------------------------
     def is_dense_layer(self, layer_index: int | None) -> bool:
@@ -288,23 +289,17 @@ class VMoBA(SparseMethod):
         rows = torch.full((plan.n_q_blocks,), float(plan.block_m), dtype=torch.float64, device=plan.device)
         rows[-1] = plan.q_len - plan.block_m * (plan.n_q_blocks - 1)
         tiles = (per_row * rows).sum(-1).mean() / n
-        zero = torch.zeros((), dtype=torch.float64, device=plan.device)
-        seen = self._observed.setdefault(layout, [zero, zero, 0])
-        seen[0] = seen[0] + attended
-        seen[1] = seen[1] + tiles
-        seen[2] += 1
+        self._observed.add(layout, attended, tiles)
 
     def observed_video_density(self, layout: TokenLayout) -> float | None:
         """Mean fraction of video-video pairs attended over the calls seen at ``layout``
         (None before any; one device sync)."""
-        seen = self._observed.get(TokenLayout(*layout.grid))
-        return None if not seen else float(seen[0]) / seen[2]
+        return self._observed.mean(TokenLayout(*layout.grid), 0)
 
     def observed_tile_density(self, layout: TokenLayout) -> float | None:
         """Mean fraction of video-video pairs the kernel's tiles cover (query tiles against
         every key of their visited chunks) over the calls seen at ``layout``."""
-        seen = self._observed.get(TokenLayout(*layout.grid))
-        return None if not seen else float(seen[1]) / seen[2]
+        return self._observed.mean(TokenLayout(*layout.grid), 1)
 
     def reset_observed(self) -> None:
         """Forget the densities observed so far."""
