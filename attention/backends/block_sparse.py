@@ -87,17 +87,24 @@ def _sdpa_can_run(call: Call) -> str | None:
     return None
 
 
-def _gather_can_run(call: Call) -> str | None:
+def cpu_fused_can_run(call: Call, compiled_reason: str) -> str | None:
+    """Why a CPU backend built on torch's fused attention cannot run ``call`` (None: it
+    can): the CPU only, not inside a compiled graph (``compiled_reason`` says why), the
+    fused kernel present, fp32/bf16/fp16."""
     if call.device.type != "cpu":
         return "used on the CPU only"
     if call.compiling:
-        return "inside a compiled graph (its chunking reads mask values on the host)"
+        return f"inside a compiled graph ({compiled_reason})"
     why = flash_cpu_available()
     if why:
         return why
     if call.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"{call.dtype} (fused attention takes fp32/bf16/fp16)"
     return None
+
+
+def _gather_can_run(call: Call) -> str | None:
+    return cpu_fused_can_run(call, "its chunking reads mask values on the host")
 
 
 def _masked_can_run(call: Call) -> str | None:

@@ -18,9 +18,9 @@ import torch
 from gen.kernels._checks import check_call
 
 from ..pyramid_reference import pyramid_attention_reference
-from .block_sparse import triton_can_run, triton_worth_it
+from .block_sparse import cpu_fused_can_run, triton_can_run, triton_worth_it
 from .registry import Backend, Call, register
-from .sdpa import FLASH_CPU, flash_cpu_available
+from .sdpa import FLASH_CPU
 
 __all__ = ["PYRAMID_MASKED_MAX_ELEMENTS", "describe", "pyramid_masked"]
 
@@ -53,16 +53,7 @@ def _triton_run(q, k, v, plan, **kw):
 
 
 def _masked_can_run(call: Call) -> str | None:
-    if call.device.type != "cpu":
-        return "used on the CPU only"
-    if call.compiling:
-        return "inside a compiled graph (the reference traces)"
-    why = flash_cpu_available()
-    if why:
-        return why
-    if call.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return f"{call.dtype} (fused attention takes fp32/bf16/fp16)"
-    return None
+    return cpu_fused_can_run(call, "the reference traces")
 
 
 def _masked_worth_it(call: Call) -> str | None:
