@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from gen.attention import BlockPlan, TokenLayout
 from gen.pipelines import check_geometry, get_spec, list_models
@@ -64,11 +63,6 @@ class Cancelled(Exception):  # noqa: N818 (a user action, not a failure)
 
 
 # -- models ------------------------------------------------------------------------------
-
-
-def default_device() -> str:
-    """``"cuda"`` when a GPU is visible, else ``"cpu"``."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def available_models() -> list[str]:
