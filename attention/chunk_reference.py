@@ -107,31 +107,8 @@ def select_chunks(gates: torch.Tensor, own: torch.Tensor, *, select: str = "thre
         bool ``(..., S, n_chunks)``.
     """
     nc = gates.shape[-1]
-    own_m = _own_mask(own.to(gates.device), nc)
-    other = ~own_m
-    n_other = nc - 1
-    pos = torch.arange(nc, device=gates.device)
-    if select == "topk":
-        vals = gates
-        srt = torch.where(other, gates, float("-inf")).sort(-1, descending=True).values
-        kcnt = torch.full(gates.shape[:-1], min(max(topk - 1, 0), n_other), dtype=torch.long, device=gates.device)
-    elif select == "threshold":
-        gmax = gates.amax(-1, keepdim=True)
-        gmin = gates.amin(-1, keepdim=True)
-        rng = gmax - gmin
-        vals = torch.where(rng > 0, (gates - gmin) / torch.where(rng > 0, rng, torch.ones_like(rng)),
-                           torch.ones_like(gates))
-        total = vals.sum(-1, keepdim=True)
-        own_share = torch.where(own_m, vals, 0.0).sum(-1, keepdim=True)
-        srt = torch.where(other, vals, -1.0).sort(-1, descending=True).values
-        srt0 = srt.clamp(min=0)
-        before = own_share + srt0.cumsum(-1) - srt0
-        limit = float("inf") if tau >= 1 else float(tau)
-        keep = (before < limit * total) & (pos < n_other)
-        kcnt = keep.sum(-1).clamp(min=min(1, n_other))
-    else:
-        raise ValueError(f"select must be 'threshold' or 'topk', got {select!r}.")
-    return _take_count(vals, other, kcnt, srt) | own_m
+    other = ~_own_mask(own.to(gates.device), nc)
+    return _select_last(gates, other, nc - 1, select=select, tau=tau, topk_other=max(topk - 1, 0))
 
 
 def select_chunks_global(gates: torch.Tensor, own: torch.Tensor, *, select: str = "threshold", tau: float = 0.25,
@@ -152,25 +129,35 @@ def select_chunks_global(gates: torch.Tensor, own: torch.Tensor, *, select: str 
         bool ``(B, H, S, n_chunks)``.
     """
     bsz, heads, seq, nc = gates.shape
-    own_m = _own_mask(own.to(gates.device), nc).expand(bsz, heads, seq, nc)
-    other = ~own_m
-    flat = gates.reshape(bsz, heads, seq * nc)
-    oth = other.reshape(bsz, heads, seq * nc)
-    n_other = seq * (nc - 1)
-    pos = torch.arange(seq * nc, device=gates.device)
+    other = ~_own_mask(own.to(gates.device), nc).expand(bsz, heads, seq, nc)
+    sel = _select_last(gates.reshape(bsz, heads, seq * nc), other.reshape(bsz, heads, seq * nc), seq * (nc - 1),
+                       select=select, tau=tau, topk_other=max(topk - 1, 0) * seq)
+    return sel.view(bsz, heads, seq, nc)
+
+
+def _select_last(gates: torch.Tensor, other: torch.Tensor, n_other: int, *, select: str, tau: float,
+                 topk_other: int) -> torch.Tensor:
+    """The selection rule over the last axis, shared by the per-query and the per-head scope.
+
+    ``gates`` float ``(..., N)``; ``other`` bool, broadcastable to it: the candidates that
+    are not a query's own chunk (own ones are always kept and, for ``threshold``, count
+    first); ``n_other``: the number of candidates per row (the same for every row);
+    ``topk_other``: how many candidates ``topk`` keeps. Returns bool ``(..., N)``.
+    """
+    pos = torch.arange(gates.shape[-1], device=gates.device)
     if select == "topk":
-        vals = flat
-        srt = torch.where(oth, flat, float("-inf")).sort(-1, descending=True).values
-        kcnt = torch.full((bsz, heads), min(max(topk - 1, 0) * seq, n_other), dtype=torch.long, device=gates.device)
+        vals = gates
+        srt = torch.where(other, gates, float("-inf")).sort(-1, descending=True).values
+        kcnt = torch.full(gates.shape[:-1], min(topk_other, n_other), dtype=torch.long, device=gates.device)
     elif select == "threshold":
-        gmax = flat.amax(-1, keepdim=True)
-        gmin = flat.amin(-1, keepdim=True)
+        gmax = gates.amax(-1, keepdim=True)
+        gmin = gates.amin(-1, keepdim=True)
         rng = gmax - gmin
-        vals = torch.where(rng > 0, (flat - gmin) / torch.where(rng > 0, rng, torch.ones_like(rng)),
-                           torch.ones_like(flat))
+        vals = torch.where(rng > 0, (gates - gmin) / torch.where(rng > 0, rng, torch.ones_like(rng)),
+                           torch.ones_like(gates))
         total = vals.sum(-1, keepdim=True)
-        own_share = torch.where(oth, 0.0, vals).sum(-1, keepdim=True)
-        srt = torch.where(oth, vals, -1.0).sort(-1, descending=True).values
+        own_share = torch.where(other, 0.0, vals).sum(-1, keepdim=True)
+        srt = torch.where(other, vals, -1.0).sort(-1, descending=True).values
         srt0 = srt.clamp(min=0)
         before = own_share + srt0.cumsum(-1) - srt0
         limit = float("inf") if tau >= 1 else float(tau)
@@ -178,7 +165,7 @@ def select_chunks_global(gates: torch.Tensor, own: torch.Tensor, *, select: str 
         kcnt = keep.sum(-1).clamp(min=min(1, n_other))
     else:
         raise ValueError(f"select must be 'threshold' or 'topk', got {select!r}.")
-    return (_take_count(vals, oth, kcnt, srt) | ~oth).view(bsz, heads, seq, nc)
+    return _take_count(vals, other, kcnt, srt) | ~other
 
 
 def pack_row_bits(sel: torch.Tensor) -> torch.Tensor:
