@@ -593,17 +593,25 @@ def _block_sparse_attn_fwd(
     ok, why = triton_available_for(q.device)
     if not ok:
         raise ValueError(why)
-    bsz, heads, q_len, head_dim = q.shape
     interpret = interpreting()
     spec = launch_spec(q, k, v, kv_indices, kv_counts, kv_valid, kv_mask, block_m, block_n,
                        sm_scale, return_lse, splits, use_tma, interpret=interpret)
     if use_tma and not interpret:
         triton.set_allocator(_allocate_descriptor_memory)
+    return _launch(spec, q, block_m, min(64, block_n), splits, return_lse, interpret)
+
+
+def _launch(spec, q: torch.Tensor, block_m: int, interpret_bn: int, splits: int, return_lse: bool,
+            interpret: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the kernel on a launch spec (plain or chunk variant) and merge the key splits.
+    Compiled, the autotuner picks ``BLOCK_M``/``BLOCK_N``; interpreted, the tiles are at
+    most 64 (``interpret_bn`` for keys) to keep the CPU emulation small."""
+    bsz, heads = q.shape[:2]
     kernel = _kernel(interpret)
     if interpret:
-        bm, bn = min(64, block_m), min(64, block_n)
+        bm = min(64, block_m)
         grid = (bsz * heads, spec.row_tiles * (block_m // bm), splits)
-        kernel[grid](*spec.args, **spec.meta, BLOCK_M=bm, BLOCK_N=bn)
+        kernel[grid](*spec.args, **spec.meta, BLOCK_M=bm, BLOCK_N=interpret_bn)
     else:
         grid = lambda m: (bsz * heads, spec.row_tiles * (block_m // m["BLOCK_M"]), splits)
         with torch.cuda.device(q.device):
@@ -743,24 +751,11 @@ def _chunk_sparse_attn_fwd(
     ok, why = triton_available_for(q.device)
     if not ok:
         raise ValueError(why)
-    bsz, heads = q.shape[:2]
     interpret = interpreting()
     spec = launch_spec(q, k, v, kv_indices, kv_counts, None, None, block_m, CHUNK_PLAN_BN, sm_scale,
                        return_lse, splits, False, interpret=interpret, chunk_bounds=chunk_bounds.contiguous(),
                        row_bits=row_bits)
-    kernel = _kernel(interpret)
-    if interpret:
-        bm = min(64, block_m)
-        grid = (bsz * heads, spec.row_tiles * (block_m // bm), splits)
-        kernel[grid](*spec.args, **spec.meta, BLOCK_M=bm, BLOCK_N=64)
-    else:
-        grid = lambda m: (bsz * heads, spec.row_tiles * (block_m // m["BLOCK_M"]), splits)
-        with torch.cuda.device(q.device):
-            kernel[grid](*spec.args, **spec.meta)
-    if splits > 1:
-        out, lse = _merge_splits(spec.out, spec.lse, q.dtype)
-        return out, (lse if return_lse else lse.new_empty((1,)))
-    return spec.out[0], (spec.lse[0] if return_lse else spec.lse.new_empty((1,)))
+    return _launch(spec, q, block_m, 64, splits, return_lse, interpret)
 
 
 @_chunk_sparse_attn_fwd.register_fake
