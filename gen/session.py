@@ -231,7 +231,7 @@ def pipeline_kwargs(spec, *, prompt, negative_prompt, height: int, width: int, f
     ``prompt``, ``negative_prompt`` and ``generator`` may be lists (one per clip)."""
     kw = dict(prompt=prompt, height=height, width=width, num_inference_steps=steps,
               guidance_scale=guidance, generator=generator, output_type="np")
-    if spec.family in ("wan", "hunyuan"):
+    if spec.is_video:  # video pipelines take a frame count and a negative prompt
         kw["num_frames"] = frames
         if negative_prompt is not None:
             kw["negative_prompt"] = negative_prompt
@@ -482,11 +482,11 @@ class TransformerLoop:
                  device) -> None:
         self.model, self.device, self.steps, self.passes = model, device, steps, passes
         self.latents, self.key, self.kwargs = latents, key, kwargs
-        self.flux = spec.family == "flux"
+        #: what the pipeline divides the scheduler's timestep by (FLUX: 1000; the family adapter's)
+        self.timestep_divisor = spec.adapter.timestep_divisor
 
     def _call(self, x: torch.Tensor, t: float) -> torch.Tensor:
-        # FLUX's pipeline passes the timestep / 1000, the video pipelines the timestep
-        ts = torch.full((x.shape[0],), t / 1000.0 if self.flux else t, device=self.device, dtype=x.dtype)
+        ts = torch.full((x.shape[0],), t / self.timestep_divisor, device=self.device, dtype=x.dtype)
         out = None
         for _ in range(self.passes):  # cond and uncond with CFG, at the same timestep
             out = self.model(**{self.key: x}, timestep=ts, **self.kwargs, return_dict=False)[0]

@@ -1,8 +1,9 @@
 """What gen knows about each model's transformer without its weights: the constructor
 arguments (tiny and bundled models from their code, real checkpoints from the configs
 shipped in ``pipelines/configs/<model>/transformer.json``), the heads and attention
-layers gen replaces, and a random-weight build of the real architecture (benchmarks of
-checkpoints that are not on the machine).
+layers gen replaces, a random-weight build of the real architecture and random inputs
+shaped as its pipeline makes them (benchmarks of checkpoints that are not on the
+machine).
 """
 
 from __future__ import annotations
@@ -12,12 +13,11 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CONFIG_DIR", "build_random_transformer", "transformer_config", "transformer_shape"]
+__all__ = ["CONFIG_DIR", "build_random_transformer", "random_transformer_inputs", "transformer_config",
+           "transformer_shape"]
 
 #: shipped transformer configs of the real models, ``<model>/transformer.json``
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-_CLASSES = {"wan": "WanTransformer3DModel", "hunyuan": "HunyuanVideoTransformer3DModel",
-            "flux": "FluxTransformer2DModel"}
 
 
 def transformer_config(spec) -> dict:
@@ -49,7 +49,7 @@ def build_random_transformer(spec, *, device: torch.device, dtype: torch.dtype, 
     float32, as ``from_pretrained`` does)."""
     import diffusers
 
-    cls = getattr(diffusers, _CLASSES[spec.family])
+    cls = getattr(diffusers, spec.adapter.transformer_classes[0])
     cfg = transformer_config(spec)
     before = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -68,6 +68,25 @@ def build_random_transformer(spec, *, device: torch.device, dtype: torch.dtype, 
     return model.eval()
 
 
+def random_transformer_inputs(spec, model: torch.nn.Module, *, height: int, width: int, frames: int,
+                              guidance: float, device: torch.device, dtype: torch.dtype,
+                              seed: int) -> tuple[str, torch.Tensor, dict]:
+    """``(latent argument name, latents, other constant kwargs)`` for one call of
+    ``model`` (``spec``'s transformer) at ``height x width`` pixels and ``frames`` frames,
+    shaped as the pipeline makes them (text ``spec.text_tokens`` long; the family adapter's
+    ``example_inputs``); drawn on the CPU from ``seed`` (repeatable), then moved to
+    ``device`` in ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    adapter = spec.adapter
+    if adapter.example_inputs is None:
+        raise ValueError(f"the {adapter.label} adapter has no example inputs; random-weight runs need them.")
+    return adapter.example_inputs(model.config, spec.latent_grid(height, width, frames),
+                                  spec.token_grid(height, width, frames), spec.text_tokens, guidance, draw,
+                                  device, dtype)
 
 
 def transformer_shape(config) -> tuple[int, int]:

@@ -37,6 +37,7 @@ from gen.attention.processors.runtime import GEOMETRY_HOOK
 from tiny_transformers import flux_inputs, tiny_flux
 
 runtime = importlib.import_module("gen.attention.processors.runtime")
+flux_adapter = importlib.import_module("gen.attention.processors.flux")
 install_module = importlib.import_module("gen.attention.processors.install")
 
 H, W, TEXT = 4, 6, 5
@@ -195,8 +196,8 @@ def test_sparse_method_under_kontext_ids_is_its_mask_on_the_target_grid():
 
 def test_ids_are_read_once_per_tensor(monkeypatch):
     reads = []
-    real = runtime.read_flux_img_ids
-    monkeypatch.setattr(runtime, "read_flux_img_ids", lambda ids: reads.append(1) or real(ids))
+    real = flux_adapter.read_flux_img_ids
+    monkeypatch.setattr(flux_adapter, "read_flux_img_ids", lambda ids: reads.append(1) or real(ids))
     t = tiny_flux()
     x = _kontext_inputs()
     with gen.sparse(t, "dense"):

@@ -11,7 +11,14 @@ import pytest
 import torch
 
 import gen
-from gen.pipelines import ModelNotAvailableError, bundled_folder, list_models, load, registry
+from gen.pipelines import (
+    ModelNotAvailableError,
+    bundled_folder,
+    list_models,
+    load,
+    loading,
+    registry,
+)
 from gen.pipelines.shapes.config import COMPONENTS, TrainConfig
 from gen.pipelines.shapes.folder import MANIFEST, check_folder
 from gen.pipelines.shapes.grammar import Caption
@@ -97,7 +104,7 @@ def test_a_damaged_bundled_folder_is_refused_naming_what_is_missing(tmp_path, mo
     copy = tmp_path / "shapes-wan"
     shutil.copytree(bundled_folder("shapes-wan"), copy)
     (copy / "vae" / "diffusion_pytorch_model.safetensors").unlink()
-    monkeypatch.setattr(registry, "bundled_folder", lambda name: copy)
+    monkeypatch.setattr(loading, "bundled_folder", lambda name: copy)
     with pytest.raises(ModelNotAvailableError, match=r"vae/ has no weights file.*train-tiny"):
         load("shapes-wan")
 

@@ -1,90 +1,90 @@
-"""Sparse joint-attention processor for ``HunyuanVideoTransformer3DModel``.
+"""The HunyuanVideo family (``HunyuanVideoTransformer3DModel``): gen's adapter.
 
-Installed on the dual-stream (``transformer_blocks.*.attn``) and single-stream
-(``single_transformer_blocks.*.attn``) attention; the token refiner keeps its stock
-processor. Joint order is video first, text last. Math around the attention call is
-the stock ``HunyuanVideoAttnProcessor2_0``'s (diffusers 0.42): per-head QK RMSNorm, RoPE
-on the video part only, ``add_*_proj`` for the text stream of dual blocks. The model's
-always-present padding mask ``[B, 1, 1, N]`` (valid keys form a prefix: video, then the
-prompt's real tokens) is honoured as a per-sample valid-key count. Under context
-parallelism (gen's plan, ``parallel.hunyuan_video_cp_plan``) the streams arrive as local
-shards and the mask stays whole.
+Patched: the dual-stream (``transformer_blocks.*.attn``) and single-stream
+(``single_transformer_blocks.*.attn``) joint attention with
+:class:`~.hunyuan_processor.HunyuanVideoSparseAttnProcessor`. Stock: the token refiner.
+Layout: the latent ``hidden_states`` ``(B, C, F, H, W)`` divided by ``patch_size_t`` and
+``patch_size``; the text (``encoder_hidden_states``) joins last, its valid length per
+sample read by the processor from the padding mask. Context parallelism: diffusers
+0.42.1 has no ``_cp_plan`` for this model; gen supplies :func:`hunyuan_video_cp_plan`,
+whose streams are split separately, so the order after the all-to-all is
+``[vid₀, txt₀, vid₁, txt₁, …]``.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers.models.embeddings import apply_rotary_emb
 
-from .base import SparseAttnProcessorBase
+from .adapter import CallGeometry, FamilyAdapter, FamilyProcessors, call_arg, dual_and_single_blocks
 
-__all__ = ["HunyuanVideoSparseAttnProcessor"]
-
-
-def _valid_keys(attention_mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor | None:
-    """Per-sample valid key count from a boolean key mask whose True entries form a prefix."""
-    if attention_mask is None:
-        return None
-    keys = attention_mask.reshape(batch, -1).bool()
-    if keys.shape[1] != seq:
-        raise ValueError(f"attention_mask has {keys.shape[1]} keys for a {seq}-token sequence.")
-    counts = keys.sum(-1)
-    if not torch.compiler.is_compiling():
-        prefix = torch.arange(seq, device=keys.device) < counts[:, None]
-        if not torch.equal(prefix, keys):
-            raise ValueError("HunyuanVideo's attention mask is not a prefix of valid keys; this processor "
-                             "supports padding at the end of the text only.")
-    return counts
+__all__ = ["ADAPTER", "hunyuan_video_cp_plan"]
 
 
-class HunyuanVideoSparseAttnProcessor(SparseAttnProcessorBase):
-    """Drop-in for ``HunyuanVideoAttnProcessor2_0``; returns ``(video, text)`` like it."""
+def hunyuan_video_cp_plan(transformer: torch.nn.Module) -> dict:
+    """A context-parallel plan for ``HunyuanVideoTransformer3DModel`` (diffusers 0.42 has
+    none): the RoPE tables and, at the first block, the video and text streams are split
+    along the sequence; ``proj_out`` is gathered. The text (refined by the token refiner
+    on every rank) and the ``[B, 1, 1, N]`` padding mask stay whole: gen's processor reads
+    the mask in gen's order after the all-to-all. Made for gen's processors: diffusers'
+    stock HunyuanVideo processor would read that mask in the gathered order, right only
+    for prompts that fill the text length. Refused for ``image_condition_type="token_replace"``
+    (I2V), whose blocks treat the first frame's tokens by their local position."""
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, image_rotary_emb=None):
-        single = attn.add_q_proj is None and encoder_hidden_states is not None
-        if single:
-            hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
-        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
-        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        if image_rotary_emb is not None:
-            if single:
-                n_text = encoder_hidden_states.shape[1]
-                query = torch.cat([apply_rotary_emb(query[:, :-n_text], image_rotary_emb, sequence_dim=1),
-                                   query[:, -n_text:]], dim=1)
-                key = torch.cat([apply_rotary_emb(key[:, :-n_text], image_rotary_emb, sequence_dim=1),
-                                 key[:, -n_text:]], dim=1)
-            else:
-                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        if attn.add_q_proj is not None and encoder_hidden_states is not None:
-            enc_q = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            enc_k = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            enc_v = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            if attn.norm_added_q is not None:
-                enc_q = attn.norm_added_q(enc_q)
-            if attn.norm_added_k is not None:
-                enc_k = attn.norm_added_k(enc_k)
-            query = torch.cat([query, enc_q], dim=1)
-            key = torch.cat([key, enc_k], dim=1)
-            value = torch.cat([value, enc_v], dim=1)
+    cfg = transformer.config
+    if getattr(cfg, "image_condition_type", None) == "token_replace":
+        raise ValueError("HunyuanVideo image-to-video with token_replace is not supported under context "
+                         "parallelism (its blocks address the first frame by local token position).")
+    first = "transformer_blocks.0" if len(transformer.transformer_blocks) else "single_transformer_blocks.0"
+    return {
+        "rope": {
+            0: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True),
+            1: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True),
+        },
+        first: {
+            "hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
+            "encoder_hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
+        },
+        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
 
-        # the mask covers the whole sequence, also under context parallelism (local shards here)
-        kv_valid = _valid_keys(attention_mask, query.shape[0], key.shape[1] * self._sequence_shards())
-        hidden_states = self._attend(query, key, value, attn_mask=attention_mask, kv_valid=kv_valid)
-        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
 
-        if encoder_hidden_states is not None:
-            n_text = encoder_hidden_states.shape[1]
-            hidden_states, encoder_hidden_states = hidden_states[:, :-n_text], hidden_states[:, -n_text:]
-            if getattr(attn, "to_out", None) is not None:
-                hidden_states = attn.to_out[0](hidden_states)
-                hidden_states = attn.to_out[1](hidden_states)
-            if getattr(attn, "to_add_out", None) is not None:
-                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
-        return hidden_states, encoder_hidden_states
+def _read_call(transformer: torch.nn.Module, args: tuple, kwargs: dict, _state) -> CallGeometry:
+    _, _, f, h, w = call_arg(args, kwargs, "hidden_states", 0).shape
+    cfg = transformer.config
+    p, pt = cfg.patch_size, cfg.patch_size_t
+    text_len = int(call_arg(args, kwargs, "encoder_hidden_states", 2).shape[1])
+    return CallGeometry(ADAPTER.layout((f // pt, h // p, w // p), text_len), text_len=text_len)
+
+
+def _example_inputs(cfg, latent_grid, _token_grid, text_len, guidance, draw, device, dtype):
+    latents = draw(1, cfg.in_channels, *latent_grid)
+    kwargs = {"encoder_hidden_states": draw(1, text_len, cfg.text_embed_dim),
+              "encoder_attention_mask": torch.ones(1, text_len, dtype=torch.long, device=device),
+              "pooled_projections": draw(1, cfg.pooled_projection_dim),
+              # the pipeline passes guidance x 1000
+              "guidance": torch.full((1,), guidance * 1000.0, device=device, dtype=dtype)}
+    return "hidden_states", latents, kwargs
+
+
+def _processors() -> FamilyProcessors:
+    from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
+
+    from .hunyuan_processor import HunyuanVideoSparseAttnProcessor
+
+    return FamilyProcessors(HunyuanVideoSparseAttnProcessor, (HunyuanVideoAttnProcessor2_0,))
+
+
+ADAPTER = FamilyAdapter(
+    name="hunyuan",
+    label="HunyuanVideo",
+    transformer_classes=("HunyuanVideoTransformer3DModel",),
+    text="last",
+    attention_modules=dual_and_single_blocks,
+    stays_stock="the token refiner's attention",
+    read_call=_read_call,
+    timestep_arg=1,
+    processors=_processors,
+    cp_plan=hunyuan_video_cp_plan,
+    example_inputs=_example_inputs,
+)

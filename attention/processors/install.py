@@ -1,18 +1,18 @@
 """Installing and removing the sparse processors on a diffusers transformer.
 
 ``install(transformer, method)`` swaps in gen's processor on every self/joint attention
-module the method applies to, attaches the geometry/step hook, and returns a
-:class:`TransformerPatch` whose ``remove()`` puts the exact original processor objects
-back and detaches the hook. Cross-attention, the HunyuanVideo token refiner, VAEs and
-text encoders are never touched.
+module the family adapter names (``FamilyAdapter.attention_modules``), attaches the
+geometry/step hook, and returns a :class:`TransformerPatch` whose ``remove()`` puts the
+exact original processor objects back and detaches the hook. Cross-attention, the
+HunyuanVideo token refiner, VAEs and text encoders are never touched.
 
 While installed, a module's processor may be replaced from outside, e.g. by diffusers'
 IP-Adapter loader (``_load_ip_adapter_weights`` sets ``FluxIPAdapterAttnProcessor`` on
 the dual blocks and ``type(processor)()`` on the others) or ``unload_ip_adapter``. Before
 each eager forward the geometry hook calls :meth:`TransformerPatch.sync`, which adopts
 what it knows: an unbound gen processor is bound to the module's layer, a stock
-processor of the model (``FluxAttnProcessor``, ``FluxIPAdapterAttnProcessor``,
-``WanAttnProcessor``, ``HunyuanVideoAttnProcessor2_0``) becomes the module's original and
+processor of the model (the family adapter's ``FamilyProcessors.stock``, e.g.
+``FluxAttnProcessor``, ``FluxIPAdapterAttnProcessor``) becomes the module's original and
 gets gen's processor on top. Any other processor is left in place (warned once) and
 runs as it is. ``remove()`` restores a module only while it holds gen's processor, so an
 adapter loaded after ``sparsify`` survives ``restore``.
@@ -30,17 +30,10 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from diffusers.models.transformers.transformer_flux import (
-    FluxAttnProcessor,
-    FluxIPAdapterAttnProcessor,
-)
-from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
-from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from ..methods.base import SparseMethod
+from .adapter import FamilyAdapter, adapter_of, all_adapters, get_adapter
 from .base import SparseAttnProcessorBase
-from .flux import FluxSparseAttnProcessor, FluxSparseIPAdapterAttnProcessor
-from .hunyuan import HunyuanVideoSparseAttnProcessor
 from .parallel import (
     check_parallel_config,
     context_parallel_config,
@@ -48,21 +41,13 @@ from .parallel import (
     wrap_enable_parallelism,
 )
 from .runtime import RunState, attach_run_state, detach_run_state, has_geometry_hook
-from .wan import WanSparseAttnProcessor
 
 __all__ = ["SUPPORTED_TRANSFORMERS", "TransformerPatch", "family_of", "attention_modules", "install"]
 
 logger = logging.getLogger("gen.attention")
 
-SUPPORTED_TRANSFORMERS = {
-    "WanTransformer3DModel": "wan",
-    "HunyuanVideoTransformer3DModel": "hunyuan",
-    "FluxTransformer2DModel": "flux",
-}
-_PROCESSORS = {"wan": WanSparseAttnProcessor, "hunyuan": HunyuanVideoSparseAttnProcessor, "flux": FluxSparseAttnProcessor}
-# stock processors gen replaces (also when they appear later, see TransformerPatch.sync)
-_STOCK = {"wan": (WanAttnProcessor,), "hunyuan": (HunyuanVideoAttnProcessor2_0,),
-          "flux": (FluxAttnProcessor, FluxIPAdapterAttnProcessor)}
+#: diffusers transformer class name -> family name, from the adapters
+SUPPORTED_TRANSFORMERS = {cls: a.name for a in all_adapters() for cls in a.transformer_classes}
 _PATCH_ATTR = "_gen_sparse_patch"
 _MISSING = object()
 
@@ -75,24 +60,17 @@ def note_undo_failure(exc: BaseException, undo_exc: BaseException) -> None:
 
 
 def family_of(transformer: torch.nn.Module) -> str:
-    """``"wan"``, ``"hunyuan"`` or ``"flux"`` for a supported transformer class."""
-    for cls in type(transformer).__mro__:
-        if cls.__name__ in SUPPORTED_TRANSFORMERS:
-            return SUPPORTED_TRANSFORMERS[cls.__name__]
-    raise ValueError(
-        f"{type(transformer).__name__} is not supported; gen sparsifies {', '.join(SUPPORTED_TRANSFORMERS)}."
-    )
+    """The family name (``"wan"``, ``"hunyuan"``, ``"flux"``) of a supported transformer
+    (``ValueError`` naming the supported classes otherwise)."""
+    return adapter_of(transformer).name
 
 
-def attention_modules(transformer: torch.nn.Module, family: str | None = None) -> list[tuple[str, torch.nn.Module]]:
+def attention_modules(transformer: torch.nn.Module,
+                      family: str | FamilyAdapter | None = None) -> list[tuple[str, torch.nn.Module]]:
     """``(name, module)`` of the attention modules gen replaces, in forward order (the
     list index is the layer index of ``dense_layers``)."""
-    family = family or family_of(transformer)
-    if family == "wan":
-        return [(f"blocks.{i}.attn1", b.attn1) for i, b in enumerate(transformer.blocks)]
-    mods = [(f"transformer_blocks.{i}.attn", b.attn) for i, b in enumerate(transformer.transformer_blocks)]
-    mods += [(f"single_transformer_blocks.{i}.attn", b.attn) for i, b in enumerate(transformer.single_transformer_blocks)]
-    return mods
+    adapter = adapter_of(transformer) if family is None else get_adapter(family)
+    return adapter.attention_modules(transformer)
 
 
 def _context_parallel(transformer: torch.nn.Module):
@@ -101,15 +79,13 @@ def _context_parallel(transformer: torch.nn.Module):
     return config if context_parallel_config(config) is not None else None
 
 
-def _new_processor(family: str, current, method: SparseMethod, run: RunState, index: int,
+def _new_processor(adapter: FamilyAdapter, current, method: SparseMethod, run: RunState, index: int,
                    parallel_config=None) -> SparseAttnProcessorBase:
-    """gen's processor for a module that holds ``current`` (FLUX IP-Adapter: one that
-    shares the adapter's weights); diffusers' backend choice carries over, and so does
-    the model's context parallelism (``parallel_config``, else the current processor's)."""
-    if family == "flux" and isinstance(current, FluxIPAdapterAttnProcessor):
-        new = FluxSparseIPAdapterAttnProcessor.wrap(current, method, run, index)
-    else:
-        new = _PROCESSORS[family](method, run, index)
+    """gen's processor for a module that holds ``current`` (a stock processor with weights
+    of its own, FLUX's IP-Adapter, gets one that shares them); diffusers' backend choice
+    carries over, and so does the model's context parallelism (``parallel_config``, else
+    the current processor's)."""
+    new = adapter.loaded().new(current, method, run, index)
     # carry over diffusers' backend choice for the scheduled dense calls
     new._attention_backend = getattr(current, "_attention_backend", None)
     new._parallel_config = parallel_config or getattr(current, "_parallel_config", None)
@@ -138,10 +114,12 @@ class _Slot:
 class TransformerPatch:
     """gen's processors on one transformer; ``remove()`` undoes the install exactly."""
 
-    def __init__(self, transformer, family: str, method: SparseMethod, run: RunState, slots: list[_Slot],
-                 had_registry: bool):
+    def __init__(self, transformer, family: str | FamilyAdapter, method: SparseMethod, run: RunState,
+                 slots: list[_Slot], had_registry: bool):
         self.transformer = transformer
-        self.family = family
+        #: the model family's adapter and its name
+        self.adapter = get_adapter(family)
+        self.family = self.adapter.name
         self.method = method
         self.run = run
         self._slots = slots
@@ -175,8 +153,8 @@ class TransformerPatch:
                     current._attention_backend = slot.installed._attention_backend
                     current._parallel_config = slot.installed._parallel_config
                 slot.installed = current
-            elif type(current) in _STOCK[self.family]:
-                new = _new_processor(self.family, current, self.method, self.run, slot.layer_index,
+            elif type(current) in self.adapter.loaded().stock:
+                new = _new_processor(self.adapter, current, self.method, self.run, slot.layer_index,
                                      _context_parallel(self.transformer))
                 _set_processor(slot.module, new)
                 slot.original, slot.installed = current, new
@@ -242,9 +220,11 @@ def install(transformer: torch.nn.Module, method: SparseMethod) -> TransformerPa
     All or nothing: if anything fails, what was done is undone (original processors,
     no hook, no hook registry or attribute that was not there) and the error is raised.
     A FLUX module holding an IP-Adapter processor gets
-    :class:`~gen.attention.processors.flux.FluxSparseIPAdapterAttnProcessor`.
+    :class:`~gen.attention.processors.flux_processor.FluxSparseIPAdapterAttnProcessor`
+    (the adapter's ``FamilyProcessors.wrappers``).
     """
-    family = family_of(transformer)
+    adapter = adapter_of(transformer)
+    family = adapter.name
     if method.families and family not in method.families:
         raise ValueError(f"method {method.name!r} does not support {family} models; it supports: "
                          f"{', '.join(method.families)}.")
@@ -255,15 +235,15 @@ def install(transformer: torch.nn.Module, method: SparseMethod) -> TransformerPa
     parallel = _context_parallel(transformer)
     check_parallel_config(parallel)  # ring attention: refused, before anything changes
     # build everything first: nothing on the model changes until all of it exists
-    run = RunState(family)
+    run = RunState(adapter)
     swaps = []
-    for index, (_, module) in enumerate(attention_modules(transformer, family)):
-        swaps.append((module, _new_processor(family, module.processor, method, run, index, parallel), index))
-    patch = TransformerPatch(transformer, family, method, run, [],
+    for index, (_, module) in enumerate(attention_modules(transformer, adapter)):
+        swaps.append((module, _new_processor(adapter, module.processor, method, run, index, parallel), index))
+    patch = TransformerPatch(transformer, adapter, method, run, [],
                              had_registry="_diffusers_hook" in transformer.__dict__)
     patch._hooked = False
     try:
-        attach_run_state(transformer, family, run)
+        attach_run_state(transformer, adapter, run)
         patch._hooked = True
         for module, new, index in swaps:
             patch._slots.append(_Slot(module, module.processor, new, index))

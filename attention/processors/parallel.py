@@ -13,8 +13,9 @@ mask) is sliced by ``AttentionContext.head_offset`` / ``num_heads``.
 Token order after the all-to-all is the ranks' shards one after the other. Wan's
 plan splits the video contiguously, so that is the original order. A joint sequence is
 split per stream: FLUX gathers ``[txt₀, img₀, txt₁, img₁, …]`` and HunyuanVideo (with
-:func:`hunyuan_video_cp_plan`) ``[vid₀, txt₀, vid₁, txt₁, …]``; :func:`gathered_order`
-maps that back to gen's layout (a permutation before the method, its inverse after).
+gen's plan, ``hunyuan.hunyuan_video_cp_plan``) ``[vid₀, txt₀, vid₁, txt₁, …]``;
+:func:`gathered_order` maps that back to gen's layout (a permutation before the method,
+its inverse after) from where the family adapter puts the text.
 The token layout itself comes from the geometry hook on the transformer, which reads
 the whole inputs: it runs before diffusers' split hook (``gen.sparsify`` after
 ``enable_parallelism`` registers it outside; :func:`wrap_enable_parallelism` moves it
@@ -41,6 +42,8 @@ import logging
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
+from .adapter import FamilyAdapter, adapter_of, get_adapter
+from .hunyuan import hunyuan_video_cp_plan  # noqa: F401 - kept importable from here
 from .runtime import GEOMETRY_HOOK
 
 __all__ = [
@@ -82,44 +85,17 @@ def check_parallel_config(config) -> None:
                          f"shards); {_USE_ULYSSES} with N dividing the head count and the token counts.")
 
 
-def hunyuan_video_cp_plan(transformer: torch.nn.Module) -> dict:
-    """A context-parallel plan for ``HunyuanVideoTransformer3DModel`` (diffusers 0.42 has
-    none): the RoPE tables and, at the first block, the video and text streams are split
-    along the sequence; ``proj_out`` is gathered. The text (refined by the token refiner
-    on every rank) and the ``[B, 1, 1, N]`` padding mask stay whole: gen's processor reads
-    the mask in gen's order after the all-to-all. Made for gen's processors: diffusers'
-    stock HunyuanVideo processor would read that mask in the gathered order, right only
-    for prompts that fill the text length. Refused for ``image_condition_type="token_replace"``
-    (I2V), whose blocks treat the first frame's tokens by their local position."""
-    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
-
-    cfg = transformer.config
-    if getattr(cfg, "image_condition_type", None) == "token_replace":
-        raise ValueError("HunyuanVideo image-to-video with token_replace is not supported under context "
-                         "parallelism (its blocks address the first frame by local token position).")
-    first = "transformer_blocks.0" if len(transformer.transformer_blocks) else "single_transformer_blocks.0"
-    return {
-        "rope": {
-            0: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True),
-            1: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True),
-        },
-        first: {
-            "hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
-            "encoder_hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
-        },
-        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
-    }
-
-
 def cp_plan_for(transformer: torch.nn.Module) -> dict | None:
-    """The plan to enable context parallelism with: the model's own ``_cp_plan``, or
-    gen's for HunyuanVideo; None for a model without one."""
+    """The plan to enable context parallelism with: the model's own ``_cp_plan``, or the
+    one its family adapter supplies (HunyuanVideo); None for a model without one."""
     plan = getattr(transformer, "_cp_plan", None)
     if plan is not None:
         return plan
-    if any(c.__name__ == "HunyuanVideoTransformer3DModel" for c in type(transformer).__mro__):
-        return hunyuan_video_cp_plan(transformer)
-    return None
+    try:
+        adapter = adapter_of(transformer)
+    except ValueError:  # not a family gen patches: diffusers decides
+        return None
+    return None if adapter.cp_plan is None else adapter.cp_plan(transformer)
 
 
 # -- token order after the all-to-all --------------------------------------------------------
@@ -144,18 +120,19 @@ def _gathered_order(text_first: bool, seq_len: int, text_len: int, world: int,
         return forward.to(device), inverse.to(device)
 
 
-def gathered_order(family: str, seq_len: int, text_len: int, world: int,
+def gathered_order(family: str | FamilyAdapter, seq_len: int, text_len: int, world: int,
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(forward, inverse)``, long ``(seq_len,)``: the sequence after the Ulysses
-    all-to-all (each rank's ``[text, image]`` or ``[video, text]`` shard in turn) to the
-    model's joint order (``x[:, forward]``) and back (``y[:, inverse]``); None when the
-    orders agree (Wan, no text, one rank)."""
-    if family == "wan" or text_len == 0 or world == 1:
+    all-to-all (each rank's ``[text, image]`` or ``[video, text]`` shard in turn, as the
+    family adapter's ``text`` says) to the model's joint order (``x[:, forward]``) and
+    back (``y[:, inverse]``); None when the orders agree (no joint text, one rank)."""
+    adapter = get_adapter(family)
+    if not adapter.joint_text or text_len == 0 or world == 1:
         return None
     if text_len % world or (seq_len - text_len) % world:
         raise ValueError(f"context parallelism over {world} ranks splits the text ({text_len} tokens) and the image/"
                          f"video ({seq_len - text_len} tokens) into equal shards: both must be multiples of {world}.")
-    return _gathered_order(family == "flux", seq_len, text_len, world, str(device))
+    return _gathered_order(adapter.text == "first", seq_len, text_len, world, str(device))
 
 
 def _compose(outer: tuple[torch.Tensor, torch.Tensor] | None,
@@ -196,7 +173,7 @@ def ulysses_attention(processor, query: torch.Tensor, key: torch.Tensor, value: 
     run = processor.run
     seq_len, h_local = s_local * world, heads // world
     head_offset = cp._ulysses_local_rank * h_local
-    to_model = gathered_order(run.family, seq_len, run.text_len, world, query.device)
+    to_model = gathered_order(run.adapter, seq_len, run.text_len, world, query.device)
 
     def forward_op(op_ctx, q, k, v, _mask, _dropout_p, _is_causal, _scale, _enable_gqa, return_lse,
                    _save_ctx=True, _parallel_config=None):

@@ -2,7 +2,7 @@
 
 Nothing is passed by hand: a pre-forward hook on the transformer derives the
 ``TokenLayout`` of the call from the latent shape and patch size (plus text length and
-order per model; FLUX from its ``img_ids``, see below), and the step index comes from,
+order per model; FLUX from its ``img_ids``), and the step index comes from,
 in this order:
 
 1. the ``step_index`` a pipeline gives ``transformer.cache_context(...)`` (Wan T2V);
@@ -12,16 +12,10 @@ in this order:
 3. with no ``cache_context`` at all (a transformer called by hand): the timestep:
    equal → same step (CFG), lower → next step, higher → a new run from step 0.
 
-FLUX image tokens (:func:`read_flux_img_ids`): the image grid comes from ``img_ids``
-(rows ``ids[:, 1]``, columns ``ids[:, 2]``), one image per distinct first-axis value
-``ids[:, 0]``. The image of the first image token (FLUX Kontext: the target being
-denoised) is the method's grid; every other image (Kontext's reference, first-axis 1)
-runs as extra dense tokens: the processor moves them next to the text and the layout
-counts them as text, so they attend and are attended densely, whatever their size.
-Ids that are not a grid (random floats, duplicate positions, a grid with holes) make
-that call run stock dense attention, with one warning per run. The ids are read on the
-host once per new ``img_ids`` tensor (cached by tensor identity and version: a
-pipeline's ids cost one read per pipeline call, none per step or layer).
+How a call is read is the family adapter's (``FamilyAdapter.read_call``, one per
+family in ``<family>.py``); the run state keeps what the reading needs between calls
+(``call_state``: FLUX's ids cache, see ``flux.py``). Calls whose geometry cannot be read
+(FLUX ids that are not a grid) run stock dense attention, with one warning per run.
 
 Under diffusers' context parallelism (Ulysses) the layout is the whole call's, never a
 rank's shard: the hook runs before diffusers' split hook on the transformer (and refuses
@@ -31,15 +25,13 @@ heads (``parallel.py``).
 Under ``torch.compile`` the hook runs inside the graph: it reads only shapes there (no
 ``.item()``, no host copy of the ids), so step inference falls back to (1) and (2),
 which run outside, and a FLUX call uses what an eager call with ids of the same shape
-found (else a square grid when the image tokens are a square number, else dense).
+found.
 Compile the blocks (``compile_repeated_blocks``) or run one step eagerly first.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -47,15 +39,15 @@ import torch
 from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManager
 
 from ..layout import TokenLayout
+from .adapter import FamilyAdapter, get_adapter
 
-__all__ = ["RunState", "RunStats", "FluxImageTokens", "GEOMETRY_HOOK", "attach_run_state", "detach_run_state",
-           "has_geometry_hook", "layout_for", "read_flux_img_ids"]
+__all__ = ["RunState", "RunStats", "GEOMETRY_HOOK", "attach_run_state", "detach_run_state", "has_geometry_hook",
+           "layout_for"]
 
 logger = logging.getLogger("gen.attention")
 
 GEOMETRY_HOOK = "gen_sparse_geometry"
 _MISSING = object()
-_IDS_CACHE_SIZE = 8
 
 
 @dataclass
@@ -87,103 +79,6 @@ class RunStats:
         self.layouts.clear()
 
 
-# -- FLUX img_ids ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class FluxImageTokens:
-    """What a FLUX call's ``img_ids`` say about its image tokens.
-
-    Args:
-        n_image: image tokens of the call (rows of ``img_ids``).
-        grid: ``(height, width)`` of the method's image (the one of the first image
-            token), or None when the ids cannot be read as a grid (the call runs dense).
-        n_extra: image tokens of the other images (references), run as dense tokens.
-        order: long ``(n_image,)`` on the CPU: the image tokens in the order the method
-            sees them, extra tokens first (in sequence order), then the grid row-major;
-            None when that is the sequence order already (plain FLUX).
-        reason: why the ids were not read as a grid (None when they were).
-    """
-
-    n_image: int
-    grid: tuple[int, int] | None
-    n_extra: int = 0
-    order: torch.Tensor | None = None
-    reason: str | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_orders", {})
-
-    def layout(self, text_len: int) -> TokenLayout | None:
-        """The method's layout for a call with ``text_len`` text tokens: the grid, text
-        first, the extra tokens counted as text. None when the call runs dense."""
-        if self.grid is None:
-            return None
-        return TokenLayout(1, self.grid[0], self.grid[1], text_len=text_len + self.n_extra, text_first=True)
-
-    def sequence_order(self, text_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(forward, inverse)``, long ``(text_len + n_image,)`` on ``device``: the joint
-        sequence ``[text, image]`` reordered to ``[text, extra, grid]`` (``x[:, forward]``)
-        and back (``y[:, inverse]``); None when no reordering is needed. Built once per
-        ``(text_len, device)``."""
-        if self.order is None:
-            return None
-        key = (text_len, str(device))
-        found = self._orders.get(key)
-        if found is None:
-            # normal tensors even when first built under torch.inference_mode(), so that a
-            # later call with autograd can save them for backward
-            with torch.inference_mode(False):
-                fwd = torch.cat([torch.arange(text_len), self.order + text_len])
-                inv = torch.empty_like(fwd)
-                inv[fwd] = torch.arange(fwd.numel())
-                found = (fwd.to(device), inv.to(device))
-            if not torch.compiler.is_compiling():
-                self._orders[key] = found
-        return found
-
-
-def _unreadable(n: int, reason: str) -> FluxImageTokens:
-    return FluxImageTokens(n, None, reason=reason)
-
-
-def read_flux_img_ids(img_ids: torch.Tensor) -> FluxImageTokens:
-    """Read FLUX ``img_ids`` (``(N, 3)``, or the deprecated ``(B, N, 3)``: sample 0) as
-    image grids: one image per distinct ``ids[:, 0]``, rows ``ids[:, 1]``, columns
-    ``ids[:, 2]`` (any offset, any token order inside an image). The image of the first
-    token must be a full grid (each ``(row, col)`` of a ``height x width`` rectangle
-    exactly once, integer positions); the other images' tokens become extra dense
-    tokens. Otherwise the result has ``grid=None`` and says why. Copies the ids to the
-    host (one device sync); call it once per ids tensor."""
-    ids = img_ids[0] if img_ids.dim() == 3 else img_ids
-    n = int(ids.shape[0]) if ids.dim() >= 1 else 0
-    if ids.dim() != 2 or ids.shape[1] < 3 or n == 0:
-        return _unreadable(n, f"img_ids of shape {tuple(img_ids.shape)} are not (N, 3) positions")
-    ids = ids.detach().to("cpu", torch.float64)[:, :3]
-    if not bool(torch.isfinite(ids).all()):
-        return _unreadable(n, "img_ids hold non-finite values")
-    rounded = ids.round()
-    if bool(((ids - rounded).abs() > 1e-3).any()):
-        return _unreadable(n, "img_ids are not integer grid positions")
-    pos = rounded.long()
-    group = pos[:, 0]
-    main = group == group[0]
-    where = main.nonzero().squeeze(1)
-    rows, cols = pos[where, 1], pos[where, 2]
-    r0, c0 = int(rows.min()), int(cols.min())
-    h, w = int(rows.max()) - r0 + 1, int(cols.max()) - c0 + 1
-    lin = (rows - r0) * w + (cols - c0)
-    if h * w != where.numel() or torch.unique(lin).numel() != where.numel():
-        return _unreadable(
-            n, f"the image with img_ids[:, 0] == {int(group[0])} is not a full grid ({where.numel()} tokens "
-               f"spread over {h}x{w} positions)")
-    grid_tokens = where[torch.argsort(lin)]
-    extra = (~main).nonzero().squeeze(1)
-    order = torch.cat([extra, grid_tokens])
-    identity = extra.numel() == 0 and torch.equal(order, torch.arange(n))
-    return FluxImageTokens(n, (h, w), int(extra.numel()), None if identity else order)
-
-
 # -- run state --------------------------------------------------------------------------------
 
 
@@ -196,8 +91,10 @@ class RunState:
     (why this call runs stock dense attention; None when it does not).
     """
 
-    def __init__(self, family: str) -> None:
-        self.family = family
+    def __init__(self, family: str | FamilyAdapter) -> None:
+        #: the model family's adapter (how calls are read) and its name
+        self.adapter = get_adapter(family)
+        self.family = self.adapter.name
         self.layout: TokenLayout | None = None
         self.order: tuple[torch.Tensor, torch.Tensor] | None = None
         self.fallback: str | None = None
@@ -215,10 +112,8 @@ class RunState:
         self._explicit_step = False
         self._in_context = False
         self._last_t: float | None = None
-        # FLUX: ids read per tensor (id -> (weakref, version, result)) and per shape (for
-        # calls under torch.compile, which cannot read values)
-        self._flux_ids: dict[int, tuple] = {}
-        self._flux_by_shape: dict[tuple, FluxImageTokens] = {}
+        #: what the adapter's call reading keeps between calls of the run (FLUX: ids read)
+        self.call_state = None if self.adapter.new_call_state is None else self.adapter.new_call_state()
         self._warned: set[str] = set()
 
     def reset(self, stats: bool = True) -> None:
@@ -277,41 +172,6 @@ class RunState:
             self.step_index = (self.step_index or 0) + 1
         self.branch = None
 
-    def flux_image_tokens(self, img_ids: torch.Tensor | None, n_image: int) -> FluxImageTokens:
-        """:func:`read_flux_img_ids` of this call's ids, cached by tensor identity and
-        version (eager) or by shape (inside ``torch.compile``, from an eager call)."""
-        shape_key = (n_image, None if img_ids is None else tuple(img_ids.shape))
-        if torch.compiler.is_compiling():
-            found = self._flux_by_shape.get(shape_key)
-            if found is not None:
-                return found
-            side = math.isqrt(n_image)
-            if side * side == n_image:
-                return FluxImageTokens(n_image, (side, side))
-            return _unreadable(n_image, f"the FLUX image grid of {n_image} tokens cannot be read under "
-                                        "torch.compile; run one step uncompiled first")
-        if img_ids is None:
-            side = math.isqrt(n_image)
-            found = (FluxImageTokens(n_image, (side, side)) if side * side == n_image
-                     else _unreadable(n_image, f"no img_ids and {n_image} image tokens are not a square grid"))
-        else:
-            entry = self._flux_ids.get(id(img_ids))
-            version = _version(img_ids)
-            if entry is not None and entry[0]() is img_ids and entry[1] == version:
-                found = entry[2]
-            else:
-                found = read_flux_img_ids(img_ids)
-                if found.n_image != n_image and found.grid is not None:
-                    found = _unreadable(n_image, f"img_ids have {found.n_image} rows but the call has {n_image} "
-                                                 "image tokens")
-                if len(self._flux_ids) >= _IDS_CACHE_SIZE:
-                    self._flux_ids = {k: e for k, e in self._flux_ids.items() if e[0]() is not None}
-                    while len(self._flux_ids) >= _IDS_CACHE_SIZE:
-                        self._flux_ids.pop(next(iter(self._flux_ids)))
-                self._flux_ids[id(img_ids)] = (weakref.ref(img_ids), version, found)
-        self._flux_by_shape[shape_key] = found
-        return found
-
 
 class _ContextSink(StateManager):
     """Receives diffusers' ``cache_context`` (it calls ``set_context`` on every
@@ -326,17 +186,6 @@ class _ContextSink(StateManager):
         self.run.on_cache_context(context)
 
 
-def _version(t: torch.Tensor) -> int:
-    """In-place modification counter of ``t`` (-1 for inference tensors, which have none)."""
-    try:
-        return t._version
-    except RuntimeError:
-        return -1
-
-
-# positional index of ``timestep`` and ``encoder_hidden_states`` in each family's ``forward``
-_TIMESTEP_ARG = {"wan": 1, "hunyuan": 1, "flux": 3}
-_TEXT_ARG = {"wan": 2, "hunyuan": 2, "flux": 1}
 _CP_SPLIT_PREFIX = "cp_input---"  # diffusers' context-parallel input hooks (hooks/context_parallel.py)
 
 
@@ -359,38 +208,12 @@ def _check_outside_context_parallel_split(module: torch.nn.Module) -> None:
         )
 
 
-def _arg(args, kwargs, name: str, index: int):
-    if name in kwargs:
-        return kwargs[name]
-    return args[index] if len(args) > index else None
-
-
-def _geometry(family: str, module: torch.nn.Module, args: tuple, kwargs: dict, run: RunState):
-    """``(layout, order, fallback)`` of a transformer call (see :class:`RunState`)."""
-    hidden = _arg(args, kwargs, "hidden_states", 0)
-    cfg = module.config
-    if family == "wan":
-        _, _, f, h, w = hidden.shape
-        pt, ph, pw = cfg.patch_size
-        return TokenLayout(f // pt, h // ph, w // pw), None, None
-    if family == "hunyuan":
-        _, _, f, h, w = hidden.shape
-        p, pt = cfg.patch_size, cfg.patch_size_t
-        text = _arg(args, kwargs, "encoder_hidden_states", 2)
-        return TokenLayout(f // pt, h // p, w // p, text_len=text.shape[1], text_first=False), None, None
-    if family == "flux":
-        text_len = _arg(args, kwargs, "encoder_hidden_states", 1).shape[1]
-        tokens = run.flux_image_tokens(_arg(args, kwargs, "img_ids", 4), hidden.shape[1])
-        if tokens.grid is None:
-            return None, None, tokens.reason
-        return tokens.layout(text_len), tokens.sequence_order(text_len, hidden.device), None
-    raise ValueError(f"unknown model family {family!r}")
-
-
-def layout_for(family: str, module: torch.nn.Module, args: tuple, kwargs: dict, run: RunState) -> TokenLayout | None:
+def layout_for(family: str | FamilyAdapter, module: torch.nn.Module, args: tuple, kwargs: dict,
+               run: RunState) -> TokenLayout | None:
     """The ``TokenLayout`` of a transformer call, from its inputs and config; None for a
-    FLUX call whose ``img_ids`` cannot be read as a grid (it runs dense)."""
-    return _geometry(family, module, args, kwargs, run)[0]
+    call whose geometry cannot be read (a FLUX call whose ``img_ids`` are not a grid: it
+    runs dense)."""
+    return get_adapter(family).read_call(module, args, kwargs, run.call_state).layout
 
 
 class _GeometryHook(ModelHook):
@@ -405,15 +228,15 @@ class _GeometryHook(ModelHook):
         run = self.run
         if not torch.compiler.is_compiling():
             _check_outside_context_parallel_split(module)
-        run.layout, run.order, run.fallback = _geometry(run.family, module, args, kwargs, run)
-        text = None if run.family == "wan" else _arg(args, kwargs, "encoder_hidden_states", _TEXT_ARG[run.family])
-        run.text_len = 0 if text is None else int(text.shape[1])
+        geometry = run.adapter.read_call(module, args, kwargs, run.call_state)
+        run.layout, run.order, run.fallback = geometry.layout, geometry.order, geometry.fallback
+        run.text_len = geometry.text_len
         if not torch.compiler.is_compiling():
             if run.fallback is not None:
                 run.warn_once(f"{run.fallback}; these calls run the stock dense attention.")
             if run.sync is not None:
                 run.sync()
-            run.on_forward(_arg(args, kwargs, "timestep", _TIMESTEP_ARG[run.family]))
+            run.on_forward(run.adapter.timestep(args, kwargs))
         return args, kwargs
 
     def reset_state(self, module):
@@ -421,7 +244,9 @@ class _GeometryHook(ModelHook):
         # of the run for the caller's summary
         self.run.reset(stats=False)
         return module
-def attach_run_state(transformer: torch.nn.Module, family: str, run: RunState | None = None) -> RunState:
+
+
+def attach_run_state(transformer: torch.nn.Module, family: str | FamilyAdapter, run: RunState | None = None) -> RunState:
     """Register the geometry/step hook on ``transformer`` and return its run state
     (``run``, or a new one). All or nothing: on error the transformer is left as it was
     (no hook, and no hook registry if it had none)."""

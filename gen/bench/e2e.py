@@ -58,7 +58,12 @@ from pathlib import Path
 
 import torch
 
-from gen.pipelines.architecture import CONFIG_DIR, build_random_transformer, transformer_config
+from gen.pipelines.architecture import (
+    CONFIG_DIR,
+    build_random_transformer,
+    random_transformer_inputs,
+    transformer_config,
+)
 
 from .common import STOCK, BenchResult, bench_meta, fmt, resolve_methods
 
@@ -76,43 +81,6 @@ def _passes_per_step(spec, guidance: float) -> int:
     return 2 if not spec.guidance_embedded and guidance > 1.0 else 1
 
 
-def _random_inputs(spec, model, *, height: int, width: int, frames: int, guidance: float,
-                   device: torch.device, dtype: torch.dtype, seed: int) -> tuple[str, torch.Tensor, dict]:
-    """(latent argument name, latents, other constant kwargs) for one transformer call,
-    shaped as the pipeline makes them; drawn on the CPU from ``seed`` (repeatable)."""
-    g = torch.Generator().manual_seed(seed)
-    cfg = model.config
-    t_lat, h_lat, w_lat = spec.token_grid(height, width, frames)
-    h_lat, w_lat = h_lat * 2, w_lat * 2  # token grid is after the 2x2 patchify
-    text = spec.text_tokens
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(device, dtype)
-
-    if spec.family == "wan":
-        lat = rnd(1, cfg.in_channels, t_lat, h_lat, w_lat)
-        return "hidden_states", lat, {"encoder_hidden_states": rnd(1, text, cfg.text_dim)}
-    if spec.family == "hunyuan":
-        lat = rnd(1, cfg.in_channels, t_lat, h_lat, w_lat)
-        kw = {"encoder_hidden_states": rnd(1, text, cfg.text_embed_dim),
-              "encoder_attention_mask": torch.ones(1, text, dtype=torch.long, device=device),
-              "pooled_projections": rnd(1, cfg.pooled_projection_dim),
-              # the pipeline passes guidance x 1000
-              "guidance": torch.full((1,), guidance * 1000.0, device=device, dtype=dtype)}
-        return "hidden_states", lat, kw
-    rows, cols = h_lat // 2, w_lat // 2  # FLUX packs 2x2 latent patches into 64 channels
-    lat = rnd(1, rows * cols, cfg.in_channels)
-    ids = torch.zeros(rows, cols, 3)
-    ids[..., 1] = torch.arange(rows)[:, None]
-    ids[..., 2] = torch.arange(cols)[None, :]
-    kw = {"encoder_hidden_states": rnd(1, text, cfg.joint_attention_dim),
-          "pooled_projections": rnd(1, cfg.pooled_projection_dim),
-          "img_ids": ids.reshape(-1, 3).to(device, dtype), "txt_ids": torch.zeros(text, 3, device=device, dtype=dtype)}
-    if cfg.guidance_embeds:
-        kw["guidance"] = torch.full((1,), guidance, device=device, dtype=dtype)
-    return "hidden_states", lat, kw
-
-
 class _AttentionTimer:
     """Times every ``_attend`` call of gen's processors on the handle's transformers
     (see the module docstring); ``seconds()`` after the run."""
@@ -126,7 +94,7 @@ class _AttentionTimer:
         self.calls = 0
         self._procs = []
         for patch in handle.patches:
-            for _, module in attention_modules(patch.transformer, patch.family):
+            for _, module in attention_modules(patch.transformer, patch.adapter):
                 proc = module.processor
                 proc._attend = self._wrap(proc._attend)  # instance attribute shadows the method
                 self._procs.append(proc)
@@ -344,7 +312,7 @@ def run_e2e_bench(
         from gen.session import TransformerLoop
 
         target = build_random_transformer(spec, device=dev, dtype=_DTYPES[dtype], seed=seed)
-        key, latents, inputs = _random_inputs(spec, target, height=height, width=width, frames=frames,
+        key, latents, inputs = random_transformer_inputs(spec, target, height=height, width=width, frames=frames,
                                               guidance=guidance, device=dev, dtype=_DTYPES[dtype], seed=seed)
         runner = TransformerLoop(spec, target, latents=latents, key=key, kwargs=inputs, steps=steps,
                                  passes=_passes_per_step(spec, guidance), device=dev)
