@@ -13,5 +13,7 @@ if __name__ != "gen.kernels":
 else:
     from ._checks import BlockPlanLike
     from .block_sparse_attention import block_sparse_attention, triton_available_for
+    from .quant_attention import quant_block_sparse_attention, quantize_qkv
 
-    __all__ = ["BlockPlanLike", "block_sparse_attention", "triton_available_for"]
+    __all__ = ["BlockPlanLike", "block_sparse_attention", "quant_block_sparse_attention", "quantize_qkv",
+               "triton_available_for"]

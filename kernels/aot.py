@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["AotCase", "KERNELS", "TARGETS", "cases", "signature_of"]
+__all__ = ["AotCase", "KERNELS", "TARGETS", "cases", "int8_code_report", "signature_of"]
 
 # compute capabilities checked: A100 (sm_80) and H100/H200 (sm_90)
 TARGETS = (80, 90)
@@ -73,7 +73,8 @@ def _runtime_values(args: tuple, arg_names: list[str], constexpr_names: set[str]
     for name, value in zip(names, args):
         if isinstance(value, torch.Tensor):
             out[name] = "*" + {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-                               torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8"}[value.dtype]
+                               torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8",
+                               torch.int8: "i8"}[value.dtype]
         else:
             out[name] = value
     return out
@@ -475,6 +476,120 @@ def _chunk_gate_cases(arch: int, full: bool) -> list[AotCase]:
     return out
 
 
+# (label, dtype, head_dim, heads, seq_len, plan_bm, plan_bn, quant, flags): PARO's INT8 kernel
+# on video self-attention with its 64 x 64 blocks. Wan 2.1 14B 720p (40 heads x 75600
+# tokens, the last block ragged) in both modes; Wan 2.1 1.3B 480p; padded keys.
+_QUANT_MAIN = [
+    ("wan14b720 paro", "bf16", 128, 40, 75600, 64, 64, "int8", ("lse",)),
+    ("wan14b720 paro", "bf16", 128, 40, 75600, 64, 64, "int8-pv", ("lse",)),
+]
+_QUANT_EXTRA = [
+    ("wan480 paro", "bf16", 128, 12, 32760, 64, 64, "int8", ()),
+    ("wan480 paro", "fp16", 128, 12, 32760, 64, 64, "int8", ("lse",)),
+    ("wan480 paro", "fp32", 128, 12, 32760, 64, 64, "int8", ("lse",)),
+    ("wan480 paro", "bf16", 64, 12, 32760, 64, 64, "int8", ("lse",)),
+    ("wan480 paro", "bf16", 64, 12, 32760, 64, 64, "int8-pv", ("lse",)),
+    ("wan480 paro 128-row blocks", "bf16", 128, 12, 32760, 128, 64, "int8", ("lse",)),
+    ("wan480 paro padded keys", "bf16", 128, 12, 32760, 64, 64, "int8", ("lse", "valid", "mask")),
+    ("hunyuan720 text queries", "bf16", 128, 24, 256, 64, 64, "int8", ("valid", "split")),
+]
+
+
+def _quant_attn_cases(arch: int, full: bool) -> list[AotCase]:
+    from ._common import SMEM_LIMIT
+
+    m = _module("quant_attention")
+    arg_names, const_names = _params(m._quant_block_sparse_fwd_kernel)
+    out = []
+    for i, (label, dt, d, h, s, pbm, pbn, quant, flags) in enumerate(_QUANT_MAIN + _QUANT_EXTRA):
+        main = i < len(_QUANT_MAIN)
+        if not full and not _in_quick(main, dt, arch):
+            continue
+        dtype = _DTYPES[dt]
+        skv = 119296 if "split" in flags else s
+        pv = quant == "int8-pv"
+        qi = torch.empty(1, h, s, d, dtype=torch.int8, device="meta")
+        ki = torch.empty(1, h, skv, d, dtype=torch.int8, device="meta")
+        qs = torch.empty(1, h, -(-s // m.Q_GROUP), dtype=torch.float32, device="meta")
+        ks = torch.empty(1, h, -(-skv // m.K_GROUP), dtype=torch.float32, device="meta")
+        v = (torch.empty(1, h, skv, d, dtype=torch.int8, device="meta") if pv else _bshd(1, skv, h, d, dtype))
+        vs = torch.empty(1, h, -(-skv // m.V_GROUP), d, dtype=torch.float32, device="meta")
+        nqb, nkb = math.ceil(s / pbm), math.ceil(skv / pbn)
+        idx = torch.empty(1, h, nqb, nkb, dtype=torch.int32, device="meta")
+        cnt = torch.empty(1, h, nqb, dtype=torch.int32, device="meta")
+        kv_valid = torch.empty(1, dtype=torch.int32, device="meta") if "valid" in flags else None
+        kv_mask = torch.empty(skv, dtype=torch.bool, device="meta") if "mask" in flags else None
+        splits = 3 if "split" in flags else 1
+        spec = m.launch_spec(qi, qs, ki, ks, v, vs, idx, cnt, kv_valid, kv_mask, pbm, pbn, 1 / math.sqrt(d),
+                             "lse" in flags, splits, dtype)
+        runtime = _runtime_values(spec.args, arg_names, const_names)
+        v_bytes = 1 if pv else dtype.itemsize
+        kept = [c for c in m.HOPPER_CONFIGS if m.keep_config(c, pbm, pbn, d, SMEM_LIMIT[arch], v_bytes)] \
+            or [m.fallback_config(pbm, pbn)]
+        if not full:
+            kept = _quick_pick(kept, main=main)
+        name = f"{label} {quant} {dt} D{d} plan{pbm}x{pbn} " + "+".join(flags)
+        for c in kept:
+            out.append(AotCase(m.__name__, "_quant_block_sparse_fwd_kernel", name.rstrip(), arch, dt, runtime,
+                               {**spec.meta, **c.kwargs}, c.num_warps, c.num_stages,
+                               m.quant_shared_memory(c, d, v_bytes)))
+    return out
+
+
+# (label, dtype, head_dim, heads, seq_len, with V, flags): the fused Q/K(/V) quantization
+# before the INT8 kernel, read in place from diffusers' (B, S, H, D) layout.
+_QUANTIZE_MAIN = [("wan14b720 q/k", "bf16", 128, 40, 75600, False, ())]
+_QUANTIZE_EXTRA = [
+    ("wan14b720 q/k/v", "bf16", 128, 40, 75600, True, ()),
+    ("wan480 q/k", "fp16", 128, 12, 32760, False, ()),
+    ("wan480 q/k", "fp32", 128, 12, 32760, False, ()),
+    ("wan480 q/k/v", "bf16", 64, 12, 32760, True, ()),
+    ("wan480 q/k/v padded keys", "bf16", 128, 12, 32760, True, ("valid", "mask")),
+]
+
+
+def _quantize_cases(arch: int, full: bool) -> list[AotCase]:
+    m = _module("quant_attention")
+    arg_names, const_names = _params(m._quantize_qkv_kernel)
+    out = []
+    for i, (label, dt, d, h, s, with_v, flags) in enumerate(_QUANTIZE_MAIN + _QUANTIZE_EXTRA):
+        if not full and not _in_quick(i < len(_QUANTIZE_MAIN), dt, arch):
+            continue
+        q, k, v = (_bshd(1, s, h, d, _DTYPES[dt]) for _ in range(3))
+        kv_valid = torch.empty(1, dtype=torch.int32, device="meta") if "valid" in flags else None
+        kv_mask = torch.empty(s, dtype=torch.bool, device="meta") if "mask" in flags else None
+        spec = m.quantize_launch_spec(q, k, v if with_v else None, kv_valid, kv_mask)
+        runtime = _runtime_values(spec.args, arg_names, const_names)
+        name = f"{label} {dt} D{d}" + "".join(f" {f}" for f in flags)
+        out.append(AotCase(m.__name__, "_quantize_qkv_kernel", name, arch, dt, runtime, spec.meta, m.QUANT_WARPS, 1,
+                           m.quantize_shared_memory(d, m.QUANT_WARPS), tensor_cores=False))
+    return out
+
+
+
+def int8_code_report(case: AotCase) -> dict:
+    """Compile ``case`` for its target and count what the INT8 kernels must contain: MMA
+    instructions on s8 operands (``mma.sync...s32.s8.s8.s32`` on sm_80,
+    ``wgmma.mma_async...s32.s8.s8`` on sm_90) among all MMA instructions, and uses of the
+    round-half-to-even constant 1.5·2^23 (``0f4B400000``; gone if the compiler folded
+    ``(y + c) - c`` into ``y``). Run in a process with ``TRITON_INTERPRET=0`` (a worker of
+    ``gen.check.kernels``)."""
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    fn = triton.jit(getattr(_module(case.module.rsplit(".", 1)[-1]), case.kernel))
+    sig, consts, attrs = signature_of(fn, case.runtime, case.constexprs)
+    compiled = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                              target=GPUTarget("cuda", case.arch, 32),
+                              options=dict(num_warps=case.num_warps, num_stages=case.num_stages))
+    ptx = compiled.asm["ptx"]
+    mma = re.findall(r"^\s*(w?gmma\.mma_async\S*|mma\.sync\S*)", ptx, flags=re.M)
+    return {"label": case.label, "arch": case.arch, "mma": len(mma), "s8_mma": sum(".s8.s8" in m for m in mma),
+            "mma_kinds": sorted(set(mma)), "rint_constant": ptx.count("0f4B400000"),
+            "shared": int(compiled.metadata.shared)}
+
 # kernel function name -> (module in this folder, case generator(arch, full))
 KERNELS: dict[str, tuple[str, Callable[[int, bool], list[AotCase]]]] = {
     "_block_sparse_fwd_kernel": ("block_sparse_attention", _bsa_cases),
@@ -484,6 +599,8 @@ KERNELS: dict[str, tuple[str, Callable[[int, bool], list[AotCase]]]] = {
     "_chunk_mean_kernel": ("chunk_gate", _chunk_mean_cases),
     "_chunk_gate_kernel": ("chunk_gate", _chunk_gate_cases),
     "_pyramid_fwd_kernel": ("pyramid_attention", _pyramid_cases),
+    "_quant_block_sparse_fwd_kernel": ("quant_attention", _quant_attn_cases),
+    "_quantize_qkv_kernel": ("quant_attention", _quantize_cases),
 }
 
 

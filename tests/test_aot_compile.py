@@ -114,3 +114,41 @@ def test_check_kernels_command(tmp_path):
                        (["--kernel", "nope"], "unknown kernel"), (["--jobs", "0"], "--jobs")):
         res = runner.invoke(app, ["check", "kernels", *bad])
         assert res.exit_code == 2 and words in res.output, res.output
+
+
+def test_int8_kernels_use_int8_tensor_cores():
+    """PARO's INT8 kernels compile for sm_80 and sm_90 with their matmuls on s8 operands
+    (``mma.sync...s32.s8.s8.s32`` / ``wgmma...s32.s8.s8``): ``int8`` has both dots' worth
+    of MMA, the Q·K ones int8 and the P·V ones bf16; ``int8-pv`` only int8 ones. The
+    round-half-to-even constant survives compilation (no ``(y + c) - c`` folding) in the
+    quantization kernel and in ``int8-pv`` (P to int8); shared memory fits the target."""
+    import multiprocessing
+    import tempfile
+    from concurrent.futures import ProcessPoolExecutor
+
+    from gen.check.kernels import _worker_init
+    from gen.kernels.aot import int8_code_report
+
+    todo = []
+    for case in cases(full=False, kernels=("_quant_block_sparse_fwd_kernel", "_quantize_qkv_kernel")):
+        if case.label.startswith("wan14b720") and not any((c.label, c.arch) == (case.label, case.arch) for c in todo):
+            todo.append(case)  # one config per main case and target
+    assert {(c.kernel, c.arch) for c in todo} == {(k, a) for k in ("_quant_block_sparse_fwd_kernel",
+                                                                   "_quantize_qkv_kernel") for a in TARGETS}
+    with tempfile.TemporaryDirectory(prefix="gen-aot-int8-") as cache:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(2, mp_context=ctx, initializer=_worker_init, initargs=(cache,)) as pool:
+            reports = list(pool.map(int8_code_report, todo))
+    for case, rep in zip(todo, reports):
+        limit = {80: 166912, 90: 232448}[case.arch]
+        assert rep["shared"] <= limit, rep
+        if case.kernel == "_quantize_qkv_kernel":
+            assert rep["mma"] == 0 and rep["rint_constant"] >= 1, rep
+            continue
+        wanted = "wgmma.mma_async" if case.arch == 90 else "mma.sync"
+        assert rep["s8_mma"] > 0 and all(k.startswith(wanted) for k in rep["mma_kinds"]), rep
+        assert all("s32.s8.s8" in k for k in rep["mma_kinds"] if ".s8" in k), rep
+        if "int8-pv" in case.label:
+            assert rep["s8_mma"] == rep["mma"] and rep["rint_constant"] >= 1, rep
+        else:
+            assert 0 < rep["s8_mma"] < rep["mma"], rep

@@ -25,6 +25,11 @@ the chunk operation (``gen.attention.chunk_sparse``: backends ``triton``, ``torc
 ``auto``; the others are listed as skipped); its ``density`` is the fraction of pairs its
 rows attend and ``rel_err`` is against the fp64 chunk reference.
 
+On CUDA each plain plan is also timed with PARO's INT8 kernel (``gen.attention.quant``:
+``int8`` = INT8 QK, ``int8-pv`` = INT8 QK and PV; rows ``triton int8`` / ``triton int8-pv``
+beside the plain kernel and SDPA, their ``rel_err`` the quantization error against the
+unquantized fp64 reference; ``quant=()`` turns them off).
+
 Third-party baselines in the same run (``gen.bench.baselines``): ``flex`` (compiled torch
 ``flex_attention`` with a ``BlockMask`` of the same plan, CUDA only) and dense
 ``xformers`` (when installed). What did not run is listed in ``meta["skipped"]``.
@@ -199,6 +204,7 @@ def run_kernel_bench(
     command: str | None = None,
     progress=None,
     plans: list[tuple[str, object]] | None = None,
+    quant: tuple[str, ...] = ("int8", "int8-pv"),
 ) -> KernelBenchResult:
     """Run the kernel benchmark and return its rows (see the module docstring).
 
@@ -223,6 +229,10 @@ def run_kernel_bench(
             ``planner(q, k, v) -> BlockPlan``: it runs on the bench's inputs, and its own
             time is reported as ``plan_ms``.
         progress: optional callable(str) told what runs next.
+        quant: INT8 modes (PARO's kernel, ``gen.attention.quant``) also timed on each
+            plain plan, on CUDA only (the interpreter's time means nothing): rows
+            ``<backend> int8`` / ``<backend> int8-pv`` beside the plain kernel and SDPA,
+            ``rel_err`` against the unquantized fp64 reference (the quantization error).
     """
     from gen.attention import BlockPlan, block_sparse_attention
     from gen.attention import reference as ref_mod
@@ -335,6 +345,9 @@ def run_kernel_bench(
                 note="Triton interpreter on the CPU: checks correctness; its time means nothing" if interp else "",
                 plan_ms=plan_times.get(label),
             ))
+        if dev.type == "cuda" and quant:
+            _time_quant(result, label, plan, q, k, v, backends, best_sdpa, flops_dense, dev, reps, ref_out, say,
+                        plan_times.get(label), quant)
         try:
             say(f"timing flex_attention on {label}")
             t, out = baselines.time_flex(q, k, v, plan, lambda fn: _time_ms(fn, dev, reps))
@@ -385,6 +398,22 @@ def _time_variant(result, label, op: str, what: str, describe_call, run, ref_out
     note = f"flex_attention baseline on {label}: no {what} variant"
     if note not in result.meta["skipped"]:
         result.meta["skipped"].append(note)
+
+
+def _time_quant(result, label, plan, q, k, v, backends, best_sdpa, flops_dense, dev, reps, ref_out, say,
+                plan_ms, modes) -> None:
+    """Rows for the INT8 variant (PARO) of a plain plan, one per mode and backend, through
+    the ``quant_block_sparse`` operation; ``impl`` gets the mode appended."""
+    from gen.attention.backends.quant import describe
+    from gen.attention.quant import quantized_block_sparse_attention
+
+    for mode in modes:
+        start = len(result.rows)
+        _time_variant(result, label, "quant_block_sparse", f"INT8 ({mode})", describe(q, k, plan),
+                      lambda be, mode=mode: quantized_block_sparse_attention(q, k, v, plan, quant=mode, backend=be),
+                      ref_out, plan.density(), backends, best_sdpa, flops_dense, dev, reps, say, plan_ms)
+        for row in result.rows[start:]:
+            row.impl = f"{row.impl} {mode}"
 
 
 def _time_pyramid(result, label, plan, q, k, v, backends, best_sdpa, flops_dense, dev, reps, check, say,
