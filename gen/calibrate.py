@@ -86,6 +86,7 @@ from gen.attention.methods.sparse_vdit import (
     select_modes,
     top_stripes,
 )
+from gen.attention.plan_file import call_family
 
 __all__ = ["CalibrationResult", "SparseVDiTSearch", "calibrate", "plan_summary", "read_prompts"]
 
@@ -205,7 +206,7 @@ class SparseVDiTSearch(SparseVDiTAttention):
         default = torch.arange(p.stripes, dtype=torch.int32).expand_as(stripes)
         stripes = torch.where(seen[..., None, None], stripes, default).contiguous()
         modes = select_modes(errors, mode_sparsity(p, layout, stripes), self.config.lam, self.config.eps)
-        info = PlanMeta(family="hunyuan" if layout.text_len else "wan", grid=layout.grid,
+        info = PlanMeta(family=call_family(layout), grid=layout.grid,
                         text_len=layout.text_len, text_first=layout.text_first, steps=self.steps,
                         layers=self.layers, heads=self.heads, head_dim=self.head_dim,
                         lam=float(self.config.lam), eps=float(self.config.eps), **p.as_dict(), **meta)

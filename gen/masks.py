@@ -30,6 +30,8 @@ class MaskPicture:
         dense_reason: why this (layer, step) runs the stock dense attention under the
             method's schedule (``""`` when it does not); the picture is then dense.
         plan: the ``BlockPlan`` drawn.
+        heads_png: for methods with a token order per head (paro), every head's block
+            mask in its own order, titled with the order; else None.
     """
 
     block_png: Path
@@ -41,19 +43,14 @@ class MaskPicture:
     layers: int = 0
     dense_reason: str = ""
     plan: object | None = None
+    heads_png: Path | None = None
 
 
 def layout_for_model(spec, height: int | None = None, width: int | None = None, frames: int | None = None):
-    """The ``TokenLayout`` of one attention call of ``spec`` at a geometry (pixels, frames):
-    Wan self-attention has no text, HunyuanVideo puts its text last, FLUX first."""
-    from gen.attention import TokenLayout
-    from gen.pipelines import check_geometry
-
-    height, width, frames = height or spec.height, width or spec.width, frames or spec.frames
-    check_geometry(spec, height, width, frames)
-    t, h, w = spec.token_grid(height, width, frames)
-    text = 0 if spec.family == "wan" else spec.text_tokens
-    return TokenLayout(t, h, w, text_len=text, text_first=spec.family == "flux")
+    """The ``TokenLayout`` of one attention call of ``spec`` at a geometry (pixels, frames;
+    None or 0 takes the spec's): ``spec.layout`` (``ValueError`` for a size the model
+    cannot take)."""
+    return spec.layout(height or spec.height, width or spec.width, frames or spec.frames)
 
 
 def model_shape(spec, pipe=None) -> tuple[int, int]:
@@ -97,12 +94,13 @@ def mask_picture(method: str, model: str, *, out, height: int | None = None, wid
         model = cap.meta["model"]
     spec = get_spec(model)
     layout = layout_for_model(spec, height, width, frames)
-    steps = steps or (cap.meta["num_steps"] if capture is not None else spec.steps)
     try:
         heads, layers = model_shape(spec, pipe)
     except ValueError:  # a real model without a shipped config: only the spec's heads are known
         heads, layers = spec.heads, None
     m = get_method(method, model=spec.name, family=spec.family, **(overrides or {}))
+    # a calibrated plan (sparse-vdit, paro) is made for one step count: draw at it
+    steps = steps or (cap.meta["num_steps"] if capture is not None else m.calibrated_steps or spec.steps)
     if step is None:
         step = min(m.config.dense_steps, steps - 1)
     if layer is None:
@@ -142,6 +140,14 @@ def mask_picture(method: str, model: str, *, out, height: int | None = None, wid
              + (f"dense ({dense_reason})" if dense_reason else f"video density {video_density:.3f}"))
     from gen._io import atomic_path
 
+    heads_png = None
+    describe = getattr(m, "describe", None)  # methods with per-head token orders (paro)
+    if describe is not None and not dense_reason:
+        info = describe(layout, heads, ctx)[head]
+        title += f", order {info['order']}" + (" (empty head)" if info["empty"] else "")
+        heads_png = out.with_name(f"{out.stem}-heads.png")
+        m.save_plan_picture(heads_png, layout, heads, ctx, title=f"{method} on {spec.name}: {layout}, "
+                            f"layer {layer}, step {step}: every head in its order")
     with atomic_path(out) as tmp:
         plan.save_png(tmp, head=h_idx, title=title)
     token_png = None
@@ -167,7 +173,8 @@ def mask_picture(method: str, model: str, *, out, height: int | None = None, wid
             fig.savefig(tmp, format="png")
         plt.close(fig)
     density = 1.0 if dense_reason else m.density(layout, heads, ctx)
-    return MaskPicture(out, token_png, density, video_density, layout, heads, layers or 0, dense_reason, plan)
+    return MaskPicture(out, token_png, density, video_density, layout, heads, layers or 0, dense_reason, plan,
+                       heads_png)
 
 
 def _capture_on_the_fly(spec, method: str, height, width, frames, step: int, layer: int, head: int,

@@ -26,11 +26,15 @@ from ..layout import TokenLayout
 from ..merge import merge_attention
 from ..plan import BlockPlan
 from ..plan_cache import PlanCache
+from ..processors.adapter import FAMILY_MODULES
 from ..token_order import TokenPermutation
 
 __all__ = ["MethodConfig", "SparseMethod"]
 
-FAMILIES = ("wan", "hunyuan", "flux")
+#: every model family gen has an adapter for (``gen.attention.processors.adapter``): the
+#: default of ``SparseMethod.families``, so a new family reaches every method that does
+#: not restrict itself
+FAMILIES = tuple(FAMILY_MODULES)
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,12 @@ class SparseMethod:
         """Whether the method reads the step index (processors only fetch it then, so a
         compiled model is not specialised on the step when nothing needs it)."""
         return self.config.dense_steps > 0
+
+    @property
+    def calibrated_steps(self) -> int | None:
+        """The denoising step count a calibrated plan was made for (the run must use it),
+        or None for methods without one."""
+        return None
 
     def is_dense_layer(self, layer_index: int | None) -> bool:
         dl = self.config.dense_layers

@@ -68,8 +68,9 @@ id), with ``err_i = ||O_i - O_0||^2 / mean_h ||O_0,h||^2`` over the video querie
 call (the MSE in units of the layer's mean head energy, so skipping an average head
 costs exactly 1 = the default ``eps``).
 
-Plan file (``SparseVDiTPlan.save``/``load``): safetensors (no pickle; loads without
-running code) with the tensors
+Plan file (``SparseVDiTPlan.save``/``load``), in the format every calibrated method
+shares (``gen.attention.plan_file``): safetensors (no pickle; loads without running
+code) with the tensors
 
 * ``modes`` int8 ``[steps, layers, heads]`` (ids above),
 * ``stripes`` int32 ``[steps, layers, heads, n_stripes]``, ascending key-block indices
@@ -89,8 +90,6 @@ number of steps, each with a message that says what to do.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
 from collections import OrderedDict
@@ -104,6 +103,18 @@ from ..dispatch import block_sparse_attention
 from ..layout import TokenLayout
 from ..plan import BlockPlan
 from ..plan_cache import PlanCache
+from ..plan_file import (
+    PlanFormat,
+    call_family,
+    check_call,
+    check_run,
+    describe_geometry,
+    load_plan_file,
+    meta_from_json,
+    meta_to_json,
+    save_plan_file,
+    steps_message,
+)
 from ..token_order import TokenPermutation, axis_order
 from .base import MethodConfig, SparseMethod
 
@@ -131,11 +142,14 @@ MODE_NAMES = ("full", "skip", "window", "diagonal", "stripe")
 #: the modes the search compares (``full`` is the fallback, not a candidate)
 CANDIDATES = (SKIP, WINDOW, DIAGONAL, STRIPE)
 
-FORMAT = "gen.sparse-vdit"
 FORMAT_VERSION = 1
+#: the plan file (``gen.attention.plan_file``): tensors in checksum order
+PLAN_FORMAT = PlanFormat("sparse-vdit", "Sparse-vDiT plan", FORMAT_VERSION, ("modes", "stripes", "errors"),
+                         per_step="the modes are chosen per step")
+FORMAT = PLAN_FORMAT.tag
 DEFAULT_BLOCK = 64
 _EXTRAS_KEY = "sparse_vdit_assignment"
-_CALIBRATE_HINT = "gen calibrate sparse-vdit --model MODEL --prompts FILE --out PLAN"
+_CALIBRATE_HINT = PLAN_FORMAT.hint
 
 
 def _is_int(value, low: int = 0) -> bool:
@@ -328,35 +342,14 @@ class PlanMeta:
 
     def geometry(self) -> str:
         """``"128x128 pixels, 17 frames (5x8x8 tokens)"`` for messages."""
-        t, h, w = self.grid
-        tokens = f"{t}x{h}x{w} tokens" + (f" + {self.text_len} text" if self.text_len else "")
-        if self.height is None:
-            return tokens
-        return f"{self.width}x{self.height} pixels, {self.frames} frames ({tokens})"
+        return describe_geometry(self)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return meta_to_json(self)
 
     @classmethod
     def from_json(cls, text: str) -> PlanMeta:
-        data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError("the meta header is not a JSON object")
-        known = {f.name for f in dataclasses.fields(cls)}
-        data = {k: v for k, v in data.items() if k in known}
-        data["grid"] = tuple(data["grid"])
-        data["prompts"] = tuple(data.get("prompts", ()))
-        return cls(**data)
-
-
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in ("modes", "stripes", "errors"):
-        t = tensors[name].contiguous()
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
+        return meta_from_json(cls, text)
 
 
 @dataclass(frozen=True, eq=False)
@@ -414,7 +407,7 @@ class SparseVDiTPlan:
         if stripes is None:
             stripes = torch.arange(p.stripes, dtype=torch.int32).expand(*m.shape, p.stripes)
         stripes = torch.as_tensor(stripes).to(torch.int32).contiguous()
-        family = family or ("wan" if layout.text_len == 0 else "hunyuan")
+        family = family or call_family(layout)
         errors = torch.full((*m.shape, 5), float("nan"), dtype=torch.float32)
         meta_obj = PlanMeta(model=model, family=family, grid=layout.grid, text_len=layout.text_len,
                             text_first=layout.text_first, steps=m.shape[0], layers=m.shape[1],
@@ -447,122 +440,38 @@ class SparseVDiTPlan:
 
     # -- files ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the plan to ``path`` (safetensors; the format in the module docstring).
-        Not atomic by itself: ``gen calibrate`` writes through ``gen._io.atomic_path``."""
-        from safetensors.torch import save_file
-
-        tensors = {"modes": self.modes.cpu().contiguous(), "stripes": self.stripes.cpu().contiguous(),
-                   "errors": self.errors.cpu().contiguous()}
-        header = {"format": FORMAT, "meta": self.meta.to_json(), "sha256": _digest(tensors)}
-        save_file(tensors, str(path), metadata=header)
-        return Path(path)
+        """Write the plan to ``path`` (safetensors; the format in the module docstring and
+        ``gen.attention.plan_file``). Not atomic by itself: ``gen calibrate`` writes through
+        ``gen._io.atomic_path``."""
+        tensors = {"modes": self.modes, "stripes": self.stripes, "errors": self.errors}
+        return save_plan_file(path, PLAN_FORMAT, tensors, self.meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SparseVDiTPlan:
         """Read a plan file; ``ValueError`` saying what to do when it is missing,
         truncated, corrupt, not a Sparse-vDiT plan, or of a newer format."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        redo = f"Make it again with `{_CALIBRATE_HINT}`."
-        if not path.is_file():
-            raise ValueError(f"no Sparse-vDiT plan at {path}. Make one with `{_CALIBRATE_HINT}`.")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                header = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except Exception as err:  # safetensors raises its own error type for bad headers
-            raise ValueError(
-                f"{path} cannot be read as a Sparse-vDiT plan: the file is truncated or corrupt "
-                f"({type(err).__name__}: {err}). {redo}"
-            ) from None
-        if header.get("format") != FORMAT:
-            raise ValueError(f"{path} is a safetensors file but not a Sparse-vDiT plan (format "
-                             f"{header.get('format')!r}, expected {FORMAT!r}). {redo}")
-        try:
-            meta = PlanMeta.from_json(header["meta"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{path}: the plan's meta header is damaged ({err}). {redo}") from None
-        if meta.format_version > FORMAT_VERSION:
-            raise ValueError(f"{path} is plan format {meta.format_version}; this gen reads up to "
-                             f"{FORMAT_VERSION}. Update gen, or calibrate again with this one.")
-        missing = {"modes", "stripes", "errors"} - set(tensors)
-        if missing:
-            raise ValueError(f"{path}: the plan lacks {sorted(missing)}; the file is corrupt. {redo}")
-        if header.get("sha256") != _digest(tensors):
-            raise ValueError(f"{path}: checksum mismatch, the plan's data is corrupt. {redo}")
+        tensors, meta = load_plan_file(path, PLAN_FORMAT, PlanMeta.from_json)
         try:
             return cls(tensors["modes"], tensors["stripes"], tensors["errors"], meta, source=str(path))
         except ValueError as err:
-            raise ValueError(f"{err} {redo}") from None
+            raise ValueError(f"{err} Make it again with `{_CALIBRATE_HINT}`.") from None
 
     # -- checks ---------------------------------------------------------------------------
     def check(self, *, model: str | None = None, height: int | None = None, width: int | None = None,
               frames: int | None = None, steps: int | None = None) -> SparseVDiTPlan:
         """Refuse (``ValueError``) a plan made for another model, geometry or step count
         than the given ones (``None`` = not checked); returns the plan."""
-        meta, where = self.meta, self.source
-        if model is not None and model != meta.model:
-            raise ValueError(
-                f"{where} was calibrated for {meta.model}, not {model}: a plan holds one model's "
-                f"per-head choices. Make one for {model}: `gen calibrate sparse-vdit --model {model} "
-                "--prompts FILE --out PLAN`."
-            )
-        asked = (height, width, frames)
-        have = (meta.height, meta.width, meta.frames)
-        if any(a is not None and h is not None and a != h for a, h in zip(asked, have)):
-            raise ValueError(
-                f"{where} was calibrated at {meta.geometry()}, but this run asks for "
-                f"{width or meta.width}x{height or meta.height} pixels, {frames or meta.frames} frames. "
-                f"Render at the plan's geometry, or calibrate for this one: `gen calibrate sparse-vdit "
-                f"--model {meta.model} --height {height or meta.height} --width {width or meta.width} "
-                f"--frames {frames or meta.frames} --prompts FILE --out PLAN`."
-            )
-        if steps is not None and steps != meta.steps:
-            raise ValueError(self._steps_message(f"this run has {steps}"))
+        check_run(self.meta, PLAN_FORMAT, self.source, model=model, height=height, width=width,
+                  frames=frames, steps=steps)
         return self
 
     def _steps_message(self, what: str) -> str:
-        meta = self.meta
-        return (f"{self.source} was calibrated for {meta.steps} denoising steps and {what}: the modes "
-                f"are chosen per step. Run with --steps {meta.steps}, or calibrate for this step count "
-                f"(`gen calibrate sparse-vdit --model {meta.model} --steps N --prompts FILE --out PLAN`).")
+        return steps_message(self.meta, PLAN_FORMAT, self.source, what)
 
     def check_call(self, layout: TokenLayout, num_heads: int, head_dim: int | None,
                    ctx: AttentionContext) -> tuple[int, int]:
         """Check one attention call against the plan; returns ``(step, layer)``."""
-        meta, where = self.meta, self.source
-        fam = "wan" if layout.text_len == 0 else ("hunyuan" if not layout.text_first else "flux")
-        if (fam != meta.family or num_heads != meta.heads
-                or (head_dim is not None and meta.head_dim is not None and head_dim != meta.head_dim)):
-            dims = f" of {meta.head_dim}" if meta.head_dim is not None else ""
-            raise ValueError(
-                f"{where} was calibrated for {meta.model} ({meta.family}, {meta.layers} layers x "
-                f"{meta.heads} heads{dims}); this model is {fam} with {num_heads} heads"
-                + (f" of {head_dim}" if head_dim is not None else "")
-                + f". Calibrate a plan for this model (`{_CALIBRATE_HINT}`)."
-            )
-        if layout.grid != meta.grid or layout.text_len != meta.text_len:
-            t, h, w = layout.grid
-            raise ValueError(
-                f"{where} was calibrated at {meta.geometry()}, but this call has {t}x{h}x{w} tokens"
-                + (f" + {layout.text_len} text" if layout.text_len else "")
-                + ". Render at the plan's geometry, or calibrate for this one with --height, --width "
-                f"and --frames (`{_CALIBRATE_HINT}`)."
-            )
-        layer, step = ctx.layer_index, ctx.step_index
-        if layer is None or not 0 <= layer < meta.layers:
-            raise ValueError(f"{where} covers {meta.layers} attention layers; this call is layer "
-                             f"{layer}. Calibrate a plan for this model (`{_CALIBRATE_HINT}`).")
-        if step is None:
-            raise ValueError("sparse-vdit needs the denoising step of each call: run the model "
-                             "inside its pipeline, or call gen.sparsify on the transformer and "
-                             "pass timesteps in order.")
-        if ctx.num_steps is not None and ctx.num_steps != meta.steps:
-            raise ValueError(self._steps_message(f"this run has {ctx.num_steps}"))
-        if not 0 <= step < meta.steps:
-            raise ValueError(self._steps_message(f"this run reached step {step + 1}"))
-        return step, layer
+        return check_call(self.meta, PLAN_FORMAT, self.source, layout, num_heads, head_dim, ctx)
 
     # -- views ----------------------------------------------------------------------------
     def sparsity(self) -> torch.Tensor:
@@ -688,6 +597,10 @@ class SparseVDiTAttention(SparseMethod):
         if self.sv_plan is not None:
             self._modes = self.sv_plan.modes.tolist()
             self._stripes = [[[tuple(h) for h in layer] for layer in step] for step in self.sv_plan.stripes.tolist()]
+
+    @property
+    def calibrated_steps(self) -> int | None:
+        return None if self.sv_plan is None else self.sv_plan.meta.steps
 
     def _load_plan(self) -> SparseVDiTPlan | None:
         cfg = self.config

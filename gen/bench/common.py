@@ -66,14 +66,18 @@ class MethodChoice:
         return get_method(self.name, model=spec.name, family=spec.family, **self.overrides)
 
 
+#: methods that run only from a calibrated plan file (``--plan``)
+CALIBRATED = ("sparse-vdit", "paro")
+
+
 def resolve_methods(text: str, spec, *, plan: str | Path | None = None, allow_stock: bool = True) -> list[MethodChoice]:
     """Parse ``"dense,radial,gna"`` for ``spec`` (a ``ModelSpec``). ``name@backend``
     (``"gna@gather"``, ``"dense@torch"``) runs a method on a named attention backend
     (``gen.attention.BACKENDS``) instead of the automatic choice, for side-by-side rows.
 
     ``mask`` is always skipped (it needs a pattern function: use ``gen.sparsify(pipe,
-    "mask", pattern=fn)`` from Python), ``sparse-vdit`` is skipped unless ``plan`` (a
-    ``gen calibrate sparse-vdit`` plan file) is given, and a method that does not support
+    "mask", pattern=fn)`` from Python), ``sparse-vdit`` and ``paro`` are skipped unless
+    ``plan`` (a ``gen calibrate sparse-vdit`` / ``gen calibrate paro`` plan file) is given, and a method that does not support
     the model's family is skipped; each skip carries its reason.
 
     Raises:
@@ -108,9 +112,9 @@ def resolve_methods(text: str, spec, *, plan: str | Path | None = None, allow_st
             out.append(MethodChoice(label, None, skip=f"{label} does not support {spec.family} models"))
         elif label == "mask":
             out.append(MethodChoice(label, None, skip="mask needs a pattern function (Python: gen.sparsify(pipe, 'mask', pattern=fn))"))
-        elif label == "sparse-vdit" and plan is None:
-            out.append(MethodChoice(label, None, skip="sparse-vdit needs a calibrated plan: pass --plan (from `gen calibrate sparse-vdit`)"))
-        elif label == "sparse-vdit":
+        elif label in CALIBRATED and plan is None:
+            out.append(MethodChoice(label, None, skip=f"{label} needs a calibrated plan: pass --plan (from `gen calibrate {label}`)"))
+        elif label in CALIBRATED:
             out.append(MethodChoice(label, label, {"plan": str(plan)}))
         else:
             out.append(MethodChoice(label, label))
