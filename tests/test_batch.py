@@ -77,7 +77,7 @@ def reference(tmp_path_factory):
     manifest = _manifest(tmp / "jobs.jsonl", 6)
     out = tmp / "out"
     res = _gen("batch", manifest, "--out-dir", out, *SMALL)
-    assert "rendered 6, skipped 0" in res.stdout, res.stdout + res.stderr
+    assert "rendered 6, skipped 0" in res.stderr, res.stdout + res.stderr
     return manifest, out
 
 
@@ -142,10 +142,10 @@ def test_bad_manifest_on_the_command_line_is_one_line(tmp_path):
     path = tmp_path / "jobs.jsonl"
     path.write_text('{"prompt": "a"}\n{"prompt": "b", "seed": "x"}\n')
     res = _gen("batch", path, "--out-dir", tmp_path / "out", check=False)
-    assert res.returncode == 2 and "jobs.jsonl, line 2: seed must be a whole number" in res.stdout
+    assert res.returncode == 2 and "jobs.jsonl, line 2: seed must be a whole number" in res.stderr
     assert "Traceback" not in res.stdout + res.stderr
     res = _gen("batch", tmp_path / "missing.jsonl", "--out-dir", tmp_path / "out", check=False)
-    assert res.returncode == 2 and "cannot read the manifest" in res.stdout
+    assert res.returncode == 2 and "cannot read the manifest" in res.stderr
 
 
 def test_unwritable_out_dir_is_refused_before_loading(tmp_path):
@@ -230,7 +230,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, reference):
     done_before = {n: s for n, s in _sidecars(out).items() if s["status"] == "done"}
     assert 2 <= len(done_before) < 6, "the batch must be killed in the middle"
     res = _gen("batch", manifest, "--out-dir", out, *SMALL)
-    assert f"rendered {6 - len(done_before)}, skipped {len(done_before)}" in res.stdout, res.stdout
+    assert f"rendered {6 - len(done_before)}, skipped {len(done_before)}" in res.stderr, res.stdout
     after = _sidecars(out)
     for name, side in done_before.items():  # not rendered again
         assert after[name]["started"] == side["started"]

@@ -12,12 +12,12 @@ from typer.testing import CliRunner
 
 from gen.attention.methods import PRESETS, get_method
 from gen.attention.methods.presets import PRESET_DENSITIES
-from gen.cli import (
+from gen.cli import app
+from gen.cli.catalog import (
     _cached_methods_lines,
     _methods_cache_file,
     _methods_lines,
     _preset_grid_density,
-    app,
 )
 from gen.pipelines import MODELS
 
