@@ -141,9 +141,9 @@ def mask_picture(method: str, model: str, *, out, height: int | None = None, wid
     from gen._io import atomic_path
 
     heads_png = None
-    describe = getattr(m, "describe", None)  # methods with per-head token orders (paro)
-    if describe is not None and not dense_reason:
-        info = describe(layout, heads, ctx)[head]
+    # methods with a token order per head (paro) draw every head in its order too
+    if getattr(m, "save_plan_picture", None) is not None and not dense_reason:
+        info = m.head_orders(layout, heads, ctx)[head]
         title += f", order {info['order']}" + (" (empty head)" if info["empty"] else "")
         heads_png = out.with_name(f"{out.stem}-heads.png")
         m.save_plan_picture(heads_png, layout, heads, ctx, title=f"{method} on {spec.name}: {layout}, "

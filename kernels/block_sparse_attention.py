@@ -598,20 +598,21 @@ def _block_sparse_attn_fwd(
                        sm_scale, return_lse, splits, use_tma, interpret=interpret)
     if use_tma and not interpret:
         triton.set_allocator(_allocate_descriptor_memory)
-    return _launch(spec, q, block_m, min(64, block_n), splits, return_lse, interpret)
+    tiles = (min(64, block_m), min(64, block_n)) if interpret else None
+    return launch_plan_walk(_kernel(interpret), spec, q, block_m, tiles, splits, return_lse)
 
 
-def _launch(spec, q: torch.Tensor, block_m: int, interpret_bn: int, splits: int, return_lse: bool,
-            interpret: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the kernel on a launch spec (plain or chunk variant) and merge the key splits.
-    Compiled, the autotuner picks ``BLOCK_M``/``BLOCK_N``; interpreted, the tiles are at
-    most 64 (``interpret_bn`` for keys) to keep the CPU emulation small."""
+def launch_plan_walk(kernel, spec, q: torch.Tensor, block_m: int, interpret_tiles: tuple[int, int] | None,
+                     splits: int, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a plan-walking kernel (this file's plain and chunk variants, the INT8 variant of
+    ``quant_attention``) on its launch spec and merge the key splits. Compiled, the
+    autotuner picks ``BLOCK_M``/``BLOCK_N``; interpreted (``interpret_tiles`` given), those
+    tiles are used, small to keep the CPU emulation fast."""
     bsz, heads = q.shape[:2]
-    kernel = _kernel(interpret)
-    if interpret:
-        bm = min(64, block_m)
+    if interpret_tiles is not None:
+        bm, bn = interpret_tiles
         grid = (bsz * heads, spec.row_tiles * (block_m // bm), splits)
-        kernel[grid](*spec.args, **spec.meta, BLOCK_M=bm, BLOCK_N=interpret_bn)
+        kernel[grid](*spec.args, **spec.meta, BLOCK_M=bm, BLOCK_N=bn)
     else:
         grid = lambda m: (bsz * heads, spec.row_tiles * (block_m // m["BLOCK_M"]), splits)
         with torch.cuda.device(q.device):
@@ -755,7 +756,8 @@ def _chunk_sparse_attn_fwd(
     spec = launch_spec(q, k, v, kv_indices, kv_counts, None, None, block_m, CHUNK_PLAN_BN, sm_scale,
                        return_lse, splits, False, interpret=interpret, chunk_bounds=chunk_bounds.contiguous(),
                        row_bits=row_bits)
-    return _launch(spec, q, block_m, 64, splits, return_lse, interpret)
+    tiles = (min(64, block_m), 64) if interpret else None
+    return launch_plan_walk(_kernel(interpret), spec, q, block_m, tiles, splits, return_lse)
 
 
 @_chunk_sparse_attn_fwd.register_fake

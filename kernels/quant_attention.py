@@ -79,7 +79,11 @@ from ._common import (
     shared_memory_limit,
     triton_available_for,
 )
-from .block_sparse_attention import _count_visits_below, _merge_splits, choose_kv_splits
+from .block_sparse_attention import (
+    _count_visits_below,
+    choose_kv_splits,
+    launch_plan_walk,
+)
 
 __all__ = [
     "AUTOTUNE_KEY",
@@ -629,25 +633,15 @@ def _quant_attn_fwd(
     ok, why = triton_available_for(q.device)
     if not ok:
         raise ValueError(why)
-    bsz, heads = q.shape[:2]
     qi, qs, ki, ks, vi, vs = _run_quantize(q, k, v if v_int8 else None, kv_valid, kv_mask)
     interpret = interpreting()
     spec = launch_spec(qi, qs, ki, ks, vi if v_int8 else v, vs, kv_indices, kv_counts, kv_valid, kv_mask,
                        block_m, block_n, sm_scale, return_lse, splits, q.dtype, interpret=interpret)
-    kernel = _kernel(interpret)
+    tiles = None
     if interpret:
         conf = fallback_config(block_m, block_n)
-        bm, bn = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"]
-        grid = (bsz * heads, spec.row_tiles * (block_m // bm), splits)
-        kernel[grid](*spec.args, **spec.meta, BLOCK_M=bm, BLOCK_N=bn)
-    else:
-        grid = lambda m: (bsz * heads, spec.row_tiles * (block_m // m["BLOCK_M"]), splits)  # noqa: E731
-        with torch.cuda.device(q.device):
-            kernel[grid](*spec.args, **spec.meta)
-    if splits > 1:
-        out, lse = _merge_splits(spec.out, spec.lse, q.dtype)
-        return out, (lse if return_lse else lse.new_empty((1,)))
-    return spec.out[0], (spec.lse[0] if return_lse else spec.lse.new_empty((1,)))
+        tiles = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"]
+    return launch_plan_walk(_kernel(interpret), spec, q, block_m, tiles, splits, return_lse)
 
 
 @_quant_attn_fwd.register_fake

@@ -340,12 +340,12 @@ def test_config_and_plan_checks(seed):
         get_method("paro", plan=plan, model="tiny-wan")
 
 
-def test_describe_and_picture_hooks(seed, tmp_path):
+def test_head_orders_and_picture_hooks(seed, tmp_path):
     layout = LAYOUTS["wan"]
     plan = _random_plan(layout, torch.Generator().manual_seed(seed), empty=torch.eye(2, 6, dtype=torch.bool))
     method = get_method("paro", plan=plan)
     ctx = AttentionContext(step_index=0, num_steps=4, layer_index=0)
-    info = method.describe(layout, 6, ctx)
+    info = method.head_orders(layout, 6, ctx)
     assert [h["order"] for h in info] == list(ORDER_NAMES) and info[0]["empty"] and info[0]["density"] == 0
     assert all(0 < h["density"] <= 1 for h in info[1:])
     png = method.save_plan_picture(tmp_path / "paro.png", layout, 6, ctx)

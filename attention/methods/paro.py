@@ -748,7 +748,7 @@ class ParoAttention(SparseMethod):
             dense[:, layer] |= self.is_dense_layer(layer)
         return float(torch.where(dense, torch.ones_like(per_step), per_step).mean())
 
-    def describe(self, layout: TokenLayout, num_heads: int, ctx: AttentionContext | None = None) -> list[dict]:
+    def head_orders(self, layout: TokenLayout, num_heads: int, ctx: AttentionContext | None = None) -> list[dict]:
         """Per head of the call: ``{"head", "order", "order_id", "empty", "density"}``
         (density: the head's video→video block density in its order; empty heads 0), for
         pictures (``gen masks``) and the demo."""
@@ -774,7 +774,7 @@ class ParoAttention(SparseMethod):
         from gen._io import atomic_path
 
         masks = self.plan(layout, num_heads, ctx).to_block_mask()[0].float().numpy()
-        info = self.describe(layout, num_heads, ctx)
+        info = self.head_orders(layout, num_heads, ctx)
         cols = min(len(info), 4)
         rows = -(-len(info) // cols)
         fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows + 0.4), dpi=110, squeeze=False)
