@@ -38,7 +38,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -60,8 +60,10 @@ __all__ = [
 ]
 
 
-class CalibratedMeta(Protocol):
-    """What every plan's meta dataclass has (read by the checks here).
+@dataclass(frozen=True, kw_only=True)
+class CalibratedMeta:
+    """What every plan was made for (the fields the checks here read); each method's meta
+    dataclass extends it with its own parameters.
 
     Attributes:
         model: registry name of the model (``"custom"`` for hand-made plans).
@@ -71,6 +73,8 @@ class CalibratedMeta(Protocol):
         steps, layers, heads: denoising steps, attention layers and heads per layer.
         head_dim: channels per head (None: not checked).
         height, width, frames: pixels and frames of the pipeline call (None: unknown).
+        prompts, seed, guidance: of the calibration runs.
+        gen_version: gen's version that wrote the plan.
         format_version: plan file format version.
     """
 
@@ -83,10 +87,22 @@ class CalibratedMeta(Protocol):
     layers: int
     heads: int
     head_dim: int | None
-    height: int | None
-    width: int | None
-    frames: int | None
-    format_version: int
+    height: int | None = None
+    width: int | None = None
+    frames: int | None = None
+    prompts: tuple[str, ...] = ()
+    seed: int | None = None
+    guidance: float | None = None
+    gen_version: str = ""
+    format_version: int = 1
+
+    @property
+    def layout(self) -> TokenLayout:
+        return TokenLayout(*self.grid, text_len=self.text_len, text_first=self.text_first)
+
+    def geometry(self) -> str:
+        """``"128x128 pixels, 17 frames (5x8x8 tokens)"`` for messages."""
+        return describe_geometry(self)
 
 
 @dataclass(frozen=True)

@@ -100,11 +100,11 @@ from ..layout import TokenLayout
 from ..plan import BlockPlan
 from ..plan_cache import PlanCache
 from ..plan_file import (
+    CalibratedMeta,
     PlanFormat,
     call_family,
     check_call,
     check_run,
-    describe_geometry,
     load_plan_file,
     meta_from_json,
     save_plan_file,
@@ -200,17 +200,13 @@ def _block_lengths(n: int, b: int) -> torch.Tensor:
 
 
 # -- plans ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ParoPlanMeta:
-    """What a PARO plan was made for and with (the header of a plan file).
+@dataclass(frozen=True, kw_only=True)
+class ParoPlanMeta(CalibratedMeta):
+    """What a PARO plan was made for and with (the header of a plan file): the fields of
+    :class:`~gen.attention.plan_file.CalibratedMeta` (model, family, token grid, steps,
+    layers, heads, geometry, calibration runs), plus:
 
     Args:
-        model: registry name of the model (``"custom"`` for hand-made plans).
-        family: ``"wan"``, ``"hunyuan"`` or ``"flux"``.
-        grid: ``(frames, height, width)`` video tokens per attention call.
-        text_len, text_first: text tokens in the same call and where.
-        steps, layers, heads: denoising steps of the run, attention layers, heads.
-        head_dim: channels per head (None: not checked).
         block_size: block edge in tokens (query and key blocks).
         bins: timestep bins.
         density: the target video→video block density of the masks (calibration).
@@ -218,20 +214,8 @@ class ParoPlanMeta:
         eps, sigma: the sparse-block test of the order metric (an entry is small below
             ``eps``; a block is sparse when at least ``sigma`` of its entries are).
         empty_mass: heads with a video→video mass below it were marked empty.
-        height, width, frames: pixels and frames of the pipeline call (None if unknown).
-        prompts, seed, guidance: of the calibration runs.
-        gen_version, format_version: writer's gen version, file format version.
     """
 
-    model: str
-    family: str
-    grid: tuple[int, int, int]
-    text_len: int
-    text_first: bool
-    steps: int
-    layers: int
-    heads: int
-    head_dim: int | None
     block_size: int = DEFAULT_BLOCK
     bins: int = DEFAULT_BINS
     density: float = 1.0
@@ -239,26 +223,12 @@ class ParoPlanMeta:
     eps: float = 1e-3
     sigma: float = 0.9
     empty_mass: float = 0.0
-    height: int | None = None
-    width: int | None = None
-    frames: int | None = None
-    prompts: tuple[str, ...] = ()
-    seed: int | None = None
-    guidance: float | None = None
-    gen_version: str = ""
     format_version: int = FORMAT_VERSION
-
-    @property
-    def layout(self) -> TokenLayout:
-        return TokenLayout(*self.grid, text_len=self.text_len, text_first=self.text_first)
 
     @property
     def n_blocks(self) -> int:
         """Blocks per side of a mask (video tokens, ragged last block)."""
         return -(-self.layout.video_len // self.block_size)
-
-    def geometry(self) -> str:
-        return describe_geometry(self)
 
     @classmethod
     def from_json(cls, text: str) -> ParoPlanMeta:

@@ -104,11 +104,11 @@ from ..layout import TokenLayout
 from ..plan import BlockPlan
 from ..plan_cache import PlanCache
 from ..plan_file import (
+    CalibratedMeta,
     PlanFormat,
     call_family,
     check_call,
     check_run,
-    describe_geometry,
     load_plan_file,
     meta_from_json,
     meta_to_json,
@@ -287,62 +287,28 @@ def key_block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, *, budget:
 
 
 # -- plans ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PlanMeta:
-    """What a plan was made for and with (the header of a plan file).
+@dataclass(frozen=True, kw_only=True)
+class PlanMeta(CalibratedMeta):
+    """What a Sparse-vDiT plan was made for and with (the header of a plan file): the
+    fields of :class:`~gen.attention.plan_file.CalibratedMeta` (model, family ``"wan"`` or
+    ``"hunyuan"``, token grid, steps, layers, heads, geometry, calibration runs), plus:
 
     Args:
-        model: registry name of the model (``"custom"`` for hand-made plans).
-        family: ``"wan"`` or ``"hunyuan"``.
-        grid: ``(frames, height, width)`` video tokens per attention call.
-        text_len: text tokens in the same call (0 for Wan self-attention).
-        text_first: text before the video (never for the supported families).
-        steps, layers, heads: the plan's ``[steps, layers, heads]``.
-        head_dim: channels per head (None: not checked).
         block_size, window, diagonal, stripes: the mode parameters (:class:`ModeParams`).
         lam, eps: the search's cost weight and threshold.
-        height, width, frames: pixels and frames of the pipeline call (None if unknown).
-        prompts: the calibration prompts.
-        seed, guidance: of the calibration runs.
-        gen_version: gen's version that wrote the plan.
-        format_version: plan file format version.
     """
 
-    model: str
-    family: str
-    grid: tuple[int, int, int]
-    text_len: int
-    text_first: bool
-    steps: int
-    layers: int
-    heads: int
-    head_dim: int | None
     block_size: int
     window: int
     diagonal: int
     stripes: int
     lam: float = 0.5
     eps: float = 1.0
-    height: int | None = None
-    width: int | None = None
-    frames: int | None = None
-    prompts: tuple[str, ...] = ()
-    seed: int | None = None
-    guidance: float | None = None
-    gen_version: str = ""
     format_version: int = FORMAT_VERSION
-
-    @property
-    def layout(self) -> TokenLayout:
-        return TokenLayout(*self.grid, text_len=self.text_len, text_first=self.text_first)
 
     @property
     def params(self) -> ModeParams:
         return ModeParams(self.block_size, self.window, self.diagonal, self.stripes)
-
-    def geometry(self) -> str:
-        """``"128x128 pixels, 17 frames (5x8x8 tokens)"`` for messages."""
-        return describe_geometry(self)
 
     def to_json(self) -> str:
         return meta_to_json(self)
