@@ -282,15 +282,12 @@ def calibrate(
         ValueError: unknown model, bad geometry or parameters, unreadable image.
     """
     import gen
+    from gen._calibration import load_calibration_model, resolve_calibration
     from gen._io import atomic_path
-    from gen.attention.processors import attention_modules
-    from gen.session import STOCK, RenderJob, Session, read_image
 
-    prompts = [p for p in prompts]
-    if not prompts:
-        raise ValueError("calibration needs at least one prompt.")
-    base = RenderJob(prompts[0], model=model, attention=STOCK, height=height, width=width, frames=frames,
-                     steps=steps, guidance=guidance, seed=seed, negative_prompt=negative_prompt).resolved()
+    prompts, base = resolve_calibration("sparse-vdit", SparseVDiTAttention.families, model, prompts, height=height,
+                                        width=width, frames=frames, steps=steps, guidance=guidance, seed=seed,
+                                        negative_prompt=negative_prompt)
     spec = base.spec
     height, width, frames, steps, guidance = base.height, base.width, base.frames, base.steps, base.guidance
     if "plan" in (overrides or {}):
@@ -301,30 +298,9 @@ def calibrate(
     if eps is not None:
         values["eps"] = eps
     config = SparseVDiTConfig(**values)
-    if spec.family not in SparseVDiTAttention.families:
-        raise ValueError(f"sparse-vdit supports {', '.join(SparseVDiTAttention.families)} models; "
-                         f"{spec.name} is {spec.family}.")
-    image_path = scratch = None
-    if image is not None:
-        from PIL import Image
-
-        if isinstance(image, Image.Image):  # the run core reads images from files
-            import tempfile
-
-            scratch = tempfile.TemporaryDirectory(prefix="gen-calibrate-")
-            image_path = str(Path(scratch.name) / "image.png")
-            image.save(image_path)
-        else:
-            image_path = str(image)
-            read_image(image_path, width, height)
-
-    session = Session(device=device, dtype=dtype, model_path=model_path,
-                      progress=False if progress is not None else None)
-    if pipe is not None:
-        session.adopt(spec.name, pipe)
-    transformer = session.pipeline(spec.name)[0].transformer
-    layers = len(attention_modules(transformer))
-    heads = transformer.config.num_attention_heads
+    loaded = load_calibration_model(base, image=image, device=device, dtype=dtype, model_path=model_path, pipe=pipe,
+                                    progress=progress)
+    session, layers, heads, image_path = loaded.session, loaded.layers, loaded.heads, loaded.image
 
     from gen.api import sparsify
 
@@ -351,8 +327,7 @@ def calibrate(
             outputs.append(value.float().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value))
     finally:
         handle.restore()
-        if scratch is not None:
-            scratch.cleanup()
+        loaded.close()
     seconds = time.perf_counter() - t0
     plan = search.finish(dict(model=spec.name, height=height, width=width, frames=frames,
                               prompts=tuple(prompts), seed=seed, guidance=float(guidance),

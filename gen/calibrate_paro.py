@@ -273,14 +273,13 @@ def calibrate_paro(
             parameters, unreadable image.
     """
     import gen
+    from gen._calibration import load_calibration_model, resolve_calibration
     from gen._io import atomic_path
     from gen.api import sparsify
-    from gen.attention.processors import attention_modules
-    from gen.session import STOCK, RenderJob, Session, read_image
 
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("calibration needs at least one prompt.")
+    prompts, base = resolve_calibration("paro", ParoAttention.families, model, prompts, height=height, width=width,
+                                        frames=frames, steps=steps, guidance=guidance, seed=seed,
+                                        negative_prompt=negative_prompt)
     density = DEFAULT_DENSITY if density is None else density
     bins = DEFAULT_BINS if bins is None else bins
     alpha = DEFAULT_ALPHA if alpha is None else alpha
@@ -290,28 +289,15 @@ def calibrate_paro(
                                    ("empty_mass", empty_mass, 0.0, 1.0)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
             raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}.")
-    base = RenderJob(prompts[0], model=model, attention=STOCK, height=height, width=width, frames=frames,
-                     steps=steps, guidance=guidance, seed=seed, negative_prompt=negative_prompt).resolved()
     spec = base.spec
     height, width, frames, steps, guidance = base.height, base.width, base.frames, base.steps, base.guidance
-    if spec.family not in ParoAttention.families:
-        raise ValueError(f"paro supports {', '.join(ParoAttention.families)} models; {spec.name} is {spec.family}.")
     if order is not None and (isinstance(order, bool) or not isinstance(order, int) or not 0 <= order < 6):
         raise ValueError(f"order must be an order id in [0, 5] ({', '.join(ORDER_NAMES)}) or None, got {order!r}.")
     if bins > steps:
         raise ValueError(f"bins={bins} is more than the run's {steps} steps; use at most {steps} bins.")
-    image_path = None
-    if image is not None:
-        image_path = str(image)
-        read_image(image_path, width, height)
-
-    session = Session(device=device, dtype=dtype, model_path=model_path,
-                      progress=False if progress is not None else None)
-    if pipe is not None:
-        session.adopt(spec.name, pipe)
-    transformer = session.pipeline(spec.name)[0].transformer
-    layers = len(attention_modules(transformer))
-    heads = transformer.config.num_attention_heads
+    loaded = load_calibration_model(base, image=image, device=device, dtype=dtype, model_path=model_path, pipe=pipe,
+                                    progress=progress)
+    session, layers, heads, image_path = loaded.session, loaded.layers, loaded.heads, loaded.image
     from gen.masks import layout_for_model
 
     layout = layout_for_model(spec, height, width, frames)
@@ -350,6 +336,7 @@ def calibrate_paro(
                     orders = torch.full_like(orders, order)
     finally:
         handle.restore()
+        loaded.close()
     seconds = time.perf_counter() - t0
     plan = observer.finish(orders=orders, density=density, empty_mass=empty_mass,
                            meta=dict(model=spec.name, height=height, width=width, frames=frames, alpha=float(alpha),
