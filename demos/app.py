@@ -424,7 +424,7 @@ def create_app(
                     with gr.Tab("Masks", id="masks"):
                         heads0, layers0 = shapes[spec0.name]
                         with gr.Row():
-                            layer = gr.Slider(0, max_layers - 1, value=0, step=1, label="Layer")
+                            layer = gr.Slider(0, max_layers - 1, value=0, step=1, label="Layer", elem_id="mask-layer")
                             head = gr.Slider(0, max_heads - 1, value=0, step=1, label="Head")
                             mask_step = gr.Slider(0, 999, value=spec0.steps - 1, step=1, label="Denoising step",
                                                   info="0-based; dense_steps makes early steps dense")

@@ -1,8 +1,8 @@
 """Take the README's screenshots of the demo, one per tab, after real runs.
 
-    python -m gen.demos.screenshots [--out docs/images] [--method mask]
+    python -m gen.demos.screenshots [--out docs/images] [--method radial]
 
-Starts the app in-process on a free localhost port with the tiny models, drives Debian's
+Starts the app in-process on a free localhost port with its default model, drives Debian's
 ``chromium`` (``/usr/bin/chromium``; no browser download) through Playwright: generates a
 clip, runs a comparison, draws a mask, and writes ``demo_generate.png``,
 ``demo_compare.png`` and ``demo_masks.png``. Needs ``pip install playwright`` and
@@ -47,7 +47,7 @@ def open_tab(page, name: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/images"), help="folder for the PNGs")
-    parser.add_argument("--method", default="mask", help="attention method shown (default: mask)")
+    parser.add_argument("--method", default="radial", help="attention method shown (default: radial)")
     parser.add_argument("--width", type=int, default=1440, help="browser viewport width in CSS pixels")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> None:
                 page.screenshot(path=str(args.out / "demo_compare.png"), full_page=True)
 
                 open_tab(page, "Masks")
+                # the presets run layer 0 dense (radial's dense_layers=1 on shapes-wan): show layer 1
+                page.fill("#mask-layer input[type=number]", "1")
+                page.keyboard.press("Enter")
                 page.click("#show-mask")
                 page.wait_for_selector("#mask-image img[src]")
                 page.wait_for_selector("#mask-report :text('density')")
