@@ -77,7 +77,7 @@ def reference(tmp_path_factory):
     manifest = _manifest(tmp / "jobs.jsonl", 6)
     out = tmp / "out"
     res = _gen("batch", manifest, "--out-dir", out, *SMALL)
-    assert "rendered 6, skipped 0" in res.stderr, res.stdout + res.stderr
+    assert "rendered 6, skipped 0" in res.stdout, res.stdout + res.stderr
     return manifest, out
 
 
@@ -230,7 +230,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, reference):
     done_before = {n: s for n, s in _sidecars(out).items() if s["status"] == "done"}
     assert 2 <= len(done_before) < 6, "the batch must be killed in the middle"
     res = _gen("batch", manifest, "--out-dir", out, *SMALL)
-    assert f"rendered {6 - len(done_before)}, skipped {len(done_before)}" in res.stderr, res.stdout
+    assert f"rendered {6 - len(done_before)}, skipped {len(done_before)}" in res.stdout, res.stdout
     after = _sidecars(out)
     for name, side in done_before.items():  # not rendered again
         assert after[name]["started"] == side["started"]

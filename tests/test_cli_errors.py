@@ -112,6 +112,8 @@ BAD = {
     "check gpu": ["--budget-s", "0"],
     "calibrate sparse-vdit": ["--model", "tiny-wan", "--prompts", "{tmp}/jobs.txt", "--out", "{tmp}/p.safetensors",
                               "--dtype", "fp64"],
+    "calibrate paro": ["--model", "shapes-wan", "--prompts", "{tmp}/jobs.txt", "--out", "{tmp}/p.safetensors",
+                       "--device", "tpu9"],
 }
 
 

@@ -69,6 +69,15 @@ def _settings(family: str, name: str) -> dict:
         modes = [[["window", "stripe"], ["diagonal", "skip"]]]  # [steps, layers, heads]: every head its own
         plan = SparseVDiTPlan.from_modes(modes, layout, family=family, block_size=16, n_stripes=2)
         return dict(plan=plan)
+    if name == "paro":
+        from gen.attention import TokenLayout
+        from gen.attention.methods.paro import ParoPlan
+
+        layout = TokenLayout(*GRID[family], text_len=TEXT[family], text_first=family == "flux")
+        nb = -(-VIDEO_TOKENS[family] // 16)
+        masks = torch.rand(1, LAYERS, HEADS, nb, nb, generator=torch.Generator().manual_seed(0)) < 0.4
+        orders = torch.tensor([[1, 2], [4, 5]])  # [layers, heads]: every head its own axis order and mask
+        return dict(plan=ParoPlan.from_masks(orders, masks, layout, block_size=16, steps=1))
     return {}
 
 
