@@ -26,13 +26,22 @@ import torch
 
 from gen.kernels._checks import check_plan_values
 
-__all__ = ["BlockPlan"]
+__all__ = ["BlockPlan", "block_lengths"]
 
 
 def _pos_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}.")
     return value
+
+
+def block_lengths(n: int, b: int) -> torch.Tensor:
+    """Tokens per block of ``n`` tokens cut into ``b``-token blocks, float64
+    ``(ceil(n / b),)``: all ``b`` but a ragged last one."""
+    nb = -(-n // b)
+    lens = torch.full((nb,), float(b), dtype=torch.float64)
+    lens[-1] = n - b * (nb - 1)
+    return lens
 
 
 @dataclass(frozen=True, eq=False)

@@ -71,15 +71,17 @@ import torch
 
 from gen.attention import AttentionContext, TokenLayout
 from gen.attention.methods.sparse_vdit import (
+    PlanMeta,
+    SparseVDiTAttention,
+    SparseVDiTConfig,
+    SparseVDiTPlan,
+)
+from gen.attention.methods.sparse_vdit_modes import (
     FULL,
     MODE_NAMES,
     SKIP,
     STRIPE,
     ModeParams,
-    PlanMeta,
-    SparseVDiTAttention,
-    SparseVDiTConfig,
-    SparseVDiTPlan,
     key_block_mass,
     mode_sparsity,
     resolve_params,

@@ -37,6 +37,18 @@ __all__ = ["MethodConfig", "SparseMethod"]
 FAMILIES = tuple(FAMILY_MODULES)
 
 
+def is_int(value, low: int = 0) -> bool:
+    """``value`` is an ``int`` (not a ``bool``) ``>= low``: the check of method parameters
+    that count tokens, blocks or heads."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def check_block_size(b) -> None:
+    """Refuse a plan block size the kernels do not take: a power of two in [16, 256] tokens."""
+    if not is_int(b, 16) or b > 256 or b & (b - 1):
+        raise ValueError(f"block_size must be a power of two in [16, 256] (tokens), got {b!r}.")
+
+
 @dataclass(frozen=True)
 class MethodConfig:
     """Fields every method config has.

@@ -97,7 +97,7 @@ import torch
 from ..context import AttentionContext
 from ..dispatch import block_sparse_attention
 from ..layout import TokenLayout
-from ..plan import BlockPlan
+from ..plan import BlockPlan, block_lengths
 from ..plan_cache import PlanCache
 from ..plan_file import (
     CalibratedMeta,
@@ -110,7 +110,7 @@ from ..plan_file import (
     save_plan_file,
 )
 from ..token_order import TokenPermutation, axis_order
-from .base import MethodConfig, SparseMethod
+from .base import MethodConfig, SparseMethod, check_block_size, is_int
 
 __all__ = [
     "AXES",
@@ -150,15 +150,6 @@ PLAN_FORMAT = PlanFormat("paro", "PARO plan", FORMAT_VERSION,
 _HINT = PLAN_FORMAT.hint
 
 
-def _is_int(value, low: int = 0) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
-def _check_block(b) -> None:
-    if not _is_int(b, 16) or b > 256 or b & (b - 1):
-        raise ValueError(f"block_size must be a power of two in [16, 256] (tokens), got {b!r}.")
-
-
 def time_bin(step: int, steps: int, bins: int) -> int:
     """The timestep bin of denoising step ``step`` (0-based) of a ``steps``-step run:
     ``(step * bins) // steps`` (see the module docstring), clipped to ``bins - 1``."""
@@ -168,7 +159,7 @@ def time_bin(step: int, steps: int, bins: int) -> int:
 def order_permutation(grid: tuple[int, int, int], order: int) -> TokenPermutation:
     """The video-token permutation of order id ``order`` (0-5) on a ``(F, H, W)`` grid:
     slot ``i`` holds frame-major token ``index[i]``."""
-    if not _is_int(order) or order >= len(AXES):
+    if not is_int(order) or order >= len(AXES):
         raise ValueError(f"order ids are 0-5 ({', '.join(ORDER_NAMES)}), got {order!r}.")
     return axis_order(tuple(grid), AXES[order])
 
@@ -190,13 +181,6 @@ def pack_masks(masks: torch.Tensor) -> torch.Tensor:
 def unpack_masks(packed: torch.Tensor, nb: int) -> torch.Tensor:
     """Inverse of :func:`pack_masks`: bool ``[..., nb, nb]``."""
     return torch.from_numpy(np.unpackbits(packed.cpu().numpy(), axis=-1, count=nb).astype(bool))
-
-
-def _block_lengths(n: int, b: int) -> torch.Tensor:
-    nb = -(-n // b)
-    lens = torch.full((nb,), float(b), dtype=torch.float64)
-    lens[-1] = n - b * (nb - 1)
-    return lens
 
 
 # -- plans ------------------------------------------------------------------------------
@@ -279,7 +263,7 @@ class ParoPlan:
         e = torch.zeros(layers, heads, dtype=torch.bool) if empty is None else torch.as_tensor(empty).bool()
         family = family or call_family(layout)
         nan = float("nan")
-        lens = _block_lengths(layout.video_len, block_size)
+        lens = block_lengths(layout.video_len, block_size)
         dens = float(torch.einsum("blhqk,q,k->", m.double(), lens, lens) / (m[..., 0, 0].numel() * layout.video_len**2))
         meta.setdefault("density", dens)
         info = ParoPlanMeta(model=model, family=family, grid=layout.grid, text_len=layout.text_len,
@@ -293,8 +277,8 @@ class ParoPlan:
         meta, where = self.meta, self.source
         if not isinstance(meta, ParoPlanMeta):
             raise ValueError(f"{where}: meta must be a ParoPlanMeta.")
-        _check_block(meta.block_size)
-        if not _is_int(meta.bins, 1) or not _is_int(meta.steps, 1) or meta.bins > meta.steps:
+        check_block_size(meta.block_size)
+        if not is_int(meta.bins, 1) or not is_int(meta.steps, 1) or meta.bins > meta.steps:
             raise ValueError(f"{where}: bins must be an int in [1, steps={meta.steps}], got {meta.bins!r}.")
         if meta.family not in ("wan", "hunyuan", "flux"):
             raise ValueError(f"{where}: family must be 'wan', 'hunyuan' or 'flux', got {meta.family!r}.")
@@ -364,7 +348,7 @@ class ParoPlan:
         """float64 ``[bins, layers, heads]``: video→video token-pair density of each mask
         (ragged blocks at their true size); empty heads 0 (their part is not computed)."""
         n, b = self.meta.layout.video_len, self.meta.block_size
-        lens = _block_lengths(n, b)
+        lens = block_lengths(n, b)
         dens = torch.einsum("blhqk,q,k->blh", self.all_masks().double(), lens, lens) / n**2
         return torch.where(self.empty.unsqueeze(0), torch.zeros_like(dens), dens)
 
@@ -447,7 +431,7 @@ class ParoConfig(MethodConfig):
             object.__setattr__(self, "plan", os.fspath(plan))
         elif plan is not None and not isinstance(plan, (str, ParoPlan)):
             raise ValueError(f"plan must be a path to a plan file or a ParoPlan, got {type(plan).__name__}.")
-        if self.bins is not None and not _is_int(self.bins, 1):
+        if self.bins is not None and not is_int(self.bins, 1):
             raise ValueError(f"bins must be an int >= 1 (timestep bins) or None, got {self.bins!r}.")
         d = self.density
         if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1):
@@ -456,7 +440,7 @@ class ParoConfig(MethodConfig):
         if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1):
             raise ValueError(f"alpha must be a number in [0, 1] or None, got {a!r}.")
         if self.block_size is not None:
-            _check_block(self.block_size)
+            check_block_size(self.block_size)
         if self.empty_head not in EMPTY_HEAD:
             raise ValueError(f"empty_head must be one of {', '.join(EMPTY_HEAD)}, got {self.empty_head!r}.")
         if self.quant not in QUANT:

@@ -4,51 +4,17 @@ chosen offline by a search over a real denoising run.
 Sparse-vDiT (Chen et al., 2025; no code released) observes that each head of a video
 DiT keeps one of a few attention shapes along the trajectory, so it picks per head the
 cheapest shape that approximates full attention well enough, once, offline, and runs
-that choice at inference. This file holds the modes, the plan file and the method that
-runs a plan; the search itself runs a pipeline and lives in ``gen.calibrate``
-(``gen calibrate sparse-vdit``).
-
-Modes (ids as stored in plans, over the video tokens of a call, ``b``-token blocks):
-
-===  =========  ==============================================================================
-id   name       query block ``i`` visits key block ``j`` when ...
-===  =========  ==============================================================================
-0    full       always (dense attention)
-1    skip       never: the head's output on the video queries is exactly zero
-2    window     ``|i - j| <= window`` in frame-major order (``t*H*W + h*W + w``): a band around
-               the diagonal, i.e. the query's own neighbourhood inside its frame
-3    diagonal   ``|i - j| <= diagonal`` in the time-major order ``"hwt"``
-               (``(h*W + w)*T + t``): the same spatial position in every frame, which in
-               frame-major order is a set of diagonals ``frame_len`` apart
-4    stripe     ``j`` is one of the head's ``stripes`` calibrated key blocks (the same
-               columns for every query: vertical stripes)
-===  =========  ==============================================================================
+that choice at inference. The five modes (full, skip, window, multi-diagonal, vertical
+stripes), their parameters and the search's rule are ``sparse_vdit_modes.py``; this
+file holds the plan file and the method that runs a plan; the search itself runs a
+pipeline and lives in ``gen.calibrate`` (``gen calibrate sparse-vdit``).
 
 Heads of one layer that share a mode run in one kernel call (gathered heads, the
 mode's plan broadcast over them, or per head ``[1, H_group, nq, n]`` for stripes);
 multi-diagonal heads are permuted to ``"hwt"`` order and back around their call.
 
-Where the paper is silent, gen decides (numbers measured on the tiny offline models,
-``gen.pipelines`` names ``tiny-wan``/``tiny-hunyuan``, and from the geometry of the
-real ones):
+Where the paper is silent, gen decides:
 
-* **Block size** ``b``: 64 tokens (kernel block 64 x 64). The kernel takes any power of
-  two in [16, 256]; 64 is the CPU reference's fastest tile (see ``dense.py``) and keeps
-  the band and stripe masks fine-grained (Wan 2.1 480p: 512 blocks of 64). Full heads
-  run with 128 x 64 tiles on CUDA, as ``dense`` does.
-* **Window**: half-width ``window`` blocks, default ``frame_len // (2 b)``: the band is one
-  frame wide, which is the intra-frame locality of the paper's "diagonal" heads
-  (Wan 480p: 12 blocks, density 25/512 = 4.8 %; HunyuanVideo 720p: 28 blocks, 3.0 %;
-  tiny models at b = 64: 0, the query's own frame, density 0.20).
-* **Multi-diagonal**: half-width ``diagonal`` blocks of the ``"hwt"`` order, default
-  ``ceil((T - 1) / b)`` (1 for up to 65 latent frames): the smallest band that always
-  holds every frame of the query's own spatial position, plus ``~b/T`` neighbouring
-  positions along the row (Wan 480p: density 3/512 = 0.6 %; tiny at b = 64: 0.52).
-* **Vertical stripes**: ``stripes`` key blocks per head, default ``ceil(n_blocks / 16)``
-  (6.25 % of the keys, about the window's cost on Wan 480p, so the search picks between
-  the two by error, not by cost). The columns are calibrated, not fixed: per (step,
-  layer, head) the key blocks that receive the most attention probability under full
-  attention (summed over queries, averaged over prompts), stored in the plan.
 * **Text (HunyuanVideo)**: the joint rule of every gen method: video queries attend
   their mode's video keys plus all valid text keys, text queries attend all valid keys,
   in every mode. Modes and their sparsity are about video x video blocks only.
@@ -60,13 +26,6 @@ real ones):
   video queries attending only the text keys, 10.3 (a few valid text tokens dominate).
 * **Families**: Wan and HunyuanVideo. FLUX has one frame, where the multi-diagonal
   mode is undefined and the paper's premise (frame structure) does not apply.
-
-The search (``gen.calibrate``) and its loss are documented there; ``select_modes``
-below is the rule it applies: per head, ``L_i = err_i + lam * (1 - S_i)`` over the four
-sparse modes, ``full`` when every ``L_i > eps``, else ``argmin_i L_i`` (ties to the lower
-id), with ``err_i = ||O_i - O_0||^2 / mean_h ||O_0,h||^2`` over the video queries of the
-call (the MSE in units of the layer's mean head energy, so skipping an average head
-costs exactly 1 = the default ``eps``).
 
 Plan file (``SparseVDiTPlan.save``/``load``), in the format every calibrated method
 shares (``gen.attention.plan_file``): safetensors (no pickle; loads without running
@@ -115,8 +74,24 @@ from ..plan_file import (
     save_plan_file,
     steps_message,
 )
-from ..token_order import TokenPermutation, axis_order
-from .base import MethodConfig, SparseMethod
+from ..token_order import TokenPermutation
+from .base import MethodConfig, SparseMethod, check_block_size, is_int
+from .sparse_vdit_modes import (
+    DIAGONAL,
+    FULL,
+    MODE_NAMES,
+    SKIP,
+    STRIPE,
+    WINDOW,
+    ModeParams,
+    band_mask,
+    hwt_order,
+    key_block_mass,
+    mode_sparsity,
+    resolve_params,
+    select_modes,
+    top_stripes,
+)
 
 __all__ = [
     "DIAGONAL",
@@ -137,153 +112,13 @@ __all__ = [
     "top_stripes",
 ]
 
-FULL, SKIP, WINDOW, DIAGONAL, STRIPE = range(5)
-MODE_NAMES = ("full", "skip", "window", "diagonal", "stripe")
-#: the modes the search compares (``full`` is the fallback, not a candidate)
-CANDIDATES = (SKIP, WINDOW, DIAGONAL, STRIPE)
-
 FORMAT_VERSION = 1
 #: the plan file (``gen.attention.plan_file``): tensors in checksum order
 PLAN_FORMAT = PlanFormat("sparse-vdit", "Sparse-vDiT plan", FORMAT_VERSION, ("modes", "stripes", "errors"),
                          per_step="the modes are chosen per step")
 FORMAT = PLAN_FORMAT.tag
-DEFAULT_BLOCK = 64
 _EXTRAS_KEY = "sparse_vdit_assignment"
 _CALIBRATE_HINT = PLAN_FORMAT.hint
-
-
-def _is_int(value, low: int = 0) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
-def _check_block(b) -> None:
-    if not _is_int(b, 16) or b > 256 or b & (b - 1):
-        raise ValueError(f"block_size must be a power of two in [16, 256] (tokens), got {b!r}.")
-
-
-# -- mode parameters --------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModeParams:
-    """Resolved mode parameters of one geometry (see the module docstring).
-
-    Args:
-        block_size: block edge in tokens (query and key blocks alike).
-        window: band half-width in blocks, frame-major order.
-        diagonal: band half-width in blocks, ``"hwt"`` order.
-        stripes: key blocks per stripe head.
-    """
-
-    block_size: int
-    window: int
-    diagonal: int
-    stripes: int
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def resolve_params(layout: TokenLayout, block_size: int | None = None, window: int | None = None,
-                   diagonal: int | None = None, stripes: int | None = None) -> ModeParams:
-    """Fill the ``None`` parameters with the geometry defaults of the module docstring.
-
-    Raises:
-        ValueError: a value out of range for this geometry (e.g. more stripes than blocks).
-    """
-    b = DEFAULT_BLOCK if block_size is None else block_size
-    _check_block(b)
-    nb = -(-layout.video_len // b)
-    w = layout.frame_len // (2 * b) if window is None else window
-    d = max(1, -(-(layout.frames - 1) // b)) if diagonal is None else diagonal
-    n = max(1, -(-nb // 16)) if stripes is None else stripes
-    if not _is_int(w) or not _is_int(d):
-        raise ValueError(f"window and diagonal must be ints >= 0 (blocks), got {w!r} and {d!r}.")
-    if not _is_int(n, 1) or n > nb:
-        raise ValueError(
-            f"stripes must be an int in [1, {nb}]: this geometry ({layout}) has {nb} key blocks of "
-            f"{b} tokens; got {n!r}."
-        )
-    return ModeParams(b, w, d, n)
-
-
-def _band_mask(nb: int, half: int) -> torch.Tensor:
-    idx = torch.arange(nb)
-    return (idx[:, None] - idx[None, :]).abs() <= half
-
-
-def _block_lengths(n: int, b: int) -> torch.Tensor:
-    """Tokens per block, float64 ``(ceil(n / b),)``: all ``b`` but a ragged last one."""
-    nb = -(-n // b)
-    lens = torch.full((nb,), float(b), dtype=torch.float64)
-    lens[-1] = n - b * (nb - 1)
-    return lens
-
-
-def hwt_order(layout: TokenLayout) -> TokenPermutation:
-    """The multi-diagonal heads' token order: time fastest (``(h*W + w)*T + t``)."""
-    return axis_order(layout.grid, "hwt")
-
-
-def mode_sparsity(params: ModeParams, layout: TokenLayout, stripes: torch.Tensor) -> torch.Tensor:
-    """``S_i``: fraction of the video x video token pairs a mode skips, float32
-    ``[..., 5]`` for stripe sets ``stripes`` int ``[..., n]`` (ragged last blocks count
-    with their true size). Full 0, skip 1."""
-    n, b = layout.video_len, params.block_size
-    lens = _block_lengths(n, b)
-    nb = lens.numel()
-    w_density = BlockPlan.from_block_mask(_band_mask(nb, params.window), b, b, n, n).density()
-    d_density = BlockPlan.from_block_mask(_band_mask(nb, params.diagonal), b, b, n, n).density()
-    stripe_density = lens[stripes.long()].sum(-1) / n
-    out = torch.empty(*stripes.shape[:-1], 5, dtype=torch.float64)
-    out[..., FULL] = 0.0
-    out[..., SKIP] = 1.0
-    out[..., WINDOW] = 1.0 - w_density
-    out[..., DIAGONAL] = 1.0 - d_density
-    out[..., STRIPE] = 1.0 - stripe_density
-    return out.float()
-
-
-def select_modes(errors: torch.Tensor, sparsity: torch.Tensor, lam: float, eps: float) -> torch.Tensor:
-    """Algorithm 1's choice, vectorised: int8 modes ``[...]`` from ``errors`` and
-    ``sparsity`` ``[..., 5]``. Per entry ``L_i = errors_i + lam * (1 - sparsity_i)`` over
-    the sparse modes; ``full`` when every ``L_i > eps`` (or none was measured: NaN),
-    else the argmin (ties to the lower mode id)."""
-    cand = torch.tensor(CANDIDATES)
-    err = errors.float()[..., cand]
-    loss = err + lam * (1.0 - sparsity.float()[..., cand])
-    loss = torch.where(torch.isnan(loss), torch.full_like(loss, math.inf), loss)
-    best, arg = loss.min(dim=-1)
-    return torch.where(best <= eps, cand[arg], torch.full_like(arg, FULL)).to(torch.int8)
-
-
-def top_stripes(mass: torch.Tensor, n: int) -> torch.Tensor:
-    """The ``n`` key blocks with the most attention mass, ascending: int32 ``[..., n]``
-    from ``mass [..., n_blocks]`` (ties to the lower block index)."""
-    order = torch.sort(mass, dim=-1, descending=True, stable=True).indices[..., :n]
-    return order.sort(dim=-1).values.to(torch.int32)
-
-
-def key_block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, *, budget: int = 1 << 24) -> torch.Tensor:
-    """Attention probability each key block receives under full attention, averaged over
-    queries (and batch): float32 ``(H, n_blocks)``, each row sums to 1.
-
-    Args:
-        q, k: ``(B, H, S, D)`` video queries and keys (softmax over these keys only).
-        block_size: key block size in tokens.
-        budget: most score elements held at once (query chunks; never ``S x S`` per head
-            unless it fits).
-    """
-    bsz, heads, s, d = q.shape
-    scale = d**-0.5
-    mass = torch.zeros(heads, s, dtype=torch.float32, device=q.device)
-    chunk = max(1, budget // max(1, bsz * heads * s))
-    kt = k.float().transpose(-1, -2)
-    for start in range(0, s, chunk):
-        scores = (q[:, :, start : start + chunk].float() @ kt) * scale
-        mass += torch.softmax(scores, dim=-1).sum(dim=(0, 2))
-    mass /= bsz * s
-    nb = -(-s // block_size)
-    mass = torch.nn.functional.pad(mass, (0, nb * block_size - s))
-    return mass.reshape(heads, nb, block_size).sum(-1).cpu()
 
 
 # -- plans ------------------------------------------------------------------------------
@@ -529,12 +364,12 @@ class SparseVDiTConfig(MethodConfig):
         elif plan is not None and not isinstance(plan, (str, SparseVDiTPlan)):
             raise ValueError(f"plan must be a path to a plan file or a SparseVDiTPlan, got {type(plan).__name__}.")
         if self.block_size is not None:
-            _check_block(self.block_size)
+            check_block_size(self.block_size)
         for name in ("window", "diagonal"):
             v = getattr(self, name)
-            if v is not None and not _is_int(v):
+            if v is not None and not is_int(v):
                 raise ValueError(f"{name} must be an int >= 0 (blocks) or None, got {v!r}.")
-        if self.stripes is not None and not _is_int(self.stripes, 1):
+        if self.stripes is not None and not is_int(self.stripes, 1):
             raise ValueError(f"stripes must be an int >= 1 (key blocks) or None, got {self.stripes!r}.")
         for name in ("lam", "eps"):
             v = getattr(self, name)
@@ -638,7 +473,7 @@ class SparseVDiTAttention(SparseMethod):
             bm, bn = (128, 64) if torch.device(device).type == "cuda" else (b, b)
             return BlockPlan.dense(n, n, bm, bn, device=device)
         nb = -(-n // b)
-        return BlockPlan.from_block_mask(_band_mask(nb, half), b, b, n, n).to(device)
+        return BlockPlan.from_block_mask(band_mask(nb, half), b, b, n, n).to(device)
 
     def mode_plan(self, mode: int, layout: TokenLayout, device, stripes=()) -> BlockPlan:
         """The plan of one mode over the video tokens, in that mode's token order: shared
@@ -761,7 +596,7 @@ class SparseVDiTAttention(SparseMethod):
                 mk = torch.zeros(nb, nb, dtype=torch.bool)
             else:
                 half = {FULL: nb, WINDOW: p.window, DIAGONAL: p.diagonal}[m]
-                mk = _band_mask(nb, half)
+                mk = band_mask(nb, half)
             masks.append(mk)
         device = q.device if q is not None else "cpu"
         return BlockPlan.from_block_mask(torch.stack(masks), p.block_size, p.block_size, n, n).to(device)
