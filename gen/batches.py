@@ -24,7 +24,10 @@ a thumbnail strip, status, time and density per job.
 
 Under ``torchrun``/``accelerate launch`` the jobs are split between the processes with
 accelerate's ``PartialState``; each process renders and writes only its own jobs, and
-process 0 writes the index after the others finish.
+process 0 writes the index after the others finish. With ``ulysses=N`` (``gen batch
+--ulysses N`` under ``torchrun --nproc_per_node N``) the processes instead render every
+job together, each attention call shared by all N (diffusers' Ulysses context
+parallelism, ``gen.parallel``), with the same seed on every rank; process 0 writes.
 """
 
 from __future__ import annotations
@@ -442,6 +445,7 @@ def batch(
     progress: bool = False,
     session=None,
     on_job: Callable[[BatchItem, str], None] | None = None,
+    ulysses: int = 1,
 ) -> BatchResult:
     """Render a batch of jobs into ``out_dir`` (see the module docstring).
 
@@ -458,6 +462,8 @@ def batch(
         session: a ``gen.session.Session`` to run on (models it loaded stay loaded).
         on_job: ``on_job(item, status)`` after each job (``"done"``, ``"failed"``,
             ``"skipped"``).
+        ulysses: processes that share each job (1: the jobs are split between the
+            processes); must equal the number launched.
 
     Returns:
         The :class:`BatchResult` of this process; ``exit_code`` is the number of failures.
@@ -468,6 +474,13 @@ def batch(
     """
     from gen.values import check_writable_folder
 
+    if isinstance(ulysses, bool) or not isinstance(ulysses, int) or ulysses < 1:
+        raise ValueError(f"ulysses must be an int >= 1 (processes per job), got {ulysses!r}.")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if ulysses > 1 and launched != ulysses:
+        raise ValueError(f"--ulysses {ulysses} needs {ulysses} processes, one per GPU, and {launched} "
+                         f"{'was' if launched == 1 else 'were'} launched: run `torchrun --nproc_per_node {ulysses} "
+                         "-m gen batch ...`, or leave --ulysses out to split the jobs between the processes.")
     items = plan_batch(jobs, defaults=defaults, repeat=repeat, naming=naming)
     out_dir = check_writable_folder(out_dir).resolve()
     probe = out_dir / f".gen-write-test-{os.getpid()}"
@@ -490,10 +503,17 @@ def batch(
     if state is not None:
         # every process has judged what is done before any of them writes
         state.wait_for_everyone()
-        with state.split_between_processes(todo) as mine:
-            todo = list(mine)
+        if ulysses == 1:
+            with state.split_between_processes(todo) as mine:
+                todo = list(mine)
+    writes = ulysses == 1 or rank == 0  # under Ulysses every rank renders every job; rank 0 writes
+    how = ""
+    if ulysses > 1:
+        how = f" by {world} processes together (Ulysses)"
+    elif state is not None:
+        how = f" by process {rank} of {world}"
     logger.info("batch of %d job(s) into %s: %d already done, %d to render%s", len(items), out_dir,
-                len(result.skipped), len(todo), f" by process {rank} of {world}" if state is not None else "")
+                len(result.skipped), len(todo), how)
     if on_job is not None:
         for item in items:
             if item.name in result.skipped:
@@ -506,13 +526,14 @@ def batch(
             dev = device
             if state is not None and dev is None and state.device.type == "cuda":
                 dev = str(state.device)
-            session = Session(device=dev, dtype=dtype, model_path=model_path, progress=False)
+            session = Session(device=dev, dtype=dtype, model_path=model_path, progress=False, ulysses=ulysses)
         versions = _versions()
         bar = _Progress(progress and (state is None or state.is_local_main_process), len(todo))
         try:
             for item in todo:
                 bar.job(item.name, item.job.steps)
-                status = _render_item(session, item, out_dir, versions, rank, world, bar.step, result)
+                status = _render_item(session, item, out_dir, versions, rank, world, bar.step, result, writes=writes,
+                                      ulysses=ulysses)
                 bar.advance()
                 if on_job is not None:
                     on_job(item, status)
@@ -526,9 +547,9 @@ def batch(
 
 
 def _render_item(session, item: BatchItem, out_dir: Path, versions: dict, rank: int, world: int,
-                 on_step, result: BatchResult) -> str:
-    """Render one item, write its output and sidecar (atomically); never raises for a
-    failed job (it is recorded), only for an interrupt."""
+                 on_step, result: BatchResult, *, writes: bool = True, ulysses: int = 1) -> str:
+    """Render one item, write its output and sidecar (atomically, when ``writes``); never
+    raises for a failed job (it is recorded), only for an interrupt."""
     from gen._io import atomic_write_text
     from gen.render import write_output
 
@@ -536,10 +557,13 @@ def _render_item(session, item: BatchItem, out_dir: Path, versions: dict, rank: 
     record = {"name": item.name, "job": item.job.to_dict(), "job_hash": item.key, "line": item.line,
               "number": item.number, "repeat": item.repeat, "versions": versions,
               "device": str(session.device), "dtype": str(session.dtype or "model default").removeprefix("torch."),
-              "process": rank, "processes": world,
+              "process": rank, "processes": world, "ulysses": ulysses,
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))}
     try:
         out = session.run(item.job, on_step=on_step)
+        if not writes:  # a Ulysses rank other than 0: rank 0 holds the same frames and writes them
+            result.rendered.append(item.name)
+            return "done"
         t0 = time.perf_counter()
         path = write_output(out.frames, out_dir / item.name, item.job.spec.fps)
         write_s = time.perf_counter() - t0
@@ -560,6 +584,8 @@ def _render_item(session, item: BatchItem, out_dir: Path, versions: dict, rank: 
         result.failed[item.name] = message
         logger.error("%s failed: %s", item.name, message)
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if not writes:
+        return status
     atomic_write_text(out_dir / item.sidecar, json.dumps(record, indent=2) + "\n")
     return status
 

@@ -288,3 +288,70 @@ def test_cli_render_ulysses_equals_single_process(tmp_path):
     a, b = _frames(single), _frames(parallel)
     assert a.shape == b.shape == (5, 64, 64, 3)
     assert np.array_equal(a, b)
+
+
+def _torchrun(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "gen", *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_batch_ulysses_equals_single_process(tmp_path):
+    """``torchrun --nproc_per_node 2 -m gen batch ... --ulysses 2``: both processes render
+    each job together; rank 0 alone writes the files (equal to a single-process batch),
+    one sidecar per job recording the degree, and the index; the summary is printed once."""
+    import json
+
+    from gen.batches import batch
+
+    manifest = tmp_path / "jobs.txt"
+    manifest.write_text("a red circle moving right on a blue background\na green square moving up\n")
+    defaults = dict(steps=2, height=64, width=64, frames=5, seed=3)
+    single = batch(manifest, tmp_path / "single", defaults=defaults, device="cpu")
+    assert single.exit_code == 0 and len(single.rendered) == 2
+    done = _torchrun(["batch", str(manifest), "--out-dir", str(tmp_path / "par"), "--steps", "2", "--height", "64",
+                      "--width", "64", "--frames", "5", "--seed", "3", "--device", "cpu", "--ulysses", "2"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("rendered 2, skipped 0") == 1, done.stdout
+    names = sorted(p.name for p in (tmp_path / "par").glob("*.mp4"))
+    assert names == sorted(p.name for p in (tmp_path / "single").glob("*.mp4")) and len(names) == 2
+    for name in names:
+        assert np.array_equal(_frames(tmp_path / "single" / name), _frames(tmp_path / "par" / name))
+        record = json.loads((tmp_path / "par" / name).with_suffix(".json").read_text())
+        assert record["status"] == "done" and record["ulysses"] == 2 and record["processes"] == 2
+    assert (tmp_path / "par" / "index.html").is_file()
+    # a rerun resumes: both ranks see the jobs done
+    again = _torchrun(["batch", str(manifest), "--out-dir", str(tmp_path / "par"), "--steps", "2", "--height", "64",
+                       "--width", "64", "--frames", "5", "--seed", "3", "--device", "cpu", "--ulysses", "2"])
+    assert again.returncode == 0 and again.stdout.count("rendered 0, skipped 2") == 1, again.stdout + again.stderr
+
+
+def test_batch_ulysses_refuses_a_launch_of_another_size(tmp_path):
+    from typer.testing import CliRunner
+
+    from gen.cli import app
+
+    manifest = tmp_path / "jobs.txt"
+    manifest.write_text("a red circle\n")
+    res = CliRunner().invoke(app, ["batch", str(manifest), "--out-dir", str(tmp_path / "o"), "--ulysses", "2"])
+    assert res.exit_code == 2
+    assert "--ulysses 2 needs 2 processes" in res.output and "torchrun --nproc_per_node 2" in res.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_cli_bench_e2e_ulysses(tmp_path):
+    """``gen bench e2e --quick --ulysses 2`` under torchrun: both ranks time every method
+    over the shared attention; rank 0 alone prints the table and writes the JSON."""
+    import json
+
+    out = tmp_path / "e2e.json"
+    done = _torchrun(["bench", "e2e", "--quick", "--random-weights", "--attention", "dense,radial", "--ulysses", "2",
+                      "--device", "cpu", "--json", str(out)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["meta"]["ulysses"] == 2
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"dense", "radial"} and all(r["denoise_s"] > 0 for r in rows.values())
+    assert rows["radial"]["run_density"] < 1.0 and rows["dense"]["run_density"] == 1.0
+    assert done.stdout.count("tiny-wan 128x128x17") == 1, done.stdout  # one table, from rank 0

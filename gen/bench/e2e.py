@@ -39,6 +39,11 @@ Two ways to run:
   transformer passes per step for classifier-free guidance (Wan, guidance > 1) and one
   otherwise. No text encoders and no VAE: ``total_s == denoise_s``.
 
+With ``ulysses=N`` (``torchrun --nproc_per_node N -m gen bench e2e ... --ulysses N``) every
+process runs every method together, each attention call shared by the N processes
+(diffusers' Ulysses context parallelism, ``gen.parallel``): the times are rank 0's and
+``attention_s`` includes the all-to-alls; the meta records the degree.
+
 Before each timed run an untimed warm-up compiles the kernels (Triton's JIT would
 otherwise land in the first step): one step with the method's dense-step schedule off,
 so both the sparse and the scheduled-dense paths run once.
@@ -254,6 +259,7 @@ def run_e2e_bench(
     model_path: str | Path | None = None,
     command: str | None = None,
     progress=None,
+    ulysses: int = 1,
 ) -> E2EResult:
     """Run the end-to-end benchmark (see the module docstring).
 
@@ -271,6 +277,8 @@ def run_e2e_bench(
         plan: ``gen calibrate sparse-vdit`` plan file (enables ``sparse-vdit``).
         model_path: local folder with the model's diffusers weights (pipeline mode).
         progress: optional ``callable(done, total, what)``.
+        ulysses: processes that share each attention call (joins the process group that
+            ``torchrun`` describes; must equal the number launched). 1: this process alone.
     """
     from gen.pipelines import check_geometry, get_spec
 
@@ -287,12 +295,18 @@ def run_e2e_bench(
     dtype = dtype or ("bf16" if dev.type == "cuda" else "fp32")
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+    if isinstance(ulysses, bool) or not isinstance(ulysses, int) or ulysses < 1:
+        raise ValueError(f"ulysses must be an int >= 1 (processes per attention call), got {ulysses!r}.")
     choices = resolve_methods(methods, spec, plan=plan)
     say = progress or (lambda done, total, what: None)
+    if ulysses > 1:
+        from gen.parallel import init_distributed
+
+        _, _, dev = init_distributed(dev.type)  # cuda:LOCAL_RANK on GPUs
 
     result = E2EResult(meta=bench_meta(
         dev, command, model=spec.name, family=spec.family, height=height, width=width, frames=frames,
-        steps=steps, guidance=guidance, dtype=dtype, seed=seed, random_weights=random_weights,
+        steps=steps, guidance=guidance, dtype=dtype, seed=seed, random_weights=random_weights, ulysses=ulysses,
         token_grid=list(spec.token_grid(height, width, frames)), text_tokens=spec.text_tokens,
         passes_per_step=_passes_per_step(spec, guidance), warmup=warmup,
         attention_timing="cuda events per _attend call" if dev.type == "cuda" else "perf_counter per _attend call",
@@ -312,6 +326,10 @@ def run_e2e_bench(
         from gen.session import TransformerLoop
 
         target = build_random_transformer(spec, device=dev, dtype=_DTYPES[dtype], seed=seed)
+        if ulysses > 1:
+            from gen.parallel import enable_ulysses
+
+            enable_ulysses(target, ulysses)
         key, latents, inputs = random_transformer_inputs(spec, target, height=height, width=width, frames=frames,
                                               guidance=guidance, device=dev, dtype=_DTYPES[dtype], seed=seed)
         runner = TransformerLoop(spec, target, latents=latents, key=key, kwargs=inputs, steps=steps,
@@ -319,7 +337,7 @@ def run_e2e_bench(
     else:
         from gen.session import Session
 
-        session = Session(device=dev, dtype=dtype, model_path=model_path, progress=False)
+        session = Session(device=dev, dtype=dtype, model_path=model_path, progress=False, ulysses=ulysses)
         target = session.pipeline(spec.name)[0]
         runner = _PipelineRun(spec, session, prompt=prompt, height=height, width=width, frames=frames, steps=steps,
                               guidance=guidance, seed=seed)

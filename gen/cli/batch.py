@@ -32,6 +32,9 @@ def batch_cmd(
     device: str = opt.device(),
     dtype: str = opt.dtype(),
     model_path: Path = opt.model_path(),
+    ulysses: int = opt.ulysses("N processes render each job together, sharing every attention call (diffusers' "
+                               "Ulysses); launch with torchrun --nproc_per_node N. Without it the jobs are split "
+                               "between the processes"),
     verbose: bool = opt.verbose(),
 ) -> None:
     """Render every job of MANIFEST into --out-dir; rerun the same command to resume.
@@ -39,7 +42,8 @@ def batch_cmd(
     Each output gets a sidecar <name>.json (job, hash, versions, device, method, density,
     timings, status). Jobs already done with the same settings are skipped; a failed job is
     recorded and the batch goes on; the exit code is the number of failed jobs. Under
-    `torchrun --nproc_per_node N -m gen batch ...` the jobs are split between the processes.
+    `torchrun --nproc_per_node N -m gen batch ...` the jobs are split between the processes;
+    with --ulysses N the N processes render each job together and process 0 writes.
     """
     from gen.batches import batch
 
@@ -50,7 +54,9 @@ def batch_cmd(
     if set_:
         defaults["overrides"] = overrides(attention, set_)
     result = batch(manifest, out_dir, defaults=defaults, repeat=repeat, naming=naming, force=force,
-                   device=device, dtype=dtype, model_path=model_path, progress=True)
+                   device=device, dtype=dtype, model_path=model_path, progress=True, ulysses=ulysses)
+    if ulysses > 1 and result.index is None:  # a Ulysses rank other than 0: rank 0 reports the same jobs
+        raise typer.Exit(result.exit_code)
     console.print(f"rendered {len(result.rendered)}, skipped {len(result.skipped)} already done, "
                   f"failed {len(result.failed)}")
     for name, error in result.failed.items():

@@ -201,6 +201,8 @@ def bench_e2e(
     json_out: Path = opt.json_out(),
     markdown: Path = opt.markdown(),
     plot: Path = opt.plot("write a PNG of speedup vs density here"),
+    ulysses: int = opt.ulysses("N processes share each attention call (diffusers' Ulysses); launch with torchrun "
+                               "--nproc_per_node N; rank 0 reports and writes"),
     verbose: bool = opt.verbose(),
 ) -> None:
     """Time whole denoising runs, dense vs each method: latency, peak memory, attention share."""
@@ -212,13 +214,23 @@ def bench_e2e(
         model = model if get_spec(model).is_local else "tiny-wan"
         steps = steps or 2
     prompt = prompt or get_spec(model).prompt
-    bar, update = progress_bar()
+    import os
+
+    bar, update = progress_bar(enabled=os.environ.get("RANK", "0") == "0")
     with bar:
         result = run_e2e_bench(
             model, attention, random_weights=random_weights, steps=steps, height=height, width=width,
             frames=frames, prompt=prompt, seed=seed, device=device, dtype=dtype, warmup=warmup, plan=plan,
-            model_path=model_path, command=command_line(ctx), progress=update,
+            model_path=model_path, command=command_line(ctx), progress=update, ulysses=ulysses,
         )
+    if ulysses > 1:
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+        dist.barrier()
+        dist.destroy_process_group()
+        if rank != 0:  # rank 0 reports for all
+            return
     m = result.meta
     table = Table(title=f"{m['model']} {m['width']}x{m['height']}x{m['frames']}, {m['steps']} steps, {m['dtype']} on "
                         f"{m['device']}" + (" (random weights, transformer loop)" if random_weights else ""))

@@ -90,11 +90,12 @@ def command_line(ctx: typer.Context) -> str:
     return " ".join(parts)
 
 
-def progress_bar():
-    """A rich progress bar for ``callable(done, total, what)`` callbacks: ``(bar, update)``."""
+def progress_bar(enabled: bool = True):
+    """A rich progress bar for ``callable(done, total, what)`` callbacks: ``(bar, update)``;
+    ``enabled=False`` (processes other than rank 0) draws nothing."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=console)
+                   console=console, disable=not enabled)
     task = bar.add_task("starting", total=None)
     return bar, lambda done, total, what: bar.update(task, completed=done, total=total, description=escape(what))

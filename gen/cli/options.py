@@ -140,6 +140,14 @@ def model_path(help: str = MODEL_PATH_HELP) -> Any:
     return typer.Option(None, "--model-path", help=help)
 
 
+ULYSSES_HELP = ("N processes share each attention call (diffusers' Ulysses context parallelism); launch with "
+                "torchrun --nproc_per_node N")
+
+
+def ulysses(help: str = ULYSSES_HELP) -> Any:
+    return typer.Option(1, "--ulysses", min=1, help=help)
+
+
 def seconds(default: float, help: str = "video length in seconds") -> Any:
     return typer.Option(default, "--seconds", help=help, callback=_check("check_seconds"))
 

@@ -33,8 +33,7 @@ def render(
     device: str = opt.device(),
     dtype: str = opt.dtype(),
     model_path: Path = opt.model_path(),
-    ulysses: int = typer.Option(1, "--ulysses", min=1, help="N processes share each attention call (diffusers' "
-                                "Ulysses context parallelism); launch with torchrun --nproc_per_node N"),
+    ulysses: int = opt.ulysses(),
     verbose: bool = opt.verbose(),
 ) -> None:
     """Render PROMPT to a video (mp4) or image (png) with a sparse attention method."""
