@@ -346,7 +346,7 @@ def create_app(
                 model_info = gr.Markdown(_model_info(spec0.name))
                 prompt = gr.Textbox(_EXAMPLES[0], label="Prompt", lines=2, max_lines=6, elem_id="prompt")
                 negative = gr.Textbox("", label="Negative prompt", lines=1, max_lines=4,
-                                      visible=spec0.family != "flux")
+                                      visible=spec0.takes_negative_prompt)
                 image = gr.Image(label="Input image (first frame)", type="filepath", sources=["upload", "clipboard"],
                                  visible=spec0.task == "i2v", height=200)
                 gr.Examples([[e] for e in _EXAMPLES], inputs=[prompt], label="Example prompts")
@@ -554,7 +554,7 @@ def create_app(
                 presets.update(form_values(m, spec.name, spec.family))
             return [
                 _model_info(spec.name),
-                gr.update(visible=spec.family != "flux"),
+                gr.update(visible=spec.takes_negative_prompt),
                 gr.update(visible=image_task),
                 gr.update(choices=choices, value=current_method if current_method in choices else choices[0]),
                 spec.height, spec.width,

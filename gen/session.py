@@ -231,10 +231,10 @@ def pipeline_kwargs(spec, *, prompt, negative_prompt, height: int, width: int, f
     ``prompt``, ``negative_prompt`` and ``generator`` may be lists (one per clip)."""
     kw = dict(prompt=prompt, height=height, width=width, num_inference_steps=steps,
               guidance_scale=guidance, generator=generator, output_type="np")
-    if spec.is_video:  # video pipelines take a frame count and a negative prompt
+    if spec.is_video:
         kw["num_frames"] = frames
-        if negative_prompt is not None:
-            kw["negative_prompt"] = negative_prompt
+    if spec.takes_negative_prompt and negative_prompt is not None:
+        kw["negative_prompt"] = negative_prompt
     if spec.task == "i2v":
         if image is None:
             raise ValueError(f"{spec.name} turns an image into a video: pass --image PATH.")

@@ -110,6 +110,14 @@ class ModelSpec:
         return self.task != "t2i"
 
     @property
+    def takes_negative_prompt(self) -> bool:
+        """True where a negative prompt reaches the render: the video pipelines (Wan,
+        HunyuanVideo) guide against it. FLUX is guidance-distilled (one pass per step);
+        its pipeline would use one only with ``true_cfg_scale > 1``, a second pass per step
+        that gen does not ask for, so the demo hides the box and the run core drops it."""
+        return self.is_video
+
+    @property
     def torch_dtype(self) -> torch.dtype:
         """``dtype`` as a ``torch.dtype``."""
         return parse_dtype(self.dtype)

@@ -8,7 +8,7 @@ from PIL import Image
 
 import gen
 from gen.attention import TokenLayout
-from gen.pipelines import build_tiny_pipeline, get_spec
+from gen.pipelines import build_tiny_pipeline, get_spec, list_models
 from gen.pipelines.tiny import TINY_NAMES
 from gen.session import pipeline_kwargs
 
@@ -47,3 +47,23 @@ def test_spec_layout_of_the_real_models():
     assert spec.latent_grid(720, 1280, 81) == (21, 90, 160) and spec.token_grid(720, 1280, 81) == (21, 45, 80)
     with pytest.raises(ValueError, match="frames must be 4k\\+1"):
         spec.layout(720, 1280, 80)
+
+
+@pytest.mark.parametrize("name", [s.name for s, *_ in list_models()])
+def test_negative_prompt_reaches_only_pipelines_that_guide_with_it(name):
+    """``takes_negative_prompt`` against the diffusers pipeline's own signature: where gen
+    passes a negative prompt, ``__call__`` takes one; FLUX's is dropped (it guides with
+    one only under ``true_cfg_scale > 1``, which gen never sets)."""
+    import inspect
+
+    import diffusers
+
+    spec = get_spec(name)
+    call = inspect.signature(getattr(diffusers, spec.pipeline_class).__call__).parameters
+    kw = pipeline_kwargs(spec, prompt="p", negative_prompt="blurry", height=spec.height, width=spec.width,
+                         frames=spec.frames, steps=2, guidance=spec.guidance, generator=None,
+                         image=Image.new("RGB", (spec.width, spec.height)) if spec.task == "i2v" else None)
+    assert ("negative_prompt" in kw) == spec.takes_negative_prompt
+    assert set(kw) <= set(call), set(kw) - set(call)
+    if spec.family == "flux":
+        assert not spec.takes_negative_prompt and "true_cfg_scale" not in kw
