@@ -95,6 +95,31 @@ def test_the_handler_prints_one_line_and_exits_2():
     assert res.exit_code == 2 and "Traceback" in res.output and "check_steps" in res.output
 
 
+def test_a_refused_file_is_one_line_and_exit_1(tmp_path, monkeypatch):
+    """Disk full while writing the video (a real render, the write refused by the system):
+    one line naming the file and what to do, exit 1 (not a usage error), nothing left."""
+    import errno
+
+    import gen.render
+
+    def full_disk(frames, path, fps):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(gen.render, "write_output", full_disk)
+    out = tmp_path / "clip.mp4"
+    res = CliRunner().invoke(app, ["render", P, "--steps", "1", "--frames", "5", "--out", str(out)])
+    assert res.exit_code == 1, res.output
+    assert res.output.strip().splitlines()[-1] == (
+        f"error: cannot use {out}: No space left on device; free some space or write elsewhere.")
+    assert not out.exists()
+    # a folder given where the file should be: the same, with its own advice
+    from gen.cli.errors import file_error_message
+
+    err = IsADirectoryError(errno.EISDIR, "Is a directory", str(tmp_path))
+    assert file_error_message(err) == f"cannot use {tmp_path}: Is a directory; name a file, not a folder."
+    assert file_error_message(OSError("no errno")) is None  # not a refused file: a bug, left to surface
+
+
 # one bad value per command that takes values; {tmp} is the test's folder
 BAD = {
     "render": [P, "--steps", "0"],

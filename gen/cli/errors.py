@@ -12,11 +12,17 @@ that surface as a ``ValueError``.
 
 Click's own usage errors (an unknown option, ``--steps abc``) keep typer's usage panel;
 they exit with 2 too.
+
+A file the system will not read or write (disk full, no permission, read-only file
+system, a folder where a file should be: an ``OSError`` that names its file) is not the
+command line's fault: it gets the same one line, ``error: cannot write <file>: <reason>``
+with what to do, and exit code 1.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 from collections.abc import Iterator
 
 import typer
@@ -32,6 +38,26 @@ def is_user_error(err: BaseException) -> bool:
     if isinstance(err, ValueError):
         return True
     return any(f"{c.__module__}.{c.__qualname__}" in USER_ERRORS for c in type(err).__mro__)
+
+
+#: errno values of a file the system refuses, with what the user can do about it
+FILE_ERRORS = {
+    errno.ENOSPC: "free some space or write elsewhere",
+    errno.EDQUOT: "free some space or write elsewhere",
+    errno.EACCES: "check the permissions or write elsewhere",
+    errno.EPERM: "check the permissions or write elsewhere",
+    errno.EROFS: "write elsewhere",
+    errno.EISDIR: "name a file, not a folder",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.ENOENT: "check the path",
+}
+
+
+def file_error_message(err: BaseException) -> str | None:
+    """One line for an ``OSError`` of :data:`FILE_ERRORS` that names its file, else None."""
+    if not isinstance(err, OSError) or err.errno not in FILE_ERRORS or not err.filename:
+        return None
+    return f"cannot use {err.filename}: {err.strerror or err}; {FILE_ERRORS[err.errno]}."
 
 
 def report(err: BaseException, *, traceback: bool = False) -> None:
@@ -50,10 +76,14 @@ def report(err: BaseException, *, traceback: bool = False) -> None:
 @contextlib.contextmanager
 def user_errors(verbose: bool = False) -> Iterator[None]:
     """Turn a user error raised inside into :func:`report` (with the traceback when
-    ``verbose``) and exit code 2."""
+    ``verbose``) and exit code 2, a refused file into one line and exit code 1."""
     try:
         yield
     except Exception as err:
+        message = file_error_message(err)
+        if message is not None:
+            report(ValueError(message), traceback=verbose)
+            raise typer.Exit(1) from None
         if not is_user_error(err):
             raise
         report(err, traceback=verbose)
