@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ._setup import DTYPES, bench_device, bench_dtype
 from .common import BenchResult, bench_meta, fmt
 
 __all__ = ["CacheCase", "CASES", "QUICK_CASES", "CacheBenchRow", "run_cache_attention_bench"]
@@ -154,21 +155,16 @@ def run_cache_attention_bench(
     :data:`QUICK_CASES` with ``quick``). ``dtype``: bf16 on CUDA, fp32 on the CPU by default.
     The kernel on the CPU needs ``TRITON_INTERPRET=1`` set before triton is imported; without
     it its row says why it did not run."""
-    from .kernels import _DTYPES
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() and not quick else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for but torch sees no CUDA device; use --device cpu.")
-    dtype = dtype or ("bf16" if dev.type == "cuda" else "fp32")
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+    dev = bench_device(device, prefer_cuda=not quick)
+    dtype = bench_dtype(dtype, dev)
     cases = cases or (QUICK_CASES if quick else CASES)
     result = CacheBenchResult(meta=bench_meta(dev, command, dtype=dtype, seed=seed,
                                               cases=[asdict(c) for c in cases],
                                               interpreter=os.environ.get("TRITON_INTERPRET", "")))
     g = torch.Generator().manual_seed(seed)
     for case in cases:
-        result.rows.extend(_run_case(case, dev, _DTYPES[dtype], reps, g))
+        result.rows.extend(_run_case(case, dev, DTYPES[dtype], reps, g))
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     return result

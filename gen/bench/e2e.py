@@ -70,14 +70,13 @@ from gen.pipelines.architecture import (
     transformer_config,
 )
 
+from ._setup import DTYPES, bench_device, bench_dtype
 from .common import STOCK, BenchResult, bench_meta, fmt, resolve_methods
 
 __all__ = ["E2ERow", "E2EResult", "CONFIG_DIR", "transformer_config", "build_random_transformer", "run_e2e_bench",
            "save_plot"]
 
 logger = logging.getLogger("gen.bench")
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _passes_per_step(spec, guidance: float) -> int:
@@ -289,12 +288,8 @@ def run_e2e_bench(
     check_geometry(spec, height, width, frames)
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}.")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for but torch sees no CUDA device; use --device cpu.")
-    dtype = dtype or ("bf16" if dev.type == "cuda" else "fp32")
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+    dev = bench_device(device)
+    dtype = bench_dtype(dtype, dev)
     if isinstance(ulysses, bool) or not isinstance(ulysses, int) or ulysses < 1:
         raise ValueError(f"ulysses must be an int >= 1 (processes per attention call), got {ulysses!r}.")
     choices = resolve_methods(methods, spec, plan=plan)
@@ -325,13 +320,13 @@ def run_e2e_bench(
     if random_weights:
         from gen.session import TransformerLoop
 
-        target = build_random_transformer(spec, device=dev, dtype=_DTYPES[dtype], seed=seed)
+        target = build_random_transformer(spec, device=dev, dtype=DTYPES[dtype], seed=seed)
         if ulysses > 1:
             from gen.parallel import enable_ulysses
 
             enable_ulysses(target, ulysses)
         key, latents, inputs = random_transformer_inputs(spec, target, height=height, width=width, frames=frames,
-                                              guidance=guidance, device=dev, dtype=_DTYPES[dtype], seed=seed)
+                                              guidance=guidance, device=dev, dtype=DTYPES[dtype], seed=seed)
         runner = TransformerLoop(spec, target, latents=latents, key=key, kwargs=inputs, steps=steps,
                                  passes=_passes_per_step(spec, guidance), device=dev)
     else:

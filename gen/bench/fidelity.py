@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from ._setup import DTYPES, bench_device, bench_dtype
 from .common import BenchResult, bench_meta, fmt, resolve_methods
 
 __all__ = ["FidelityRow", "FidelityResult", "synthetic_qkv", "ssim", "psnr", "attention_fidelity",
@@ -246,12 +247,9 @@ def run_fidelity_bench(
     from gen.pipelines import get_spec
 
     spec = get_spec(model)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for but torch sees no CUDA device; use --device cpu.")
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if dtype is not None and dtype not in dtypes:
-        raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}.")
+    dev = bench_device(device)
+    if dtype is not None:  # None: each part's own default (the model's dtype for the renders)
+        bench_dtype(dtype, dev)
     cap = None
     if capture is not None:
         from gen.capture import load_capture
@@ -266,7 +264,7 @@ def run_fidelity_bench(
     built = []
     for c in choices:
         built.append((c.label, None if c.skip else c.build(spec), c.skip))
-    attn_dtype = dtypes[dtype or "fp32"]
+    attn_dtype = DTYPES[dtype or "fp32"]
     head_dim = spec.head_dim
     sources = []
     if synthetic:
@@ -302,7 +300,7 @@ def run_fidelity_bench(
         done += 1
     if e2e:
         result.rows += _e2e_rows(spec, choices, prompt=prompt, steps=steps, height=height, width=width,
-                                 frames=frames, seed=seed, device=dev, dtype=dtype and dtypes[dtype],
+                                 frames=frames, seed=seed, device=dev, dtype=dtype and DTYPES[dtype],
                                  model_path=model_path, say=lambda what: say(done + what[0], total, what[1]))
     return result
 

@@ -54,6 +54,8 @@ from pathlib import Path
 
 import torch
 
+from ._setup import DTYPES, bench_device, bench_dtype
+
 __all__ = ["AttentionShape", "SHAPES", "QUICK_SHAPE", "KernelBenchRow", "run_kernel_bench"]
 
 
@@ -89,7 +91,6 @@ SHAPES: dict[str, AttentionShape] = {
 }
 QUICK_SHAPE = AttentionShape("quick", 1, 2, 1000, 64)
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
@@ -239,15 +240,12 @@ def run_kernel_bench(
     from gen.attention.backends import choose
     from gen.attention.backends.block_sparse import describe
 
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for but torch sees no CUDA device; use --device cpu.")
+    dev = bench_device(device)
+    dtype = bench_dtype(dtype, dev)
     backends = backends or (["triton"] if dev.type == "cuda" else ["auto", "sdpa", "masked", "gather", "flex", "torch"])
     gen_ = torch.Generator().manual_seed(seed)
     b, h, s, d = shape.batch, shape.heads, shape.seq_len, shape.head_dim
-    tdtype = _DTYPES[dtype]
+    tdtype = DTYPES[dtype]
     q, k, v = (torch.randn(b, h, s, d, generator=gen_).to(dev, tdtype) for _ in range(3))
     flops_dense = 4.0 * b * h * s * s * d
     say = progress or (lambda msg: None)

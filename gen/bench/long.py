@@ -56,12 +56,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._setup import DTYPES, bench_device, bench_dtype
 from .common import BenchResult, bench_meta, fmt
 
 __all__ = ["LongBenchResult", "LongBenchRow", "build_random_vae", "default_warmup_chunks", "run_long_bench"]
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 #: video frames per latent frame after the first (Wan VAE temporal factor)
 _TEMPORAL = 4
 
@@ -214,20 +214,13 @@ def run_long_bench(
         raise ValueError(f"chunks must be >= 1, got {chunks}.")
     height, width = height or spec.height, width or spec.width
     check_geometry(spec, height, width, 1)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for but torch sees no CUDA device; use --device cpu.")
-    dtype = dtype or ("bf16" if dev.type == "cuda" else "fp32")
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
-    if vae_dtype is None:
-        vae_dtype = "fp32" if "vae" in spec.fp32_components else dtype
-    if vae_dtype not in _DTYPES:
-        raise ValueError(f"vae_dtype must be one of {sorted(_DTYPES)}, got {vae_dtype!r}.")
+    dev = bench_device(device)
+    dtype = bench_dtype(dtype, dev)
+    vae_dtype = bench_dtype(vae_dtype or ("fp32" if "vae" in spec.fp32_components else dtype), dev, what="vae_dtype")
     say = progress or (lambda done, total, what: None)
 
     say(0, None, f"building {spec.name} (random weights)")
-    transformer = build_random_transformer(spec, device=dev, dtype=_DTYPES[dtype], seed=seed)
+    transformer = build_random_transformer(spec, device=dev, dtype=DTYPES[dtype], seed=seed)
     sched = _schedule(schedule, transformer, backend, None, spec.name)
     cfg = sched.config
     cf = cfg.chunk_frames
@@ -242,8 +235,8 @@ def run_long_bench(
     tokens_per_frame = (lat_h // p[1]) * (lat_w // p[2])
 
     g = torch.Generator().manual_seed(seed)
-    text = torch.randn(1, spec.text_tokens, transformer.config.text_dim, generator=g).to(dev, _DTYPES[dtype])
-    vae = build_random_vae(spec, device=dev, dtype=_DTYPES[vae_dtype], seed=seed) if decode else None
+    text = torch.randn(1, spec.text_tokens, transformer.config.text_dim, generator=g).to(dev, DTYPES[dtype])
+    vae = build_random_vae(spec, device=dev, dtype=DTYPES[vae_dtype], seed=seed) if decode else None
 
     result = LongBenchResult(meta=bench_meta(
         dev, command, model=spec.name, schedule=schedule, height=height, width=width, latent_height=lat_h,
