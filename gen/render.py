@@ -151,6 +151,7 @@ def render(
         ValueError: any bad value (model, method, geometry, steps, seed, guidance,
             output path, device, dtype), before the model is loaded.
     """
+    from gen._io import note_replacing
     from gen.session import RenderJob, Session
     from gen.values import check_output_path
 
@@ -163,6 +164,8 @@ def render(
     warn_outside_vocabulary(spec, prompt)
     path = Path(out) if out else default_output_path(spec, prompt, attention, job.seed)
     check_output_path(path, video=spec.is_video)
+    if out is not None:  # as gen.long.long_video: a named file that exists is announced, once
+        note_replacing(path)
     if session is None:
         session = Session(device=device, dtype=dtype, model_path=model_path)
     if pipe is not None:

@@ -364,6 +364,17 @@ def test_long_default_names_are_unique_and_replacing_is_said(tmp_path, monkeypat
     assert "exists: it will be replaced" in caplog.text
     with pytest.raises(ValueError, match=".mp4"):
         long_video("a red ball", tmp_path / "x.gif", **kw)
+    # gen.render.render (the Python API) announces a file it replaces too; not a default name
+    from gen.render import render
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gen"):
+        done = render("a red ball", model="tiny-wan", steps=1, frames=5, height=32, width=32, device="cpu", out=out)
+    assert done.path == out and caplog.text.count("exists: it will be replaced") == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gen"):
+        render("a red ball", model="tiny-wan", steps=1, frames=5, height=32, width=32, device="cpu")
+    assert "it will be replaced" not in caplog.text
 
 
 def test_cli_long_default_name(tmp_path, monkeypatch):

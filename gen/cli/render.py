@@ -47,15 +47,13 @@ def render(
     job = dict(model=model, attention=attention, overrides=overrides(attention, set_), steps=steps, frames=frames,
                height=height, width=width, seed=seed, guidance=guidance, negative_prompt=negative_prompt,
                image=image, out=out, device=device, dtype=dtype, model_path=model_path)
-    if out is not None:
+    if out is not None and ulysses > 1 and os.environ.get("RANK", "0") == "0":
+        # render() announces a file it replaces; under torchrun rank 0 alone does (once)
         from gen.pipelines import get_spec
         from gen.values import check_output_path
 
-        # the path is checked (again, the same way) inside render(); here first so that the
-        # warning below is only given for a file that will really be written
-        check_output_path(out, video=get_spec(model).is_video)
-        if os.environ.get("RANK", "0") == "0":  # one warning under torchrun, not one per process
-            note_replacing(out)
+        check_output_path(out, video=get_spec(model).is_video)  # only a file that will be written
+        note_replacing(out)
     if ulysses > 1:
         result = _render_ulysses(ulysses, prompt, **job)
         if result is None:  # not rank 0: rank 0 wrote the file and reports
