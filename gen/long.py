@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gen.values import MAX_SECONDS, check_seconds
+from gen.values import MAX_SECONDS, check_device, check_prompt, check_seconds, check_seed
 
 __all__ = ["SCHEDULES", "LongResult", "default_long_path", "long_video", "long_video_frames", "parse_switch"]
 
@@ -138,6 +138,9 @@ def long_video_frames(
     if schedule not in SCHEDULES:
         _schedule(schedule, None, None)  # raises the message
     check_seconds(seconds, limit=max_seconds)
+    check_seed(seed)
+    for text in (prompt, *(p for _, p in switches)):
+        check_prompt(text)
     for t, _ in switches:
         if not 0 < t < seconds:
             raise ValueError(f"switch time {t}s is outside the video (0, {seconds}s); pick a time inside it.")
@@ -145,7 +148,7 @@ def long_video_frames(
         raise ValueError("prompt switches are not supported by the rolling schedule; use --schedule sink.")
     height, width = height or spec.height, width or spec.width
     registry.check_geometry(spec, height, width, 1)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = check_device(device)
     paths = [] if checkpoint is None else [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     if paths:
         from gen.pipelines.ar.checkpoints import check_checkpoint_files, load_causal_checkpoint

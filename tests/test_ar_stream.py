@@ -35,6 +35,13 @@ def test_bad_long_inputs_raise():
         next(long_video_frames("a", seconds=2, switches=[(3.0, "b")]))
     with pytest.raises(ValueError, match="unknown schedule"):
         next(long_video_frames("a", schedule="nope"))
+    # checked before the model loads, as the CLI checks them
+    with pytest.raises(ValueError, match="seed must be between 0"):
+        next(long_video_frames("a", seed=-1))
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        next(long_video_frames("a", device="gpu0"))
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        next(long_video_frames("a", seconds=2, switches=[(1.0, "  ")]))
 
 
 def test_long_video_streams_an_mp4(tmp_path):
