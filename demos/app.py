@@ -244,16 +244,19 @@ def _guard_uploads(app: gr.Blocks, file_inputs: set[int], max_bytes: int) -> Non
 
 def _model_label(name: str) -> tuple[str, str]:
     spec = get_spec(name)
-    kind = _TASKS[spec.task] + (", random weights" if spec.is_tiny else
-                                ", trained on shape clips: knows 'a <colour> <shape> <motion> on a <colour> background'"
-                                if spec.is_bundled else "")
+    # short enough for the dropdown's width; the vocabulary is in the info line below it
+    kind = _TASKS[spec.task] + (", random weights" if spec.is_tiny else ", trained on shape clips" if spec.is_bundled
+                                else "")
     return f"{name} ({kind})", name
 
 
 def _model_info(name: str) -> str:
     spec = get_spec(name)
     size = f"{spec.width}×{spec.height}" + (f", {spec.frames} frames at {spec.fps} fps" if spec.is_video else "")
-    return f"{spec.description}. Default {size}, {spec.steps} steps."
+    # in code spans: Markdown would take <colour> for an HTML tag and drop it
+    knows = (" Knows prompts of the form `a <colour> <shape> [moving left/right/up/down | standing still | bouncing] "
+             "[on a <colour> background]`." if spec.is_bundled else "")
+    return f"{spec.description}. Default {size}, {spec.steps} steps.{knows}"
 
 
 def _methods_for(family: str) -> list[str]:
