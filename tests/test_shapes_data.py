@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from gen.pipelines.shapes.clips import _sdf, render_clip, sample_clip, sample_motion, shape_extent
-from gen.pipelines.shapes.data import clip_batch, encode_text, fast_vae_norms
+from gen.pipelines.shapes.data import (
+    clip_batch,
+    encode_text,
+    fast_vae_norms,
+    latent_foreground,
+    pixel_foreground,
+)
 from gen.pipelines.shapes.grammar import (
     MOTIONS,
     SHAPES,
@@ -232,3 +238,55 @@ def test_vision_reads_wrapping_long_clips(seed):
         frames = _u8(sample_clip(cap, seed + i, frames=45, wrap=True))
         verdict = score_clip(frames, cap, wrap=True)
         assert verdict["color"] and verdict["background"] and verdict["motion"], (cap, read_clip(frames, wrap=True))
+
+
+def test_pixel_foreground_is_the_drawn_shape(seed):
+    """The shape's pixels, found against the caption's background, centre on the motion's
+    own centre (``ClipMotion.centre``) on every frame."""
+    batch = clip_batch(seed, "train", range(6), frames=9, size=128)
+    fg = pixel_foreground(batch.video, batch.captions)
+    assert fg.shape == (6, 1, 9, 128, 128) and fg.dtype == torch.bool
+    ys, xs = torch.meshgrid(torch.arange(128.0), torch.arange(128.0), indexing="ij")
+    for i, (cap, motion) in enumerate(zip(batch.captions, batch.motions)):
+        if cap.shape != "circle":
+            continue
+        cx, cy = motion.centre(cap.motion or "still", np.arange(9))
+        for t in range(9):
+            m = fg[i, 0, t].float()
+            assert abs(float((m * xs).sum() / m.sum()) - (cx[t] - 0.5)) < 0.75
+            assert abs(float((m * ys).sum() / m.sum()) - (cy[t] - 0.5)) < 0.75
+
+
+def test_latent_foreground_pools_time_like_the_vae_and_dilates(seed):
+    """Against a loop: latent frame 0 codes video frame 0, latent frame k frames 4k-3..4k;
+    a latent pixel is on when any of its 8x8 pixels is, then grown by one each way."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.rand(2, 1, 9, 32, 32, generator=g) > 0.995
+    got = latent_foreground(pixels)
+    assert got.shape == (2, 1, 3, 4, 4)
+    want = torch.zeros(2, 1, 3, 4, 4, dtype=torch.bool)
+    for b in range(2):
+        for k, frames in enumerate([[0], [1, 2, 3, 4], [5, 6, 7, 8]]):
+            for y in range(4):
+                for x in range(4):
+                    near = [(yy, xx) for yy in range(y - 1, y + 2) for xx in range(x - 1, x + 2)
+                            if 0 <= yy < 4 and 0 <= xx < 4]
+                    want[b, 0, k, y, x] = any(bool(pixels[b, 0, f, 8 * yy : 8 * yy + 8, 8 * xx : 8 * xx + 8].any())
+                                              for f in frames for yy, xx in near)
+    assert torch.equal(got, want)
+    pooled = torch.stack([pixels[:, :, 0], pixels[:, :, 1:5].any(2), pixels[:, :, 5:9].any(2)], 2)
+    undilated = pooled.reshape(2, 1, 3, 4, 8, 4, 8).any(-1).any(-2)
+    assert torch.equal(latent_foreground(pixels, dilate=0), undilated)
+    assert (want & ~undilated).any()  # the dilation added positions
+
+
+def test_flow_loss_weighs_positions(seed):
+    from gen.pipelines.shapes.train import flow_loss
+
+    g = torch.Generator().manual_seed(seed)
+    pred, noise, x0 = (torch.randn(2, 4, 3, 5, 5, generator=g) for _ in range(3))
+    w = 1.0 + 4.0 * (torch.rand(2, 1, 3, 5, 5, generator=g) > 0.7).float()
+    err = (pred - (noise - x0)).pow(2).double()
+    want = (err * w).sum() / (w.expand_as(err)).sum()
+    assert torch.allclose(flow_loss(pred, noise, x0, positions=w).double(), want, rtol=1e-5)
+    assert torch.allclose(flow_loss(pred, noise, x0, positions=torch.ones(1)), flow_loss(pred, noise, x0))

@@ -76,7 +76,7 @@ def train_shapes_wan(out: str | os.PathLike, *, config: TrainConfig | None = Non
     vae_log = train_vae(parts["vae"], cfg, device=dev, progress=progress)
     logger.info("shapes-wan: encoding %d training clips", cfg.dit.clips)
     data = encode_clips(parts["vae"], cfg.seed, "train", cfg.dit.clips, frames=cfg.frames, size=cfg.size,
-                        progress=progress)
+                        progress=progress, foreground=cfg.dit.foreground_weight is not None)
     logger.info("shapes-wan: training text encoder + transformer (%d steps of %d clips)", cfg.dit.steps, cfg.dit.batch)
     dit_log = train_t2v(parts["transformer"], parts["text_encoder"], parts["tokenizer"], data, cfg, device=dev,
                         progress=progress)

@@ -125,6 +125,16 @@ class DitTrain:
         drop_caption: fraction of captions replaced by ``""`` (what the pipeline's
             default negative prompt encodes), for classifier-free guidance.
         drop_motion: fraction of captions written without the motion clause.
+        image_drop_motion: the same fraction in the first-frame phase (None:
+            ``drop_motion``). On one frame the motion clause carries no information; 1
+            there was meant to keep the transformer from learning to ignore the words
+            before the clip phase, but did not make it listen to them (the README's
+            experiments: 3% either way, ``diagnose.py --words``).
+        foreground_weight: loss weight of the latent positions that code the shape, and
+            one latent pixel around it (``data.latent_foreground``), against 1 elsewhere
+            (None: 1, the plain flow-matching loss). The shape is 5-15% of a clip's
+            latent, so a still blob at the mean position costs little under the plain
+            loss; the VAE needed the same weighting (``VaeTrain.foreground_weight``).
         drop_background: fraction written without the background clause.
         text_len: text rows the embeddings are padded to (the pipeline's
             ``max_sequence_length``: training attends exactly as a plain ``pipe(prompt)``).
@@ -143,6 +153,8 @@ class DitTrain:
     clip_shift: float | None = None
     drop_caption: float = 0.1
     drop_motion: float = 0.1
+    image_drop_motion: float | None = None
+    foreground_weight: float | None = None
     drop_background: float = 0.1
     text_len: int = 512
 

@@ -33,8 +33,10 @@ __all__ = [
     "encode_clips",
     "encode_text",
     "fast_vae_norms",
+    "latent_foreground",
     "latent_stats",
     "normalize_latents",
+    "pixel_foreground",
 ]
 
 
@@ -144,24 +146,54 @@ def normalize_latents(z: torch.Tensor, vae) -> torch.Tensor:
 
 @dataclass
 class LatentSet:
-    """Encoded training clips: ``latents (N, C, T, h, w)`` (normalised) and their captions."""
+    """Encoded training clips: ``latents (N, C, T, h, w)`` (normalised), their captions and
+    where the shape is in latent space (``foreground``: bool ``(N, 1, T, h, w)``, see
+    :func:`latent_foreground`; None when not asked for)."""
 
     latents: torch.Tensor
     captions: list[Caption]
+    foreground: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.captions)
 
 
+def pixel_foreground(video: torch.Tensor, captions: Sequence[Caption], threshold: float = 0.02) -> torch.Tensor:
+    """Pixels of the shape (its anti-aliased edge included): bool ``(B, 1, F, H, W)`` from
+    ``video (B, 3, F, H, W)`` in [-1, 1], every pixel that differs from the caption's
+    background colour by more than ``threshold``."""
+    from .grammar import COLORS
+
+    bg = torch.tensor([COLORS[c.background or "black"] for c in captions], dtype=video.dtype) / 127.5 - 1.0
+    return (video - bg.view(-1, 3, 1, 1, 1)).abs().amax(1, keepdim=True) > threshold
+
+
+def latent_foreground(pixels: torch.Tensor, *, time: int = 4, space: int = 8, dilate: int = 1) -> torch.Tensor:
+    """Latent positions that code any pixel of the shape: bool ``(B, 1, T, h, w)`` from
+    ``pixels (B, 1, F, H, W)`` (``F = 1 + time * (T - 1)``: Wan's VAE codes frame 0 alone,
+    then ``time`` frames per latent frame; ``space`` pixels per latent pixel), grown by
+    ``dilate`` latent pixels each way (the shape's surroundings, where it may move)."""
+    first = pixels[:, :, :1]
+    rest = pixels[:, :, 1:]
+    b, _, f, h, w = rest.shape
+    x = torch.cat([first, rest.reshape(b, 1, f // time, time, h, w).amax(3)], 2).float()
+    x = F.max_pool3d(x, (1, space, space))
+    if dilate:
+        x = F.max_pool3d(x, (1, 2 * dilate + 1, 2 * dilate + 1), stride=1, padding=(0, dilate, dilate))
+    return x > 0
+
+
 @torch.no_grad()
 def encode_clips(vae, seed: int, split: str, count: int, *, frames: int, size: int, wrap: bool = False,
-                 batch: int = 16, normalize: bool = True, progress: bool = True) -> LatentSet:
-    """Encode clips ``0..count-1`` of ``split`` with ``vae`` (posterior mean), in batches."""
+                 batch: int = 16, normalize: bool = True, progress: bool = True,
+                 foreground: bool = False) -> LatentSet:
+    """Encode clips ``0..count-1`` of ``split`` with ``vae`` (posterior mean), in batches;
+    with ``foreground``, also where each shape is in latent space (:func:`latent_foreground`)."""
     from tqdm.auto import tqdm
 
     vae.eval()
     dev = next(vae.parameters()).device
-    out, caps = [], []
+    out, caps, fgs = [], [], []
     with fast_vae_norms(vae), tqdm(total=count, desc=f"encoding {split} clips", unit="clip",
                                    disable=not progress) as bar:
         for start in range(0, count, batch):
@@ -170,9 +202,11 @@ def encode_clips(vae, seed: int, split: str, count: int, *, frames: int, size: i
             c = clips.captions
             z = vae.encode(clips.video.to(dev)).latent_dist.mode()
             out.append((normalize_latents(z, vae) if normalize else z).float().cpu())
+            if foreground:
+                fgs.append(latent_foreground(pixel_foreground(clips.video, c)))
             caps += c
             bar.update(len(idx))
-    return LatentSet(torch.cat(out), caps)
+    return LatentSet(torch.cat(out), caps, torch.cat(fgs) if foreground else None)
 
 
 def encode_text(tokenizer, text_encoder, prompts: Sequence[str], *, text_len: int = 512,

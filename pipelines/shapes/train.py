@@ -284,12 +284,19 @@ def shifted_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * u / (1 + (shift - 1) * u)
 
 
-def flow_loss(pred: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean squared error of the flow prediction against ``noise - x0`` (optionally per-frame weighted)."""
+def flow_loss(pred: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor, weight: torch.Tensor | None = None,
+              *, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error of the flow prediction against ``noise - x0``, optionally
+    weighted per frame (``weight (B, T)``) and per latent position (``positions``,
+    broadcastable to ``(B, 1, T, h, w)``); a weighted mean."""
     err = (pred.float() - (noise - x0)).pow(2)
-    if weight is None:
+    if weight is None and positions is None:
         return err.mean()
-    w = weight[:, None, :, None, None].expand_as(err)
+    w = torch.ones_like(err)
+    if weight is not None:
+        w = w * weight[:, None, :, None, None]
+    if positions is not None:
+        w = w * positions
     return (err * w).sum() / w.sum().clamp_min(1.0)
 
 
@@ -302,11 +309,15 @@ class _Batches:
         self.order, self.pos = torch.randperm(len(data), generator=self.gen), 0
 
     def next(self) -> tuple[torch.Tensor, list]:
+        return self.next_with_foreground()[:2]
+
+    def next_with_foreground(self) -> tuple[torch.Tensor, list, torch.Tensor | None]:
         if self.pos + self.batch > len(self.order):
             self.order, self.pos = torch.randperm(len(self.data), generator=self.gen), 0
         idx = self.order[self.pos : self.pos + self.batch]
         self.pos += self.batch
-        return self.data.latents[idx], [self.data.captions[int(i)] for i in idx]
+        fg = None if self.data.foreground is None else self.data.foreground[idx]
+        return self.data.latents[idx], [self.data.captions[int(i)] for i in idx], fg
 
 
 # -- stage 2: text-to-video ---------------------------------------------------------------------
@@ -341,7 +352,11 @@ def train_t2v(transformer, text_encoder, tokenizer, data: LatentSet, cfg: TrainC
     params = [*transformer.parameters(), *text_encoder.parameters()]
     opt = torch.optim.AdamW(params, lr=d.lr, betas=(0.9, 0.99), weight_decay=d.weight_decay)
     ema = _Ema([transformer, text_encoder], d.ema)
-    images = LatentSet(data.latents[:, :, :1].contiguous(), data.captions)
+    fg_w = d.foreground_weight
+    if fg_w is not None and data.foreground is None:
+        raise ValueError("foreground_weight needs the clips' foreground: encode_clips(..., foreground=True).")
+    images = LatentSet(data.latents[:, :, :1].contiguous(), data.captions,
+                       None if data.foreground is None else data.foreground[:, :, :1].contiguous())
     phases = [(images, d.image_batch, d.image_steps, "frames"), (data, d.batch, d.steps, "clips")]
     rng = np.random.default_rng(_fork(cfg.seed, "t2v/captions"))
     gen = torch.Generator().manual_seed(_fork(cfg.seed, "t2v/noise"))
@@ -357,8 +372,11 @@ def train_t2v(transformer, text_encoder, tokenizer, data: LatentSet, cfg: TrainC
                 for _ in range(steps):
                     for g in opt.param_groups:
                         g["lr"] = d.lr * _schedule(step, total, d.warmup)
-                    x0, caps = batches.next()
-                    prompts = caption_texts(caps, rng, drop_caption=d.drop_caption, drop_motion=d.drop_motion,
+                    x0, caps, fg = batches.next_with_foreground()
+                    drop_motion = d.drop_motion
+                    if phase == "frames" and d.image_drop_motion is not None:
+                        drop_motion = d.image_drop_motion
+                    prompts = caption_texts(caps, rng, drop_caption=d.drop_caption, drop_motion=drop_motion,
                                             drop_background=d.drop_background)
                     noise = torch.randn(x0.shape, generator=gen)
                     shift = d.shift if phase == "frames" or d.clip_shift is None else d.clip_shift
@@ -368,7 +386,8 @@ def train_t2v(transformer, text_encoder, tokenizer, data: LatentSet, cfg: TrainC
                     text, lengths = encode_text(tokenizer, text_encoder, prompts, text_len=d.text_len, short=True)
                     proc.set_lengths(lengths, text.shape[1])
                     pred = transformer(xt, (sigma * 1000).to(device), text, return_dict=False)[0]
-                    loss = flow_loss(pred, noise.to(device), x0.to(device))
+                    positions = None if fg_w is None else (1.0 + (fg_w - 1.0) * fg.float()).to(device)
+                    loss = flow_loss(pred, noise.to(device), x0.to(device), positions=positions)
                     acc.append(_step(opt, loss, params, ema))
                     bar.update(1)
                     step += 1
