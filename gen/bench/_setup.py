@@ -15,15 +15,17 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def bench_device(device: str | torch.device | None, *, prefer_cuda: bool = True) -> torch.device:
-    """``device``, or CUDA when available (and ``prefer_cuda``), else the CPU.
+    """``device`` (checked by ``gen.values.check_device``), or CUDA when available (and
+    ``prefer_cuda``), else the CPU.
 
     Raises:
-        ValueError: CUDA asked for where torch sees none.
+        ValueError: an unknown device, or CUDA asked for where torch sees none.
     """
-    dev = torch.device(device or ("cuda" if prefer_cuda and torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for but torch sees no CUDA device; use --device cpu.")
-    return dev
+    from gen.values import check_device
+
+    if device is None and not prefer_cuda:
+        return torch.device("cpu")
+    return check_device(device)
 
 
 def bench_dtype(name: str | None, device: torch.device, *, what: str = "dtype") -> str:

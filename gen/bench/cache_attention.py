@@ -155,7 +155,6 @@ def run_cache_attention_bench(
     :data:`QUICK_CASES` with ``quick``). ``dtype``: bf16 on CUDA, fp32 on the CPU by default.
     The kernel on the CPU needs ``TRITON_INTERPRET=1`` set before triton is imported; without
     it its row says why it did not run."""
-
     dev = bench_device(device, prefer_cuda=not quick)
     dtype = bench_dtype(dtype, dev)
     cases = cases or (QUICK_CASES if quick else CASES)

@@ -92,7 +92,6 @@ SHAPES: dict[str, AttentionShape] = {
 QUICK_SHAPE = AttentionShape("quick", 1, 2, 1000, 64)
 
 
-
 @dataclass
 class KernelBenchRow:
     """One timed configuration (see the module docstring for the columns)."""
