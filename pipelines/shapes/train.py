@@ -44,6 +44,7 @@ from .data import (
     encode_text,
     fast_vae_norms,
     latent_stats,
+    pixel_foreground,
 )
 
 logger = logging.getLogger("gen.pipelines.shapes")
@@ -184,8 +185,6 @@ def _crops(clips, crop: int, size: int, centred: float, fg_weight: float, rng: n
     the background and ``fg_weight`` on pixels of the shape (its anti-aliased edge included):
     the shape is 1-5% of a frame and was the part the VAE learned last.
     """
-    from .grammar import COLORS
-
     video = clips.video
     b, _, f = video.shape[:3]
     out, weights = [], []
@@ -200,8 +199,7 @@ def _crops(clips, crop: int, size: int, centred: float, fg_weight: float, rng: n
         else:
             x, y = (int(v) * 8 for v in rng.integers(0, (size - crop) // 8 + 1, size=2))
         c = video[i, :, :, y : y + crop, x : x + crop]
-        bg = torch.tensor(COLORS[clips.captions[i].background or "black"], dtype=c.dtype) / 127.5 - 1.0
-        fg = ((c - bg.view(3, 1, 1, 1)).abs().amax(0, keepdim=True) > 0.02).to(c.dtype)
+        fg = pixel_foreground(c[None], [clips.captions[i]])[0].to(c.dtype)
         out.append(c)
         weights.append(1.0 + (fg_weight - 1.0) * fg)
     return torch.stack(out), torch.stack(weights)
@@ -308,10 +306,8 @@ class _Batches:
         self.gen = torch.Generator().manual_seed(seed)
         self.order, self.pos = torch.randperm(len(data), generator=self.gen), 0
 
-    def next(self) -> tuple[torch.Tensor, list]:
-        return self.next_with_foreground()[:2]
-
-    def next_with_foreground(self) -> tuple[torch.Tensor, list, torch.Tensor | None]:
+    def next(self) -> tuple[torch.Tensor, list, torch.Tensor | None]:
+        """Latents, captions and foreground (None when the set has none) of the next batch."""
         if self.pos + self.batch > len(self.order):
             self.order, self.pos = torch.randperm(len(self.data), generator=self.gen), 0
         idx = self.order[self.pos : self.pos + self.batch]
@@ -372,7 +368,7 @@ def train_t2v(transformer, text_encoder, tokenizer, data: LatentSet, cfg: TrainC
                 for _ in range(steps):
                     for g in opt.param_groups:
                         g["lr"] = d.lr * _schedule(step, total, d.warmup)
-                    x0, caps, fg = batches.next_with_foreground()
+                    x0, caps, fg = batches.next()
                     drop_motion = d.drop_motion
                     if phase == "frames" and d.image_drop_motion is not None:
                         drop_motion = d.image_drop_motion
