@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-from gen.pipelines.ar.rolling import RollingConfig, RollingForcingAR
+from gen.pipelines.ar.rolling import RollingConfig, RollingForcingAR, substep_timesteps
 from gen.pipelines.ar.schedules import NoiseSampler
 from gen.pipelines.tiny import build_tiny_pipeline
 
@@ -120,25 +120,33 @@ class _Reference:
             self.reads[f] = (read_list, frames)
 
     def generate(self, n_frames, noise, ts):
-        cf, lv = self.cfg.chunk_frames, self.cfg.levels
+        """``ts``: the listed levels' timesteps (one forward per window step), or per level
+        the timesteps of its substeps down to the next level (``substep_timesteps``)."""
+        cf, lv, sampler = self.cfg.chunk_frames, self.cfg.levels, self.cfg.sampler
+        if not isinstance(ts[0], list):
+            ts = [[ts[i], ts[i + 1] if i + 1 < lv else 0.0] for i in range(lv)]
+        k = len(ts[0]) - 1
         n, state, out = n_frames // cf, {}, {}
         for w in range(n + lv - 1):
             chunks = list(range(max(0, w - lv + 1), min(n - 1, w) + 1))
             if w < n:
                 state[w] = noise.initial(w, (1, 16, cf, H, W))
-            x = torch.cat([state[b] for b in chunks], 2)
-            t = torch.tensor([ts[w - b] for b in chunks for _ in range(cf)])
             frames = list(range(chunks[0] * cf, (chunks[-1] + 1) * cf))
-            v, _ = self.forward(x, t, frames)
-            x0 = x - (t / 1000).view(1, 1, -1, 1, 1) * v
-            for i, b in enumerate(chunks):
-                xb = x0[:, :, i * cf : (i + 1) * cf]
-                if w - b + 1 < lv:
-                    sig = ts[w - b + 1] / 1000
-                    state[b] = (1 - sig) * xb + sig * noise.renoise(b, w - b, xb.shape)
-                else:
-                    out[b] = xb
-                    self.commit(xb, list(range(b * cf, (b + 1) * cf)))
+            for j in range(k):
+                x = torch.cat([state[b] for b in chunks], 2)
+                t = torch.tensor([ts[w - b][j] for b in chunks for _ in range(cf)])
+                v, _ = self.forward(x, t, frames)
+                x0 = x - (t / 1000).view(1, 1, -1, 1, 1) * v
+                for i, b in enumerate(chunks):
+                    xb, vb = x0[:, :, i * cf : (i + 1) * cf], v[:, :, i * cf : (i + 1) * cf]
+                    sig = ts[w - b][j + 1] / 1000
+                    if sig > 0 and sampler == "euler":
+                        state[b] = state[b] + (sig - ts[w - b][j] / 1000) * vb
+                    elif sig > 0:
+                        state[b] = (1 - sig) * xb + sig * noise.renoise(b, (w - b) * k + j, xb.shape)
+                    else:
+                        out[b] = xb
+                        self.commit(xb, list(range(b * cf, (b + 1) * cf)))
         return torch.cat([out[b] for b in range(n)], 2)
 
 
@@ -155,6 +163,38 @@ def test_rolling_matches_masked_reference(transformer, seed, positions):
     ref = _Reference(transformer, cfg, text).generate(n_frames, NoiseSampler(seed), sched.timesteps)
     assert got.shape == (1, 16, n_frames, H, W)
     assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (got - ref).abs().max()
+
+
+@pytest.mark.parametrize("sampler", ["euler", "renoise"])
+def test_rolling_substeps_match_masked_reference(transformer, seed, sampler):
+    # three forwards per window step, every chunk moved a third of the way to its next level
+    cfg = RollingConfig(chunk_frames=1, steps=(1000, 600), shift=3.0, sink_frames=1, max_attention_frames=4,
+                        sampler=sampler, substeps=3)
+    text = torch.randn(1, 512, 32)
+    sched = RollingForcingAR(transformer, cfg, backend="torch")
+    got = torch.cat(list(sched.generate(text, 5, height=H, width=W, noise=NoiseSampler(seed))), 2)
+    ref = _Reference(transformer, cfg, text).generate(5, NoiseSampler(seed), sched.substep_timesteps)
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (got - ref).abs().max()
+
+
+def test_substep_timesteps_cut_each_level_in_listed_units():
+    cfg = RollingConfig(steps=(1000, 667, 333), shift=3.0, substeps=2)
+    sub = substep_timesteps(cfg)
+
+    def warp(k):  # the shifted schedule at listed step k (k / 1000 = unshifted sigma)
+        u = k / 1000
+        return 1000 * 3 * u / (1 + 2 * u)
+
+    want = [[warp(1000), warp(833.5), warp(667)], [warp(667), warp(500), warp(333)], [warp(333), warp(166.5), 0.0]]
+    assert all(a == pytest.approx(b, abs=1e-9) for row, wrow in zip(sub, want) for a, b in zip(row, wrow))
+    # one substep: the levels themselves, as warped_timesteps gives them
+    one = substep_timesteps(RollingConfig(steps=(1000, 800, 600, 400, 200)))
+    levels = RollingForcingAR(None, RollingConfig()).timesteps
+    assert [row[0] for row in one] == pytest.approx(levels, abs=1e-9)
+    assert [row[1] for row in one] == pytest.approx([*levels[1:], 0.0], abs=1e-9)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="substeps must be an int >= 1"):
+            RollingConfig(substeps=bad)
 
 
 def test_rolling_defaults_and_plan(transformer, seed):

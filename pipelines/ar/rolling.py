@@ -2,7 +2,9 @@
 
 A *window* of ``levels`` chunks sits at increasing noise levels: the newest chunk at the
 first (noisiest) listed timestep, the oldest at the last. Each window step is **one**
-forward over the whole window (full attention inside it, per-frame timesteps), after which
+forward over the whole window (full attention inside it, per-frame timesteps; with
+``substeps`` k > 1, k forwards, each moving every chunk a k-th of the way to its next
+level), after which
 
 * every chunk not at the last level is re-noised to its next level with fresh noise,
 * the oldest chunk's ``x0`` is final: it leaves the window (yielded) and one clean forward
@@ -34,7 +36,7 @@ from .cache import Positions
 from .runner import CausalWanRunner, RunnerConfig
 from .schedules import NoiseSampler, Sampler, step_to, warped_timesteps
 
-__all__ = ["RollingConfig", "RollingForcingAR"]
+__all__ = ["RollingConfig", "RollingForcingAR", "substep_timesteps"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,11 @@ class RollingConfig:
         positions: ``"relative"`` (re-roped sink, unbounded length) or ``"absolute"``.
         sampler: how a chunk moves to its next level: ``"renoise"`` (the reference: x0 plus
             fresh noise) or ``"euler"`` (the flow ODE step; see ``ChunkConfig``).
+        substeps: forwards per window step (1: the reference, for few-step distilled
+            models). With k > 1 each level's span of listed timesteps (the last level's down
+            to 0) is cut into k equal parts, mapped through the same shift: a model trained
+            on the full flow-matching range (``shapes-wan-causal``) gets ``levels * k``
+            denoising steps per chunk instead of ``levels``.
     """
 
     chunk_frames: int = 3
@@ -66,6 +73,7 @@ class RollingConfig:
     max_attention_frames: int = 21
     positions: Positions = "relative"
     sampler: Sampler = "renoise"
+    substeps: int = 1
 
     @property
     def levels(self) -> int:
@@ -82,6 +90,8 @@ class RollingConfig:
             raise ValueError(f"chunk_frames must be positive, got {self.chunk_frames}.")
         if not self.steps:
             raise ValueError("steps must list at least one timestep (one window level each).")
+        if isinstance(self.substeps, bool) or not isinstance(self.substeps, int) or self.substeps < 1:
+            raise ValueError(f"substeps must be an int >= 1 (forwards per window step), got {self.substeps!r}.")
         if self.max_attention_frames < self.window_frames:
             raise ValueError(
                 f"max_attention_frames={self.max_attention_frames} is smaller than the window "
@@ -100,6 +110,27 @@ class RollingConfig:
             )
 
 
+def substep_timesteps(config: RollingConfig) -> list[list[float]]:
+    """Per window level, the ``substeps + 1`` timesteps in [0, 1000] its chunk passes: from
+    the level's own timestep to the next level's (the last level's to 0).
+
+    The span between two listed steps is cut into ``substeps`` equal parts in listed units,
+    and each cut is mapped like a listed step (``warp``: ``1000 s u / (1 + (s - 1) u)`` with
+    ``u = k / 1000``, which is ``warped_timesteps`` at whole ``k``). With ``substeps=1``
+    level ``l`` is ``[timesteps[l], timesteps[l + 1]]`` (``0`` after the last).
+    """
+    steps, k, shift = [float(s) for s in config.steps] + [0.0], config.substeps, config.shift
+
+    def mapped(step: float) -> float:
+        if not config.warp or step == 0.0:
+            return step
+        u = step / 1000.0
+        return 1000.0 * shift * u / (1.0 + (shift - 1.0) * u)
+
+    return [[mapped(steps[lv] + (steps[lv + 1] - steps[lv]) * j / k) for j in range(k + 1)]
+            for lv in range(len(config.steps))]
+
+
 class RollingForcingAR:
     """Rolling-window generation: yields each chunk's clean latents as it leaves the window.
 
@@ -115,6 +146,7 @@ class RollingForcingAR:
         self.transformer, self.config, self.backend = transformer, config, backend
         self.rope_tables = rope_tables
         self.timesteps = warped_timesteps(config.steps, config.shift, config.warp)
+        self.substep_timesteps = substep_timesteps(config)
         self.runner: CausalWanRunner | None = None
 
     def runner_config(self) -> RunnerConfig:
@@ -151,11 +183,12 @@ class RollingForcingAR:
         param = next(model.parameters())
         noise = noise or NoiseSampler(0, param.device)
         batch, c_in, cf = prompt_embeds.shape[0], model.config.in_channels, cfg.chunk_frames
-        n_chunks, ts = num_frames // cf, self.timesteps
+        n_chunks = num_frames // cf
         shape = (batch, c_in, cf, height, width)
         rope = self.rope_tables or (None, None)
         self.runner = runner = CausalWanRunner(model, self.runner_config(), batch=batch, height=height,
                                                width=width, rope_cos=rope[0], rope_sin=rope[1])
+        sub, k = self.substep_timesteps, cfg.substeps
         state: dict[int, torch.Tensor] = {}  # chunk -> its latents at its current level (window only)
         with runner:
             runner.set_prompt(prompt_embeds)
@@ -163,19 +196,20 @@ class RollingForcingAR:
                 if w < n_chunks:
                     state[w] = noise.initial(w, shape)
                 level = {b: w - b for b in chunks}  # 0 = noisiest (newest)
-                x = torch.cat([state[b] for b in chunks], dim=2)
-                t = torch.tensor([ts[level[b]] for b in chunks for _ in range(cf)], device=param.device)
                 frames = range(chunks[0] * cf, (chunks[-1] + 1) * cf)
-                v = runner.forward(x, t, frames, "denoise")
-                x0 = x.float() - (t / 1000).view(1, 1, -1, 1, 1) * v.float()
-                for i, b in enumerate(chunks):
-                    x0_b = x0[:, :, i * cf : (i + 1) * cf]
-                    if level[b] + 1 < len(ts):
-                        s = ts[level[b] + 1] / 1000
-                        sl = slice(i * cf, (i + 1) * cf)
-                        state[b] = step_to(x[:, :, sl], x0_b, v[:, :, sl], ts[level[b]] / 1000, s, cfg.sampler,
-                                           partial(noise.renoise, b, level[b], shape))
-                    else:  # the oldest chunk is final: commit its clean K/V and emit it
-                        del state[b]
-                        runner.forward(x0_b, cfg.context_t, range(b * cf, (b + 1) * cf), "commit")
-                        yield x0_b
+                for j in range(k):
+                    x = torch.cat([state[b] for b in chunks], dim=2)
+                    t = torch.tensor([sub[level[b]][j] for b in chunks for _ in range(cf)], device=param.device)
+                    v = runner.forward(x, t, frames, "denoise")
+                    x0 = x.float() - (t / 1000).view(1, 1, -1, 1, 1) * v.float()
+                    for i, b in enumerate(chunks):
+                        x0_b = x0[:, :, i * cf : (i + 1) * cf]
+                        nxt = sub[level[b]][j + 1]
+                        if nxt > 0:
+                            sl = slice(i * cf, (i + 1) * cf)
+                            state[b] = step_to(x[:, :, sl], x0_b, v[:, :, sl], sub[level[b]][j] / 1000, nxt / 1000,
+                                               cfg.sampler, partial(noise.renoise, b, level[b] * k + j, shape))
+                        else:  # the oldest chunk is final: commit its clean K/V and emit it
+                            del state[b]
+                            runner.forward(x0_b, cfg.context_t, range(b * cf, (b + 1) * cf), "commit")
+                            yield x0_b
