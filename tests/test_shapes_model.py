@@ -80,6 +80,17 @@ def test_the_default_render_draws_the_caption_colours(pipe):
     assert sum(v["background"] for v in verdicts) >= 4, verdicts
 
 
+def test_the_shipped_transformer_places_things_where_the_noise_has_them():
+    # the README's finding (pipelines/shapes/README.md, "Why motion is not learned"): the
+    # estimate moves with a one-token move of the noise (residual well under 1) and the
+    # motion word moves it by a few percent of that
+    from gen.pipelines.shapes.diagnose import shift_sensitivity
+
+    sens = shift_sensitivity(bundled_folder("shapes-wan"), levels=(1.0, 0.6), latents=2, device="cpu")
+    assert sens["t=0.6"]["equivariance"] < 0.5, sens
+    assert all(r["motion_word"] < 0.2 for r in sens.values()), sens
+
+
 def test_sparsify_dense_reproduces_the_stock_pipeline(pipe):
     text = "a green triangle moving left on a white background"
     ref = _render(pipe, text, 3, steps=3)

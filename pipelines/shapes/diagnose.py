@@ -15,7 +15,10 @@ of the ``"diagnose"`` split, which training never uses) are read by
   pure noise, what ``gen eval-tiny`` scores.
 
 ``word_sensitivity`` (``--words``) measures how much the transformer's prediction
-depends on the motion words against the colour words.
+depends on the motion words against the colour words; ``shift_sensitivity``
+(``--shift``) how nearly it is translation-equivariant (Wan's transformer sees positions
+only through RoPE, which is relative), and how a motion word weighs against where the
+noise is.
 
 Each row gives the fraction right per attribute (colour, background, shape, motion,
 colour and motion), PSNR against the true clip, and the mean per-frame distance between
@@ -38,7 +41,7 @@ import torch
 
 logger = logging.getLogger("gen.pipelines.shapes")
 
-__all__ = ["DiagnoseResult", "diagnose", "heldout_clips", "word_sensitivity"]
+__all__ = ["DiagnoseResult", "diagnose", "heldout_clips", "shift_sensitivity", "word_sensitivity"]
 
 ATTRIBUTES = ("color", "background", "shape", "motion", "color_and_motion")
 LEVELS = (0.2, 0.4, 0.6, 0.8, 1.0)
@@ -280,6 +283,54 @@ def word_sensitivity(model_path: str | Path, *, levels: tuple[float, ...] = (1.0
     return out
 
 
+@torch.no_grad()
+def shift_sensitivity(model_path: str | Path, *, levels: tuple[float, ...] = (1.0, 0.9, 0.6), latents: int = 4,
+                      shift: int = 2, seed: int = 0, device: str | None = None) -> dict[str, dict[str, float]]:
+    """Whether the transformer places things by where they are in its input or by the words.
+
+    For each level ``t``, ``latents`` noise latents ``x_t = t eps`` are predicted under
+    ``a red circle moving left on a gray background`` (unguided ``x0 = x_t - t v``), then
+    again with ``x_t`` rolled ``shift`` latent pixels sideways (one token at patch 2), and
+    with the caption's ``left`` changed to ``right``. Over the columns the roll does not
+    wrap, with ``D = |x0(rolled) - x0|``:
+
+    * ``"equivariance"``: ``|x0(rolled) - rolled x0| / D``; 0 for a model whose picture
+      moves exactly with its input (no sense of absolute position), larger the more it
+      keeps things at absolute places;
+    * ``"motion_word"``: ``|x0(right) - x0(left)| / D``: how much the motion word moves the
+      estimate against a one-token move of the noise.
+
+    Returns ``{"t=1.0": {"equivariance": ..., "motion_word": ...}, ...}``.
+    """
+    from diffusers import WanPipeline
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe = WanPipeline.from_pretrained(str(model_path), local_files_only=True).to(dev)
+    tr = pipe.transformer
+    texts = ["a red circle moving left on a gray background", "a red circle moving right on a gray background"]
+    left, right = pipe.encode_prompt(texts, None, do_classifier_free_guidance=False, device=dev)[0]
+    gen = torch.Generator().manual_seed(seed)
+    w = 16
+    inner = slice(2 * shift, w - 2 * shift)
+    out: dict[str, dict[str, float]] = {}
+    for t in levels:
+        xt = t * torch.randn(latents, tr.config.in_channels, 5, w, w, generator=gen).to(dev)
+        ts = torch.full((latents,), 1000.0 * t, device=dev)
+
+        def x0(x, emb, t=t, ts=ts):
+            return x - t * tr(x, ts, emb[None].expand(latents, -1, -1), return_dict=False)[0]
+
+        base = x0(xt, left)
+        rolled = x0(torch.roll(xt, shift, dims=4), left)
+        other = x0(xt, right)
+        moved = (rolled - base)[..., inner].norm()
+        out[f"t={t:.1f}"] = {
+            "equivariance": float((rolled - torch.roll(base, shift, dims=4))[..., inner].norm() / moved),
+            "motion_word": float((other - base)[..., inner].norm() / moved),
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m gen.pipelines.shapes.diagnose", description=__doc__.split("\n\n")[0])
     p.add_argument("--model-path", default=None, help="pipeline folder (default: the bundled shapes-wan)")
@@ -293,6 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="write the result as JSON here")
     p.add_argument("--words", action="store_true", help="only the motion-word / colour-word sensitivity")
+    p.add_argument("--shift", action="store_true", help="only the translation-equivariance probe")
     a = p.parse_args(argv)
     path = a.model_path or str(Path(__file__).resolve().parent.parent / "weights" / "shapes-wan")
     if a.words:
@@ -300,6 +352,12 @@ def main(argv: list[str] | None = None) -> None:
         print("| | motion words | colour words |\n|---|---|---|")
         for k, r in sens.items():
             print(f"| {k} | {100 * r['motion']:.0f}% | {100 * r['colour']:.0f}% |")
+        return
+    if a.shift:
+        sens = shift_sensitivity(path, seed=a.seed, device=a.device)
+        print("| | equivariance residual | motion word / one-token shift |\n|---|---|---|")
+        for k, r in sens.items():
+            print(f"| {k} | {r['equivariance']:.2f} | {r['motion_word']:.3f} |")
         return
     res = diagnose(path, clips=a.clips, levels=tuple(a.levels), modes=tuple(a.modes), steps=a.steps,
                    guidance=a.guidance, batch=a.batch, seed=a.seed, device=a.device)
