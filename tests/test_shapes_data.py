@@ -186,7 +186,9 @@ def test_fast_vae_norms_compute_the_stock_function(seed):
     with fast_vae_norms(vae):
         g_fast = torch.autograd.grad(vae.encode(x).latent_dist.mean.square().sum(), x)[0]
     g_ref = torch.autograd.grad(vae.encode(x).latent_dist.mean.square().sum(), x)[0]
-    assert torch.allclose(g_fast, g_ref, rtol=1e-4, atol=1e-6)
+    # fp32 rounding of two summation orders: a per-element 1e-6 + 1e-4 |g| bound failed one
+    # run, and came within 7e-9 of failing on one of 8 seeds (largest gradients 0.16-0.98)
+    assert (g_fast - g_ref).abs().max() <= 1e-5 * g_ref.abs().max(), (g_fast - g_ref).abs().max()
 
 
 def test_inflated_vae_init_is_a_per_frame_autoencoder(seed):
