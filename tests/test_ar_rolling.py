@@ -120,11 +120,9 @@ class _Reference:
             self.reads[f] = (read_list, frames)
 
     def generate(self, n_frames, noise, ts):
-        """``ts``: the listed levels' timesteps (one forward per window step), or per level
-        the timesteps of its substeps down to the next level (``substep_timesteps``)."""
+        """``ts``: per level, the timesteps of its substeps down to the next level
+        (``substep_timesteps``; one forward per window step with ``substeps=1``)."""
         cf, lv, sampler = self.cfg.chunk_frames, self.cfg.levels, self.cfg.sampler
-        if not isinstance(ts[0], list):
-            ts = [[ts[i], ts[i + 1] if i + 1 < lv else 0.0] for i in range(lv)]
         k = len(ts[0]) - 1
         n, state, out = n_frames // cf, {}, {}
         for w in range(n + lv - 1):
@@ -160,7 +158,7 @@ def test_rolling_matches_masked_reference(transformer, seed, positions):
     sched = RollingForcingAR(transformer, cfg, backend="torch")
     n_frames = 9
     got = torch.cat(list(sched.generate(text, n_frames, height=H, width=W, noise=NoiseSampler(seed))), 2)
-    ref = _Reference(transformer, cfg, text).generate(n_frames, NoiseSampler(seed), sched.timesteps)
+    ref = _Reference(transformer, cfg, text).generate(n_frames, NoiseSampler(seed), sched.substep_timesteps)
     assert got.shape == (1, 16, n_frames, H, W)
     assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (got - ref).abs().max()
 

@@ -81,9 +81,9 @@ def test_the_default_render_draws_the_caption_colours(pipe):
 
 
 def test_the_shipped_transformer_places_things_where_the_noise_has_them():
-    # the README's finding (pipelines/shapes/README.md, "Why motion is not learned"): the
-    # estimate moves with a one-token move of the noise (residual well under 1) and the
-    # motion word moves it by a few percent of that
+    # the README's finding (pipelines/shapes/README.md, "what the transformer can know
+    # about position"): the estimate moves with a one-token move of the noise (residual
+    # well under 1) and the motion word moves it by a few percent of that
     from gen.pipelines.shapes.diagnose import shift_sensitivity
 
     sens = shift_sensitivity(bundled_folder("shapes-wan"), levels=(1.0, 0.6), latents=2, device="cpu")

@@ -34,7 +34,7 @@ import torch
 
 from .cache import Positions
 from .runner import CausalWanRunner, RunnerConfig
-from .schedules import NoiseSampler, Sampler, step_to, warped_timesteps
+from .schedules import NoiseSampler, Sampler, step_to, warp_timestep, warped_timesteps
 
 __all__ = ["RollingConfig", "RollingForcingAR", "substep_timesteps"]
 
@@ -115,17 +115,13 @@ def substep_timesteps(config: RollingConfig) -> list[list[float]]:
     the level's own timestep to the next level's (the last level's to 0).
 
     The span between two listed steps is cut into ``substeps`` equal parts in listed units,
-    and each cut is mapped like a listed step (``warp``: ``1000 s u / (1 + (s - 1) u)`` with
-    ``u = k / 1000``, which is ``warped_timesteps`` at whole ``k``). With ``substeps=1``
-    level ``l`` is ``[timesteps[l], timesteps[l + 1]]`` (``0`` after the last).
+    and each cut is mapped like a listed step (``warp_timestep`` with ``warp``). With
+    ``substeps=1`` level ``l`` is ``[timesteps[l], timesteps[l + 1]]`` (``0`` after the last).
     """
-    steps, k, shift = [float(s) for s in config.steps] + [0.0], config.substeps, config.shift
+    steps, k = [float(s) for s in config.steps] + [0.0], config.substeps
 
     def mapped(step: float) -> float:
-        if not config.warp or step == 0.0:
-            return step
-        u = step / 1000.0
-        return 1000.0 * shift * u / (1.0 + (shift - 1.0) * u)
+        return warp_timestep(step, config.shift) if config.warp else step
 
     return [[mapped(steps[lv] + (steps[lv + 1] - steps[lv]) * j / k) for j in range(k + 1)]
             for lv in range(len(config.steps))]

@@ -30,24 +30,30 @@ from .runner import CausalWanRunner, RunnerConfig
 
 Sampler = Literal["renoise", "euler"]
 
-__all__ = ["ChunkAR", "ChunkConfig", "NoiseSampler", "SinkWindowAR", "SinkWindowConfig", "step_to", "warped_timesteps"]
+__all__ = ["ChunkAR", "ChunkConfig", "NoiseSampler", "SinkWindowAR", "SinkWindowConfig", "step_to", "warp_timestep", "warped_timesteps"]
 
 
 def warped_timesteps(steps: tuple[int, ...] = (1000, 750, 500, 250), shift: float = 5.0, warp: bool = True) -> list[float]:
     """Timesteps in [0, 1000] for a few-step distilled Wan (the notes' table).
 
-    ``sigma = linspace(1, 0, 1001)[:-1]`` shifted as ``s*sigma / (1 + (s-1)*sigma)``; with
-    ``warp`` each listed step ``k`` maps to ``1000 * sigma'[1000 - k]``, e.g. the
-    Self-Forcing list (1000, 750, 500, 250) at shift 5 gives (1000, 937.5, 833.3, 625.0).
-    Without ``warp`` the list is used as is (CausVid 3-step).
+    With ``warp`` each listed step ``k`` maps through ``warp_timestep`` (the shifted
+    schedule at ``sigma = k / 1000``), e.g. the Self-Forcing list (1000, 750, 500, 250) at
+    shift 5 gives (1000, 937.5, 833.3, 625.0). Without ``warp`` the list is used as is
+    (CausVid 3-step).
     """
     if not steps or any(not 0 < k <= 1000 for k in steps):
         raise ValueError(f"steps must be timesteps in (0, 1000], got {steps}.")
     if not warp:
         return [float(k) for k in steps]
-    sigma = torch.linspace(1.0, 0.0, 1001, dtype=torch.float64)[:-1]
-    sigma = shift * sigma / (1 + (shift - 1) * sigma)
-    return [float(1000 * sigma[1000 - k]) for k in steps]
+    return [warp_timestep(k, shift) for k in steps]
+
+
+def warp_timestep(step: float, shift: float) -> float:
+    """A listed timestep ``step`` in [0, 1000] on the shifted schedule: ``1000 s u / (1 + (s - 1) u)``
+    with ``u = step / 1000`` (the entry ``1000 - step`` of ``linspace(1, 0, 1001)`` shifted
+    as ``s sigma / (1 + (s - 1) sigma)``, for any ``step``, whole or not)."""
+    u = step / 1000.0
+    return 1000.0 * shift * u / (1.0 + (shift - 1.0) * u)
 
 
 def step_to(x: torch.Tensor, x0: torch.Tensor, v: torch.Tensor, sigma: float | torch.Tensor,

@@ -39,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .build import _device
+
 logger = logging.getLogger("gen.pipelines.shapes")
 
 __all__ = ["DiagnoseResult", "diagnose", "heldout_clips", "shift_sensitivity", "word_sensitivity"]
@@ -167,7 +169,7 @@ def diagnose(model_path: str | Path, *, clips: int = 48, levels: tuple[float, ..
 
     from .data import fast_vae_norms, normalize_latents
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = _device(device)
     pipe = WanPipeline.from_pretrained(str(model_path), local_files_only=True).to(dev)
     vae, tr = pipe.vae, pipe.transformer
     mean = torch.tensor(vae.config.latents_mean, device=dev).view(1, -1, 1, 1, 1)
@@ -255,7 +257,7 @@ def word_sensitivity(model_path: str | Path, *, levels: tuple[float, ...] = (1.0
 
     from .grammar import FOREGROUNDS, MOTIONS, Caption
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = _device(device)
     pipe = WanPipeline.from_pretrained(str(model_path), local_files_only=True).to(dev)
     tr = pipe.transformer
     sets = {"motion": [Caption("circle", "red", m, "gray").text() for m in MOTIONS],
@@ -304,7 +306,7 @@ def shift_sensitivity(model_path: str | Path, *, levels: tuple[float, ...] = (1.
     """
     from diffusers import WanPipeline
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = _device(device)
     pipe = WanPipeline.from_pretrained(str(model_path), local_files_only=True).to(dev)
     tr = pipe.transformer
     texts = ["a red circle moving left on a gray background", "a red circle moving right on a gray background"]
