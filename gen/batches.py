@@ -472,10 +472,9 @@ def batch(
         ManifestError: a bad manifest or option (before any model loads).
         ValueError: an output folder that cannot be written, a bad device or dtype.
     """
-    from gen.values import check_writable_folder
+    from gen.values import check_ulysses, check_writable_folder
 
-    if isinstance(ulysses, bool) or not isinstance(ulysses, int) or ulysses < 1:
-        raise ValueError(f"ulysses must be an int >= 1 (processes per job), got {ulysses!r}.")
+    check_ulysses(ulysses, unit="processes per job")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if ulysses > 1 and launched != ulysses:
         raise ValueError(f"--ulysses {ulysses} needs {ulysses} processes, one per GPU, and {launched} "

@@ -44,6 +44,7 @@ from gen.values import (
     check_seed,
     check_steps,
     check_tokens,
+    check_ulysses,
 )
 
 logger = logging.getLogger("gen.session")
@@ -333,9 +334,7 @@ class Session:
         self.dtype = check_dtype(dtype)
         self.model_path = model_path
         self.progress = progress
-        if isinstance(ulysses, bool) or not isinstance(ulysses, int) or ulysses < 1:
-            raise ValueError(f"ulysses must be an int >= 1 (ranks per attention call), got {ulysses!r}.")
-        self.ulysses = ulysses
+        self.ulysses = check_ulysses(ulysses, unit="ranks per attention call")
         if loader is None:
             def loader(name: str):
                 from gen.pipelines import load

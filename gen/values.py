@@ -25,6 +25,7 @@ __all__ = [
     "check_prompt",
     "check_port",
     "check_tokens",
+    "check_ulysses",
     "check_seconds",
     "check_seed",
     "check_steps",
@@ -168,6 +169,14 @@ def check_port(value) -> int:
     """A TCP port to serve on: 1 to 65535."""
     if not _is_int(value) or not 1 <= value <= 65535:
         raise ValueError(f"port must be a whole number from 1 to 65535, got {value!r}.")
+    return value
+
+
+def check_ulysses(value, *, unit: str = "processes per attention call") -> int:
+    """The sequence-parallel degree: an int >= 1 (1: no sequence parallelism). ``unit``
+    says in the message what is counted where it comes in."""
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"ulysses must be an int >= 1 ({unit}), got {value!r}.")
     return value
 
 

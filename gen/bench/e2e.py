@@ -69,6 +69,7 @@ from gen.pipelines.architecture import (
     random_transformer_inputs,
     transformer_config,
 )
+from gen.values import check_ulysses
 
 from ._setup import DTYPES, bench_device, bench_dtype
 from .common import STOCK, BenchResult, bench_meta, fmt, resolve_methods
@@ -290,8 +291,7 @@ def run_e2e_bench(
         raise ValueError(f"--steps must be >= 1, got {steps}.")
     dev = bench_device(device)
     dtype = bench_dtype(dtype, dev)
-    if isinstance(ulysses, bool) or not isinstance(ulysses, int) or ulysses < 1:
-        raise ValueError(f"ulysses must be an int >= 1 (processes per attention call), got {ulysses!r}.")
+    check_ulysses(ulysses)
     choices = resolve_methods(methods, spec, plan=plan)
     say = progress or (lambda done, total, what: None)
     if ulysses > 1:

@@ -27,10 +27,11 @@ from .train import build_components, config_record, train_causal, train_t2v, tra
 
 logger = logging.getLogger("gen.pipelines.shapes")
 
-__all__ = ["train_shapes_wan", "train_shapes_wan_causal"]
+__all__ = ["default_device", "train_shapes_wan", "train_shapes_wan_causal"]
 
 
-def _device(device: str | torch.device | None) -> torch.device:
+def default_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a ``torch.device``; None: CUDA where there is one, else the CPU."""
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
@@ -67,7 +68,7 @@ def train_shapes_wan(out: str | os.PathLike, *, config: TrainConfig | None = Non
     from diffusers import WanPipeline
 
     cfg = config or TrainConfig()
-    dev = _device(device)
+    dev = default_device(device)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     parts = build_components(cfg.seed)
@@ -110,7 +111,7 @@ def train_shapes_wan_causal(out: str | os.PathLike, *, base: str | os.PathLike, 
     problems = check_folder(base)
     if problems:
         raise ValueError(f"the base folder {base} is not a complete shapes-wan folder: {'; '.join(problems)}.")
-    dev = _device(device)
+    dev = default_device(device)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     pipe = WanPipeline.from_pretrained(str(base), local_files_only=True)

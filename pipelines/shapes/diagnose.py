@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .build import _device
+from .build import default_device
 
 logger = logging.getLogger("gen.pipelines.shapes")
 
@@ -169,7 +169,7 @@ def diagnose(model_path: str | Path, *, clips: int = 48, levels: tuple[float, ..
 
     from .data import fast_vae_norms, normalize_latents
 
-    dev = _device(device)
+    dev = default_device(device)
     pipe = WanPipeline.from_pretrained(str(model_path), local_files_only=True).to(dev)
     vae, tr = pipe.vae, pipe.transformer
     mean = torch.tensor(vae.config.latents_mean, device=dev).view(1, -1, 1, 1, 1)
@@ -257,7 +257,7 @@ def word_sensitivity(model_path: str | Path, *, levels: tuple[float, ...] = (1.0
 
     from .grammar import FOREGROUNDS, MOTIONS, Caption
 
-    dev = _device(device)
+    dev = default_device(device)
     pipe = WanPipeline.from_pretrained(str(model_path), local_files_only=True).to(dev)
     tr = pipe.transformer
     sets = {"motion": [Caption("circle", "red", m, "gray").text() for m in MOTIONS],
@@ -306,7 +306,7 @@ def shift_sensitivity(model_path: str | Path, *, levels: tuple[float, ...] = (1.
     """
     from diffusers import WanPipeline
 
-    dev = _device(device)
+    dev = default_device(device)
     pipe = WanPipeline.from_pretrained(str(model_path), local_files_only=True).to(dev)
     tr = pipe.transformer
     texts = ["a red circle moving left on a gray background", "a red circle moving right on a gray background"]
