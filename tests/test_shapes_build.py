@@ -10,7 +10,14 @@ import torch
 
 from gen.pipelines import ModelNotAvailableError, load
 from gen.pipelines.shapes.build import train_shapes_wan, train_shapes_wan_causal
-from gen.pipelines.shapes.config import CausalTrain, DitTrain, TrainConfig, VaeTrain
+from gen.pipelines.shapes.config import (
+    CausalTrain,
+    DitTrain,
+    TrainConfig,
+    VaeTrain,
+    override_config,
+    setting_names,
+)
 from gen.pipelines.shapes.folder import MANIFEST, check_folder
 
 QUICK = TrainConfig(
@@ -117,3 +124,53 @@ def test_causal_training_refuses_an_incomplete_base(trained, tmp_path):
     with pytest.raises(ValueError, match="text_encoder/ is missing"):
         train_shapes_wan_causal(tmp_path / "out", base=d, config=QUICK, device="cpu", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_training_on_a_kept_vae_reuses_it_and_records_where_it_came_from(trained, tmp_path):
+    from safetensors.torch import load_file
+
+    t2v, _ = trained
+    cfg = override_config(QUICK, ["dit.steps=1", "dit.image_steps=1"])
+    out = train_shapes_wan(tmp_path / "kept", config=cfg, device="cpu", progress=False, vae=t2v)
+    weights = "vae/diffusion_pytorch_model.safetensors"
+    a, b = load_file(t2v / weights), load_file(out / weights)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["vae_from"]["folder"] == str(t2v) and weights in manifest["vae_from"]["files"]
+    assert manifest["logs"]["vae"] == [] and manifest["train"]["dit"]["steps"] == 1
+    # a folder whose VAE is another architecture is refused before anything trains
+    d = _damaged(t2v, tmp_path, "widevae")
+    conf = json.loads((d / "vae" / "config.json").read_text())
+    conf["base_dim"] = 16
+    (d / "vae" / "config.json").write_text(json.dumps(conf))
+    (d / MANIFEST).unlink()  # the edit would otherwise be reported as a changed file
+    with pytest.raises(ValueError, match="not the shapes-wan VAE .*base_dim"):
+        train_shapes_wan(tmp_path / "never", config=cfg, device="cpu", progress=False, vae=d)
+    assert not (tmp_path / "never").exists()
+
+
+def test_training_settings_are_typed_from_the_config_and_bad_ones_are_named():
+    cfg = override_config(TrainConfig(), ["dit.steps=40000", "dit.clip_shift=3", "dit.foreground_weight=none",
+                                          "causal.mix=0.1,0.6,0.3", "seed=7", "vae.lr=1e-3"])
+    assert (cfg.dit.steps, cfg.dit.clip_shift, cfg.dit.foreground_weight) == (40000, 3.0, None)
+    assert cfg.causal.mix == (0.1, 0.6, 0.3) and cfg.seed == 7 and cfg.vae.lr == 1e-3
+    assert type(cfg.dit.steps) is int and type(cfg.dit.clip_shift) is float
+    # everything else is the default
+    assert cfg.dit.batch == DitTrain().batch and cfg.causal.steps == CausalTrain().steps
+    assert override_config(TrainConfig(), []) == TrainConfig()
+    assert "dit.clip_shift" in setting_names() and "causal.mix" in setting_names()
+    bad = {
+        "dit.stepz=1": "unknown training setting 'dit.stepz'",
+        "dit=1": "unknown training setting 'dit'",
+        "dit.steps=2.5": "dit.steps must be a whole number",
+        "dit.lr=inf": "dit.lr must be a finite number",
+        "dit.batch=0": "dit.batch must be >= 1",
+        "vae.centred=1.5": "vae.centred is a fraction",
+        "frames=18": "frames must be 4k\\+1",
+        "size=100": "size must be a multiple of 16",
+        "causal.mix=1,2": "causal.mix takes 3 comma-separated numbers",
+        "steps": "--set takes key=value",
+    }
+    for setting, message in bad.items():
+        with pytest.raises(ValueError, match=message):
+            override_config(TrainConfig(), [setting])

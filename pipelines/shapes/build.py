@@ -11,6 +11,7 @@ the library versions, and the SHA-256 of every file.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -52,8 +53,33 @@ def _manifest(name: str, cfg: TrainConfig, dev: torch.device, seconds: float, lo
     }
 
 
+def _trained_vae(folder: str | os.PathLike):
+    """The VAE of a saved ``shapes-wan`` folder (``train_shapes_wan(vae=...)``), refused
+    with a reason when the folder is damaged or its VAE is not ``COMPONENTS["vae"]``."""
+    from diffusers import AutoencoderKLWan
+
+    from .config import COMPONENTS
+    from .folder import check_folder
+
+    if not Path(folder).is_dir():
+        raise ValueError(f"--vae: {folder} does not exist; give a shapes-wan folder (gen train-tiny --out writes one).")
+    problems = check_folder(folder)
+    if problems:
+        raise ValueError(f"--vae: {folder} is not a complete shapes-wan folder: {'; '.join(problems)}.")
+    config = json.loads((Path(folder) / "vae" / "config.json").read_text())
+
+    def same(a, b):
+        return (list(a) if isinstance(a, (list, tuple)) else a) == (list(b) if isinstance(b, (list, tuple)) else b)
+
+    differ = [k for k, v in COMPONENTS["vae"].items() if not same(config.get(k), v)]
+    if differ:
+        raise ValueError(f"--vae: the VAE in {folder} is not the shapes-wan VAE (its {', '.join(differ)} differ).")
+    return AutoencoderKLWan.from_pretrained(str(folder), subfolder="vae", local_files_only=True)
+
+
 def train_shapes_wan(out: str | os.PathLike, *, config: TrainConfig | None = None,
-                     device: str | torch.device | None = None, progress: bool = True) -> Path:
+                     device: str | torch.device | None = None, progress: bool = True,
+                     vae: str | os.PathLike | None = None) -> Path:
     """Train ``shapes-wan`` (VAE, then text encoder + transformer) and save it at ``out``.
 
     Args:
@@ -61,6 +87,9 @@ def train_shapes_wan(out: str | os.PathLike, *, config: TrainConfig | None = Non
         config: training settings (default ``TrainConfig()``, what the shipped weights used).
         device: ``"cuda"``/``"cpu"`` (default CUDA when available).
         progress: show progress bars.
+        vae: a saved ``shapes-wan`` folder whose VAE to keep instead of training one (stage
+            1, about 10 minutes on 2 CPU cores, is skipped; ``config.vae`` is unused). The
+            VAE is the only thing that depends on it: the transformer starts from the seed.
 
     Returns:
         ``out``. About an hour on a 2-core CPU with the defaults.
@@ -70,11 +99,22 @@ def train_shapes_wan(out: str | os.PathLike, *, config: TrainConfig | None = Non
     cfg = config or TrainConfig()
     dev = default_device(device)
     t0 = time.perf_counter()
+    given_vae = None if vae is None else _trained_vae(vae)  # refused before anything is built
     torch.manual_seed(cfg.seed)
     parts = build_components(cfg.seed)
-    logger.info("shapes-wan: training the VAE on %s (%d still-frame + %d clip steps)", dev,
-                cfg.vae.image_steps, cfg.vae.steps)
-    vae_log = train_vae(parts["vae"], cfg, device=dev, progress=progress)
+    extra: dict[str, Any] = {}
+    if given_vae is None:
+        logger.info("shapes-wan: training the VAE on %s (%d still-frame + %d clip steps)", dev,
+                    cfg.vae.image_steps, cfg.vae.steps)
+        vae_log = train_vae(parts["vae"], cfg, device=dev, progress=progress)
+    else:
+        from .folder import read_manifest
+
+        parts["vae"] = given_vae.to(dev)
+        files = (read_manifest(Path(vae)) or {}).get("files", {})
+        extra["vae_from"] = {"folder": str(vae), "files": {k: v for k, v in files.items() if k.startswith("vae/")}}
+        vae_log = []
+        logger.info("shapes-wan: keeping the VAE of %s (no VAE training)", vae)
     logger.info("shapes-wan: encoding %d training clips", cfg.dit.clips)
     data = encode_clips(parts["vae"], cfg.seed, "train", cfg.dit.clips, frames=cfg.frames, size=cfg.size,
                         progress=progress, foreground=cfg.dit.foreground_weight is not None)
@@ -84,7 +124,7 @@ def train_shapes_wan(out: str | os.PathLike, *, config: TrainConfig | None = Non
     pipe = WanPipeline(**{k: parts[k] for k in ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")})
     pipe.to("cpu")
     seconds = time.perf_counter() - t0
-    manifest = _manifest("shapes-wan", cfg, dev, seconds, {"vae": vae_log, "transformer": dit_log})
+    manifest = _manifest("shapes-wan", cfg, dev, seconds, {"vae": vae_log, "transformer": dit_log}, **extra)
     path = publish_folder(pipe, out, manifest)
     logger.info("shapes-wan: saved to %s after %.0f s", path, seconds)
     return path

@@ -12,12 +12,16 @@ on windows of 15 latent frames (960 tokens) cut from 93-frame clips.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .tokenizer import shapes_vocabulary
 
-__all__ = ["COMPONENTS", "CausalTrain", "DitTrain", "TrainConfig", "VaeTrain"]
+__all__ = ["COMPONENTS", "CausalTrain", "DitTrain", "TrainConfig", "VaeTrain", "override_config", "setting_names"]
 
 _VOCAB = 32  # >= len(shapes_vocabulary()) (25)
 assert len(shapes_vocabulary()) <= _VOCAB
@@ -226,3 +230,95 @@ class TrainConfig:
     vae: VaeTrain = field(default_factory=VaeTrain)
     dit: DitTrain = field(default_factory=DitTrain)
     causal: CausalTrain = field(default_factory=CausalTrain)
+
+
+_SECTIONS = ("vae", "dit", "causal")
+# Fields that are fractions of the data (in [0, 1]); counts must be >= 1 where named here.
+_FRACTIONS = {"centred", "drop_caption", "drop_motion", "image_drop_motion", "drop_background", "sink_windows"}
+_AT_LEAST_ONE = {"image_batch", "batch", "clips", "frames", "window_frames", "chunk_frames", "rolling_chunks",
+                 "stats_clips", "size", "text_len"}
+
+
+def setting_names() -> list[str]:
+    """Every name ``override_config`` takes: ``seed``, ``size``, ``frames``, ``fps`` and
+    ``<vae|dit|causal>.<field>``."""
+    cfg = TrainConfig()
+    names = [f.name for f in dataclasses.fields(cfg) if f.name not in _SECTIONS]
+    for sec in _SECTIONS:
+        names += [f"{sec}.{f.name}" for f in dataclasses.fields(getattr(cfg, sec))]
+    return names
+
+
+def _parse(name: str, text: str, kind: Any) -> Any:
+    """``text`` as a value of the annotated type ``kind`` (int, float, ``float | None``,
+    ``tuple[float, ...]``), with an error that says what was expected."""
+    text = text.strip()
+    args = typing.get_args(kind)
+    if type(None) in args:  # optional: "none" turns it off
+        if text.lower() in ("none", "null", ""):
+            return None
+        kind = next(a for a in args if a is not type(None))
+    if typing.get_origin(kind) is tuple:
+        parts = [p for p in text.replace("(", "").replace(")", "").split(",") if p.strip()]
+        want = len(typing.get_args(kind))
+        if len(parts) != want:
+            raise ValueError(f"{name} takes {want} comma-separated numbers, got {text!r}.")
+        return tuple(_parse(name, p, typing.get_args(kind)[0]) for p in parts)
+    try:
+        if kind is int:
+            value = int(text)
+        else:
+            value = float(text)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise ValueError(f"{name} must be {what}, got {text!r}.") from None
+    if kind is float and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {text!r}.")
+    return value
+
+
+def _check_value(name: str, value: Any) -> None:
+    field_name = name.rsplit(".", 1)[-1]
+    values = value if isinstance(value, tuple) else (value,)
+    for v in values:
+        if v is None:
+            continue
+        if v < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}.")
+        if field_name in _FRACTIONS and v > 1:
+            raise ValueError(f"{name} is a fraction: it must be between 0 and 1, got {value}.")
+        if field_name in _AT_LEAST_ONE and v < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}.")
+    if field_name == "frames" and (value - 1) % 4:
+        raise ValueError(f"{name} must be 4k+1 (Wan's VAE codes 4 frames per latent frame after the first), "
+                         f"got {value}.")
+    if field_name == "size" and value % 16:
+        raise ValueError(f"size must be a multiple of 16 (8x VAE, 2x patches), got {value}.")
+
+
+def override_config(cfg: TrainConfig, settings: Iterable[str]) -> TrainConfig:
+    """``cfg`` with ``key=value`` settings applied (``gen train-tiny --set``).
+
+    Keys are ``seed``, ``size``, ``frames``, ``fps`` or ``<vae|dit|causal>.<field>``
+    (``setting_names()``); values are typed from the field: ``dit.steps=40000``,
+    ``dit.clip_shift=3``, ``dit.foreground_weight=none``, ``causal.mix=0.2,0.5,0.3``.
+    Unknown keys and values of the wrong type or out of range raise ``ValueError`` naming
+    the setting.
+    """
+    known = setting_names()
+    for item in settings:
+        if "=" not in item:
+            raise ValueError(f"--set takes key=value (e.g. dit.steps=40000), got {item!r}.")
+        key, text = (part.strip() for part in item.split("=", 1))
+        if key not in known:
+            raise ValueError(f"unknown training setting {key!r}; the settings are: {', '.join(known)}.")
+        section, _, name = key.rpartition(".")
+        holder = getattr(cfg, section) if section else cfg
+        kind = typing.get_type_hints(type(holder))[name]
+        value = _parse(key, text, kind)
+        _check_value(key, value)
+        if section:
+            cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(holder, **{name: value})})
+        else:
+            cfg = dataclasses.replace(cfg, **{name: value})
+    return cfg
