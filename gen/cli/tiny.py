@@ -23,10 +23,16 @@ def train_tiny(
                                "the keys are the fields of gen.pipelines.shapes.config.TrainConfig)"),
     vae: Path = typer.Option(None, "--vae", help="keep the VAE of this shapes-wan folder instead of training one "
                              "(skips about 10 minutes on 2 CPU cores)"),
+    restart: bool = typer.Option(False, "--restart", help="discard the checkpoints of an unfinished run (OUT.partial/) "
+                                 "instead of resuming it"),
     device: str = opt.device(),
     verbose: bool = opt.verbose(),
 ) -> None:
-    """Train the built-in shapes-wan model (or its causal variant) from its seed: about an hour on 2 CPU cores."""
+    """Train the built-in shapes-wan model (or its causal variant) from its seed: about an hour on 2 CPU cores.
+
+    A stopped run resumes where it was when started again with the same settings: the VAE,
+    the encoded clips and the transformer's state every 250 steps are kept in OUT.partial/
+    until the folder is published."""
     import dataclasses
     import logging
 
@@ -43,9 +49,10 @@ def train_tiny(
     name = "shapes-wan-causal" if causal else "shapes-wan"
     target = out or bundled_folder(name)
     if causal:
-        path = train_shapes_wan_causal(target, base=base or bundled_folder("shapes-wan"), config=cfg, device=device)
+        path = train_shapes_wan_causal(target, base=base or bundled_folder("shapes-wan"), config=cfg, device=device,
+                                       restart=restart)
     else:
-        path = train_shapes_wan(target, config=cfg, device=device, vae=vae)
+        path = train_shapes_wan(target, config=cfg, device=device, vae=vae, restart=restart)
     print_written(path)
     if out is not None:
         console.print("use it with:", highlight=False)

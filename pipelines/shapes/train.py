@@ -46,6 +46,7 @@ from .data import (
     latent_stats,
     pixel_foreground,
 )
+from .resume import StageCheckpoint, generator_state, set_generator_state
 
 logger = logging.getLogger("gen.pipelines.shapes")
 
@@ -150,6 +151,17 @@ class _Ema:
         self.n += 1
         d = min(self.decay, (1 + self.n) / (10 + self.n))
         torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
+
+    def state(self) -> dict[str, Any]:
+        return {"shadow": [t.clone() for t in self.shadow], "n": self.n}
+
+    @torch.no_grad()
+    def load_state(self, state: dict[str, Any]) -> None:
+        if len(state["shadow"]) != len(self.shadow):
+            raise ValueError("the checkpoint's EMA does not match these models.")
+        for s, t in zip(self.shadow, state["shadow"]):
+            s.copy_(t)
+        self.n = state["n"]
 
     @torch.no_grad()
     def copy_to_model(self) -> None:
@@ -315,6 +327,13 @@ class _Batches:
         fg = None if self.data.foreground is None else self.data.foreground[idx]
         return self.data.latents[idx], [self.data.captions[int(i)] for i in idx], fg
 
+    def state(self) -> dict[str, Any]:
+        return {"gen": generator_state(self.gen), "order": self.order.clone(), "pos": self.pos}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        set_generator_state(self.gen, state["gen"])
+        self.order, self.pos = state["order"], state["pos"]
+
 
 # -- stage 2: text-to-video ---------------------------------------------------------------------
 
@@ -332,13 +351,17 @@ def _uninstall(transformer, attr: str, saved: list) -> None:
 
 
 def train_t2v(transformer, text_encoder, tokenizer, data: LatentSet, cfg: TrainConfig, *, device: torch.device,
-              progress: bool = True, callback: Callable[[int, dict], None] | None = None) -> Log:
+              progress: bool = True, callback: Callable[[int, dict], None] | None = None,
+              checkpoint: StageCheckpoint | None = None) -> Log:
     """Train text encoder + transformer in place on ``data`` (stage 2); EMA weights are left in the models.
 
     First ``image_steps`` on the clips' first latent frames (the image the VAE codes alone:
     64 tokens, so many cheap steps learn shapes, colours and the text), then ``steps`` on
     whole clips (motion). Cross-attention runs through ``PaddedTextAttention``: the stock
     attention over text zero-padded to ``text_len`` rows, at the cost of the prompt's rows.
+
+    With ``checkpoint``, the state is saved every ``checkpoint.every`` steps and a saved
+    state is resumed: the result is the same as an uninterrupted run's.
 
     Returns the log: one dict per 25 steps (``step``, ``phase``, ``loss``, ``seconds``).
     """
@@ -353,48 +376,69 @@ def train_t2v(transformer, text_encoder, tokenizer, data: LatentSet, cfg: TrainC
         raise ValueError("foreground_weight needs the clips' foreground: encode_clips(..., foreground=True).")
     images = LatentSet(data.latents[:, :, :1].contiguous(), data.captions,
                        None if data.foreground is None else data.foreground[:, :, :1].contiguous())
-    phases = [(images, d.image_batch, d.image_steps, "frames"), (data, d.batch, d.steps, "clips")]
+    sets = {"frames": _Batches(images, d.image_batch, _fork(cfg.seed, "t2v/order/frames")),
+            "clips": _Batches(data, d.batch, _fork(cfg.seed, "t2v/order/clips"))}
     rng = np.random.default_rng(_fork(cfg.seed, "t2v/captions"))
     gen = torch.Generator().manual_seed(_fork(cfg.seed, "t2v/noise"))
     total = d.image_steps + d.steps
     proc = PaddedTextAttention(d.text_len)
-    saved = _install(transformer, "attn2", proc)
     log: Log = []
-    start, acc, step = time.perf_counter(), [], 0
+    acc: list[float] = []
+    first, before = 0, 0.0
+    state = checkpoint.load() if checkpoint is not None else None
+    if state is not None:
+        transformer.load_state_dict(state["transformer"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        opt.load_state_dict(state["optimizer"])
+        ema.load_state(state["ema"])
+        set_generator_state(rng, state["rng"])
+        set_generator_state(gen, state["gen"])
+        for name, b in sets.items():
+            b.load_state(state["batches"][name])
+        first, before, log, acc = state["step"], state["seconds"], state["log"], state["acc"]
+        logger.info("resuming the transformer's training at step %d of %d (%s)", first, total, checkpoint.path)
+    saved = _install(transformer, "attn2", proc)
+    start = time.perf_counter() - before
     try:
         with _bar(total, "training transformer", progress) as bar:
-            for phase_data, batch, steps, phase in phases:
-                batches = _Batches(phase_data, batch, _fork(cfg.seed, f"t2v/order/{phase}"))
-                for _ in range(steps):
-                    for g in opt.param_groups:
-                        g["lr"] = d.lr * _schedule(step, total, d.warmup)
-                    x0, caps, fg = batches.next()
-                    drop_motion = d.drop_motion
-                    if phase == "frames" and d.image_drop_motion is not None:
-                        drop_motion = d.image_drop_motion
-                    prompts = caption_texts(caps, rng, drop_caption=d.drop_caption, drop_motion=drop_motion,
-                                            drop_background=d.drop_background)
-                    noise = torch.randn(x0.shape, generator=gen)
-                    shift = d.shift if phase == "frames" or d.clip_shift is None else d.clip_shift
-                    sigma = shifted_sigmas(torch.rand(x0.shape[0], generator=gen), shift)
-                    s = sigma.view(-1, 1, 1, 1, 1)
-                    xt = ((1 - s) * x0 + s * noise).to(device)
-                    text, lengths = encode_text(tokenizer, text_encoder, prompts, text_len=d.text_len, short=True)
-                    proc.set_lengths(lengths, text.shape[1])
-                    pred = transformer(xt, (sigma * 1000).to(device), text, return_dict=False)[0]
-                    positions = None if fg_w is None else (1.0 + (fg_w - 1.0) * fg.float()).to(device)
-                    loss = flow_loss(pred, noise.to(device), x0.to(device), positions=positions)
-                    acc.append(_step(opt, loss, params, ema))
-                    bar.update(1)
-                    step += 1
-                    if step % 25 == 0 or step in (d.image_steps, total):
-                        entry = dict(step=step, phase=phase, loss=float(np.mean(acc)),
-                                     seconds=time.perf_counter() - start)
-                        log.append(entry)
-                        bar.set_postfix(phase=phase, loss=f"{entry['loss']:.4f}")
-                        acc = []
-                        if callback is not None:
-                            callback(step, entry)
+            bar.update(first)
+            for step in range(first, total):
+                phase = "frames" if step < d.image_steps else "clips"
+                for g in opt.param_groups:
+                    g["lr"] = d.lr * _schedule(step, total, d.warmup)
+                x0, caps, fg = sets[phase].next()
+                drop_motion = d.drop_motion
+                if phase == "frames" and d.image_drop_motion is not None:
+                    drop_motion = d.image_drop_motion
+                prompts = caption_texts(caps, rng, drop_caption=d.drop_caption, drop_motion=drop_motion,
+                                        drop_background=d.drop_background)
+                noise = torch.randn(x0.shape, generator=gen)
+                shift = d.shift if phase == "frames" or d.clip_shift is None else d.clip_shift
+                sigma = shifted_sigmas(torch.rand(x0.shape[0], generator=gen), shift)
+                s = sigma.view(-1, 1, 1, 1, 1)
+                xt = ((1 - s) * x0 + s * noise).to(device)
+                text, lengths = encode_text(tokenizer, text_encoder, prompts, text_len=d.text_len, short=True)
+                proc.set_lengths(lengths, text.shape[1])
+                pred = transformer(xt, (sigma * 1000).to(device), text, return_dict=False)[0]
+                positions = None if fg_w is None else (1.0 + (fg_w - 1.0) * fg.float()).to(device)
+                loss = flow_loss(pred, noise.to(device), x0.to(device), positions=positions)
+                acc.append(_step(opt, loss, params, ema))
+                bar.update(1)
+                done = step + 1
+                if done % 25 == 0 or done in (d.image_steps, total):
+                    entry = dict(step=done, phase=phase, loss=float(np.mean(acc)),
+                                 seconds=time.perf_counter() - start)
+                    log.append(entry)
+                    bar.set_postfix(phase=phase, loss=f"{entry['loss']:.4f}")
+                    acc = []
+                    if callback is not None:
+                        callback(done, entry)
+                if checkpoint is not None and checkpoint.due(done, total):
+                    checkpoint.save(dict(
+                        step=done, seconds=time.perf_counter() - start, log=log, acc=acc,
+                        transformer=transformer.state_dict(), text_encoder=text_encoder.state_dict(),
+                        optimizer=opt.state_dict(), ema=ema.state(), rng=generator_state(rng),
+                        gen=generator_state(gen), batches={n: b.state() for n, b in sets.items()}))
     finally:
         _uninstall(transformer, "attn2", saved)
     ema.copy_to_model()
@@ -488,10 +532,12 @@ class _MaskedSelfAttn:
 
 
 def train_causal(transformer, text_encoder, tokenizer, data: LatentSet, cfg: TrainConfig, *, device: torch.device,
-                 progress: bool = True, callback: Callable[[int, dict], None] | None = None) -> Log:
+                 progress: bool = True, callback: Callable[[int, dict], None] | None = None,
+                 checkpoint: StageCheckpoint | None = None) -> Log:
     """Fine-tune ``transformer`` in place for block-causal generation (stage 3); EMA weights kept.
 
     ``data`` holds long clips (``cfg.causal.frames`` frames); the text encoder is frozen.
+    ``checkpoint``: as ``train_t2v``'s (saved every few steps, resumed when there).
     Returns the log: one dict per 25 steps (``step``, ``loss``, ``seconds``).
     """
     c: CausalTrain = cfg.causal
@@ -514,10 +560,23 @@ def train_causal(transformer, text_encoder, tokenizer, data: LatentSet, cfg: Tra
     rng = np.random.default_rng(_fork(cfg.seed, "causal/captions"))
     gen = torch.Generator().manual_seed(_fork(cfg.seed, "causal/noise"))
     log: Log = []
-    start, acc = time.perf_counter(), []
+    acc: list[float] = []
+    first, before = 0, 0.0
+    state = checkpoint.load() if checkpoint is not None else None
+    if state is not None:
+        transformer.load_state_dict(state["transformer"])
+        opt.load_state_dict(state["optimizer"])
+        ema.load_state(state["ema"])
+        set_generator_state(rng, state["rng"])
+        set_generator_state(gen, state["gen"])
+        set_generator_state(windows.gen, state["windows"])
+        first, before, log, acc = state["step"], state["seconds"], state["log"], state["acc"]
+        logger.info("resuming the causal training at step %d of %d (%s)", first, c.steps, checkpoint.path)
+    start = time.perf_counter() - before
     try:
         with _bar(c.steps, "training causal transformer", progress) as bar:
-            for step in range(c.steps):
+            bar.update(first)
+            for step in range(first, c.steps):
                 for g in opt.param_groups:
                     g["lr"] = c.lr * _schedule(step, c.steps, c.warmup)
                 x0, caps, sink = windows.next()
@@ -545,6 +604,11 @@ def train_causal(transformer, text_encoder, tokenizer, data: LatentSet, cfg: Tra
                     acc = []
                     if callback is not None:
                         callback(step + 1, entry)
+                if checkpoint is not None and checkpoint.due(step + 1, c.steps):
+                    checkpoint.save(dict(
+                        step=step + 1, seconds=time.perf_counter() - start, log=log, acc=acc,
+                        transformer=transformer.state_dict(), optimizer=opt.state_dict(), ema=ema.state(),
+                        rng=generator_state(rng), gen=generator_state(gen), windows=generator_state(windows.gen)))
     finally:
         _uninstall(transformer, "attn1", saved)
         _uninstall(transformer, "attn2", saved_text)
