@@ -180,6 +180,31 @@ def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list, ema: _Em
     return loss.item()
 
 
+def _resume(checkpoint: StageCheckpoint | None, models: dict, opt: torch.optim.Optimizer, ema: _Ema,
+            generators: dict) -> tuple[int, float, Log, list, dict | None]:
+    """Put a transformer stage's saved state (if any) back into its models, optimiser, EMA and
+    random generators; returns ``(steps done, seconds so far, log, losses since the last
+    log entry, the whole state or None)``."""
+    state = checkpoint.load() if checkpoint is not None else None
+    if state is None:
+        return 0, 0.0, [], [], None
+    for name, model in models.items():
+        model.load_state_dict(state[name])
+    opt.load_state_dict(state["optimizer"])
+    ema.load_state(state["ema"])
+    for name, g in generators.items():
+        set_generator_state(g, state[name])
+    return state["step"], state["seconds"], state["log"], state["acc"], state
+
+
+def _stage_state(step: int, seconds: float, log: Log, acc: list, models: dict, opt: torch.optim.Optimizer,
+                 ema: _Ema, generators: dict, **extra: Any) -> dict[str, Any]:
+    """What ``_resume`` reads back: the models, optimiser, EMA, generators and log after ``step`` steps."""
+    return {"step": step, "seconds": seconds, "log": log, "acc": acc,
+            **{name: model.state_dict() for name, model in models.items()}, "optimizer": opt.state_dict(),
+            "ema": ema.state(), **{name: generator_state(g) for name, g in generators.items()}, **extra}
+
+
 def _bar(total: int, desc: str, progress: bool):
     from tqdm.auto import tqdm
 
@@ -382,20 +407,11 @@ def train_t2v(transformer, text_encoder, tokenizer, data: LatentSet, cfg: TrainC
     gen = torch.Generator().manual_seed(_fork(cfg.seed, "t2v/noise"))
     total = d.image_steps + d.steps
     proc = PaddedTextAttention(d.text_len)
-    log: Log = []
-    acc: list[float] = []
-    first, before = 0, 0.0
-    state = checkpoint.load() if checkpoint is not None else None
+    models, generators = {"transformer": transformer, "text_encoder": text_encoder}, {"rng": rng, "gen": gen}
+    first, before, log, acc, state = _resume(checkpoint, models, opt, ema, generators)
     if state is not None:
-        transformer.load_state_dict(state["transformer"])
-        text_encoder.load_state_dict(state["text_encoder"])
-        opt.load_state_dict(state["optimizer"])
-        ema.load_state(state["ema"])
-        set_generator_state(rng, state["rng"])
-        set_generator_state(gen, state["gen"])
         for name, b in sets.items():
             b.load_state(state["batches"][name])
-        first, before, log, acc = state["step"], state["seconds"], state["log"], state["acc"]
         logger.info("resuming the transformer's training at step %d of %d (%s)", first, total, checkpoint.path)
     saved = _install(transformer, "attn2", proc)
     start = time.perf_counter() - before
@@ -434,11 +450,8 @@ def train_t2v(transformer, text_encoder, tokenizer, data: LatentSet, cfg: TrainC
                     if callback is not None:
                         callback(done, entry)
                 if checkpoint is not None and checkpoint.due(done, total):
-                    checkpoint.save(dict(
-                        step=done, seconds=time.perf_counter() - start, log=log, acc=acc,
-                        transformer=transformer.state_dict(), text_encoder=text_encoder.state_dict(),
-                        optimizer=opt.state_dict(), ema=ema.state(), rng=generator_state(rng),
-                        gen=generator_state(gen), batches={n: b.state() for n, b in sets.items()}))
+                    checkpoint.save(_stage_state(done, time.perf_counter() - start, log, acc, models, opt, ema,
+                                                 generators, batches={n: b.state() for n, b in sets.items()}))
     finally:
         _uninstall(transformer, "attn2", saved)
     ema.copy_to_model()
@@ -559,18 +572,9 @@ def train_causal(transformer, text_encoder, tokenizer, data: LatentSet, cfg: Tra
     windows = _Windows(data, c, _fork(cfg.seed, "causal/windows"))
     rng = np.random.default_rng(_fork(cfg.seed, "causal/captions"))
     gen = torch.Generator().manual_seed(_fork(cfg.seed, "causal/noise"))
-    log: Log = []
-    acc: list[float] = []
-    first, before = 0, 0.0
-    state = checkpoint.load() if checkpoint is not None else None
+    models, generators = {"transformer": transformer}, {"rng": rng, "gen": gen, "windows": windows.gen}
+    first, before, log, acc, state = _resume(checkpoint, models, opt, ema, generators)
     if state is not None:
-        transformer.load_state_dict(state["transformer"])
-        opt.load_state_dict(state["optimizer"])
-        ema.load_state(state["ema"])
-        set_generator_state(rng, state["rng"])
-        set_generator_state(gen, state["gen"])
-        set_generator_state(windows.gen, state["windows"])
-        first, before, log, acc = state["step"], state["seconds"], state["log"], state["acc"]
         logger.info("resuming the causal training at step %d of %d (%s)", first, c.steps, checkpoint.path)
     start = time.perf_counter() - before
     try:
@@ -605,10 +609,8 @@ def train_causal(transformer, text_encoder, tokenizer, data: LatentSet, cfg: Tra
                     if callback is not None:
                         callback(step + 1, entry)
                 if checkpoint is not None and checkpoint.due(step + 1, c.steps):
-                    checkpoint.save(dict(
-                        step=step + 1, seconds=time.perf_counter() - start, log=log, acc=acc,
-                        transformer=transformer.state_dict(), optimizer=opt.state_dict(), ema=ema.state(),
-                        rng=generator_state(rng), gen=generator_state(gen), windows=generator_state(windows.gen)))
+                    checkpoint.save(_stage_state(step + 1, time.perf_counter() - start, log, acc, models, opt, ema,
+                                                 generators))
     finally:
         _uninstall(transformer, "attn1", saved)
         _uninstall(transformer, "attn2", saved_text)
