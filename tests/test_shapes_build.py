@@ -42,7 +42,7 @@ def test_published_folder_is_complete_and_records_its_training(trained):
     for folder, name in ((t2v, "shapes-wan"), (causal, "shapes-wan-causal")):
         assert check_folder(folder) == []
         manifest = json.loads((folder / MANIFEST).read_text())
-        assert manifest["name"] == name and manifest["train"]["seed"] == 0
+        assert manifest["name"] == name and manifest["train"]["seed"] == 0 and manifest["resumed"] is False
         assert "transformer/diffusion_pytorch_model.safetensors" in manifest["files"]
         assert not list(folder.parent.glob(f".{folder.name}.tmp-*"))  # nothing half-written left behind
     logs = json.loads((t2v / MANIFEST).read_text())["logs"]

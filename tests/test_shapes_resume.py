@@ -148,6 +148,7 @@ def test_a_stopped_run_resumes_without_training_the_vae_again(tmp_path, monkeypa
     path = build.train_shapes_wan(out, config=cfg, device="cpu", progress=False, checkpoint_every=1)
     manifest = json.loads((path / "gen_model.json").read_text())
     assert [e["step"] for e in manifest["logs"]["transformer"]][-1] == 4 and manifest["logs"]["vae"]
+    assert manifest["resumed"] is True
     assert not partial.exists()  # published: the checkpoints are gone
 
 

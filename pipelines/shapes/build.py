@@ -147,7 +147,9 @@ def train_shapes_wan(out: str | os.PathLike, *, config: TrainConfig | None = Non
     pipe = WanPipeline(**{k: parts[k] for k in ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")})
     pipe.to("cpu")
     seconds = time.perf_counter() - t0
-    manifest = _manifest("shapes-wan", cfg, dev, seconds, {"vae": vae_log, "transformer": dit_log}, **extra)
+    # train_seconds counts this process only; the log's seconds run on across a resume
+    manifest = _manifest("shapes-wan", cfg, dev, seconds, {"vae": vae_log, "transformer": dit_log},
+                         resumed=run.resumed, **extra)
     path = publish_folder(pipe, out, manifest)
     run.finish()
     logger.info("shapes-wan: saved to %s after %.0f s", path, seconds)
@@ -197,7 +199,8 @@ def train_shapes_wan_causal(out: str | os.PathLike, *, base: str | os.PathLike, 
                        checkpoint=run.stage("causal", checkpoint_every))
     pipe.to("cpu")
     seconds = time.perf_counter() - t0
-    manifest = _manifest("shapes-wan-causal", cfg, dev, seconds, {"causal": log}, base=origin)
+    manifest = _manifest("shapes-wan-causal", cfg, dev, seconds, {"causal": log}, base=origin,
+                         resumed=run.resumed)
     path = publish_folder(pipe, out, manifest)
     run.finish()
     logger.info("shapes-wan-causal: saved to %s after %.0f s", path, seconds)
