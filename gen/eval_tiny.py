@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gen.pipelines.shapes.vision import ATTRIBUTES
+
 logger = logging.getLogger("gen.eval")
 
 __all__ = ["EVAL_SEED", "EvalResult", "eval_captions", "eval_long", "eval_tiny"]
@@ -31,7 +33,6 @@ __all__ = ["EVAL_SEED", "EvalResult", "eval_captions", "eval_long", "eval_tiny"]
 EVAL_SEED = 1_000_000
 """First generator seed of the evaluation."""
 
-ATTRIBUTES = ("color", "background", "shape", "motion", "color_and_motion")
 
 
 def eval_captions(per_motion: int = 4, seed: int = 0):
@@ -156,7 +157,7 @@ def eval_tiny(
                 res.rows.append({"caption": cap.text(), "seed": job.seed, "motion_of_caption": cap.motion,
                                  "read_background": r.background, "read_color": r.color, "read_shape": r.shape,
                                  "read_motion": r.motion, "read_velocity": [round(v, 2) for v in r.velocity],
-                                 **verdict})
+                                 "read_objects": r.objects, **verdict})
                 if len(clips) < 12:
                     clips.append((cap.text(), frames))
             bar.update(len(part))
@@ -252,7 +253,7 @@ def eval_long(
             res.rows.append({"caption": cap.text(), "seed": seed, "motion_of_caption": cap.motion,
                              "frames": len(frames), "read_color": r.color, "read_motion": r.motion,
                              "read_velocity": [round(v, 2) for v in r.velocity], "late_color": late.color,
-                             **verdict})
+                             "read_objects": r.objects, **verdict})
         res.summary = _fractions(res.rows)
         for motion in dict.fromkeys(r["motion_of_caption"] for r in res.rows):
             res.by_motion[motion] = _fractions([r for r in res.rows if r["motion_of_caption"] == motion])

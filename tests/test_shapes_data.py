@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from gen.pipelines.shapes.clips import _sdf, render_clip, sample_clip, sample_motion, shape_extent
+from gen.pipelines.shapes.clips import (
+    ClipMotion,
+    _sdf,
+    render_clip,
+    sample_clip,
+    sample_motion,
+    shape_extent,
+)
 from gen.pipelines.shapes.data import (
     clip_batch,
     encode_text,
@@ -240,6 +247,25 @@ def test_vision_reads_wrapping_long_clips(seed):
         frames = _u8(sample_clip(cap, seed + i, frames=45, wrap=True))
         verdict = score_clip(frames, cap, wrap=True)
         assert verdict["color"] and verdict["background"] and verdict["motion"], (cap, read_clip(frames, wrap=True))
+        assert verdict["one_object"], (cap, read_clip(frames, wrap=True))
+
+
+def test_vision_counts_the_objects_in_a_frame(seed):
+    """Two copies of a clip side by side read as two objects; a shape cut in two by the
+    frame edge is two regions of a plain frame but one object of a wrapping one; the
+    speckle of a few pixels is not an object."""
+    cap = Caption("circle", "red", "still", "blue")
+    rng = np.random.default_rng(seed)
+    motion = ClipMotion(x=float(rng.uniform(30, 34)), y=64.0, radius=20.0)
+    one = render_clip(cap, motion, frames=5)
+    two = np.concatenate([one[:, :, 32:96], one[:, :, 32:96]], axis=2)  # the circle twice, 64 px apart
+    assert read_clip(_u8(one)).objects == 1 and read_clip(_u8(two)).objects == 2
+    assert score_clip(_u8(two), cap)["one_object"] is False
+    split = np.roll(_u8(one), 128 - int(motion.x), axis=2)  # centre moved to x = 0: half at each edge
+    assert read_clip(split).objects == 2 and read_clip(split, wrap=True).objects == 1
+    speck = _u8(one).copy()
+    speck[:, 100:103, 100:103] = (220, 40, 40)  # 9 red pixels away from the circle
+    assert read_clip(speck).objects == 1
 
 
 def test_pixel_foreground_is_the_drawn_shape(seed):

@@ -149,5 +149,6 @@ def test_eval_tiny_scores_a_small_run(tmp_path):
     assert {row["motion_of_caption"] for row in data["rows"]} == {"left", "right", "up", "down", "still", "bouncing"}
     assert all(0.0 <= v <= 1.0 for v in data["summary"].values())
     assert md.read_text().count("\n") == 2 + 6 + 1  # header, rule, a row per motion, all
+    assert "| one object |" in md.read_text() and all(row["read_objects"] >= 0 for row in data["rows"])
     r = CliRunner().invoke(app, ["eval-tiny", "--model", "tiny-wan"])
     assert r.exit_code == 2 and "shapes models" in r.output

@@ -80,6 +80,7 @@ def eval_tiny_cmd(
     """Render held-out seeds of a shapes model and score colour, background, shape and motion."""
     from gen._io import atomic_write_text
     from gen.eval_tiny import eval_long, eval_tiny
+    from gen.pipelines.shapes.vision import ATTRIBUTES
 
     setup_logging(verbose)
     path = str(model_path) if model_path else None
@@ -96,12 +97,12 @@ def eval_tiny_cmd(
                  f"{m['model']} / {m['attention']}: {m['clips']} clips, {m['steps']} steps, guidance "
                  f"{m['guidance']} ({m['seconds']:.0f} s on {m['device']})")
         table = Table(title=title)
-        for col in ("motion", "clips", "colour", "background", "shape", "motion ok", "colour and motion"):
+        for col in ("motion", "clips", "colour", "background", "shape", "motion ok", "colour and motion",
+                    "one object"):
             table.add_column(col, justify="left" if col == "motion" else "right")
         for motion, sc in [*res.by_motion.items(), ("all", res.summary)]:
             n = len(res.rows) if motion == "all" else sum(r["motion_of_caption"] == motion for r in res.rows)
-            table.add_row(motion, str(n), *(f"{100 * sc[a]:.0f}%" for a in
-                                             ("color", "background", "shape", "motion", "color_and_motion")))
+            table.add_row(motion, str(n), *(f"{100 * sc[a]:.0f}%" for a in ATTRIBUTES))
         console.print(table)
     if json_out:
         text = (results[""].to_json() if not long else

@@ -40,12 +40,12 @@ import numpy as np
 import torch
 
 from .build import default_device
+from .vision import ATTRIBUTES
 
 logger = logging.getLogger("gen.pipelines.shapes")
 
 __all__ = ["DiagnoseResult", "diagnose", "heldout_clips", "shift_sensitivity", "word_sensitivity"]
 
-ATTRIBUTES = ("color", "background", "shape", "motion", "color_and_motion")
 LEVELS = (0.2, 0.4, 0.6, 0.8, 1.0)
 
 
@@ -105,7 +105,8 @@ class DiagnoseResult:
     meta: dict = field(default_factory=dict)
 
     def markdown(self) -> str:
-        cols = ["colour", "background", "shape", "motion", "colour and motion", "PSNR dB", "centroid error px"]
+        cols = ["colour", "background", "shape", "motion", "colour and motion", "one object", "PSNR dB",
+                "centroid error px"]
         lines = ["| reading | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for name, r in self.rows.items():
             vals = [f"{100 * r[a]:.0f}%" for a in ATTRIBUTES]

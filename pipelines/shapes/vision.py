@@ -5,7 +5,8 @@ background is the most common colour on the frame border; the foreground mask is
 pixel of another colour; the foreground colour is the most common colour in the mask.
 The centroid of the mask, frame by frame, gives the track; its least-squares velocity
 and its turning points give the motion (``still``, ``bouncing`` or a direction); the
-mask's fill of its bounding box gives the shape (square ~1, circle ~0.79, triangle ~0.5).
+mask's fill of its bounding box gives the shape (square ~1, circle ~0.79, triangle ~0.5);
+its connected regions, how many objects a frame shows (a caption asks for one).
 
 Thresholds are in pixels at 128x128 (scaled with the frame size) and were set on clips
 drawn by ``clips.render_clip``, where every attribute reads back right (tested).
@@ -19,7 +20,10 @@ import numpy as np
 
 from .grammar import COLORS, Caption
 
-__all__ = ["ClipReading", "read_clip", "score_clip"]
+__all__ = ["ATTRIBUTES", "ClipReading", "read_clip", "score_clip"]
+
+ATTRIBUTES = ("color", "background", "shape", "motion", "color_and_motion", "one_object")
+"""The verdicts of ``score_clip``, in the order score tables show them."""
 
 _NAMES = tuple(COLORS)
 _PALETTE = np.asarray([COLORS[n] for n in _NAMES], dtype=np.float32)
@@ -36,6 +40,8 @@ class ClipReading:
         motion: ``left``/``right``/``up``/``down``/``still``/``bouncing`` (None: no track).
         velocity: least-squares ``(vx, vy)`` of the centroid in pixels per frame.
         coverage: mean fraction of pixels in the foreground mask.
+        objects: median over frames of the connected foreground regions of at least 20
+            pixels (at 128x128; 0: none): 1 is what a caption describes.
     """
 
     background: str
@@ -44,6 +50,7 @@ class ClipReading:
     motion: str | None
     velocity: tuple[float, float]
     coverage: float
+    objects: int = 0
 
 
 def _labels(frames: np.ndarray) -> np.ndarray:
@@ -51,6 +58,32 @@ def _labels(frames: np.ndarray) -> np.ndarray:
     px = frames.astype(np.float32).reshape(-1, 1, 3)
     d = ((px - _PALETTE[None]) ** 2).sum(-1)
     return d.argmin(-1).reshape(frames.shape[:3])
+
+
+def _regions(mask: np.ndarray, min_area: float, wrap: bool) -> int:
+    """Connected regions (4-neighbour) of a 2-D mask with at least ``min_area`` pixels;
+    ``wrap``: the frame is a torus (a shape split across an edge is one region)."""
+    from scipy import ndimage
+
+    lab, n = ndimage.label(mask)
+    if n == 0:
+        return 0
+    parent = np.arange(n + 1)
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    if wrap:  # join regions that meet across opposite edges
+        for a, b in ((lab[:, 0], lab[:, -1]), (lab[0], lab[-1])):
+            for i, j in zip(a.tolist(), b.tolist()):
+                if i and j:
+                    parent[find(i)] = find(j)
+    roots = np.array([find(i) for i in range(n + 1)])
+    areas = np.bincount(roots[lab[mask]], minlength=n + 1)
+    return int((areas >= min_area).sum())
 
 
 def _motion(xs: np.ndarray, ys: np.ndarray, t: np.ndarray, scale: float) -> tuple[str, float, float]:
@@ -89,8 +122,9 @@ def read_clip(frames: np.ndarray, *, wrap: bool = False) -> ClipReading:
     bg = int(np.bincount(border, minlength=len(_NAMES)).argmax())
     mask = lab != bg
     coverage = float(mask.mean())
+    objects = int(np.median([_regions(m, 20 * scale**2, wrap) for m in mask]))
     if mask.sum() < 20 * scale**2 * n:
-        return ClipReading(_NAMES[bg], None, None, None, (0.0, 0.0), coverage)
+        return ClipReading(_NAMES[bg], None, None, None, (0.0, 0.0), coverage, objects)
     color = _NAMES[int(np.bincount(lab[mask], minlength=len(_NAMES)).argmax())]
     yy, xx = np.mgrid[0:h, 0:w]
     xs, ys, ts, fills = [], [], [], []
@@ -111,7 +145,7 @@ def read_clip(frames: np.ndarray, *, wrap: bool = False) -> ClipReading:
         box = (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
         fills.append(area / box)
     if len(ts) < 3:
-        return ClipReading(_NAMES[bg], color, None, None, (0.0, 0.0), coverage)
+        return ClipReading(_NAMES[bg], color, None, None, (0.0, 0.0), coverage, objects)
     fill = float(np.median(fills))
     shape = "square" if fill > 0.89 else "circle" if fill > 0.64 else "triangle"
     xs, ys = np.asarray(xs), np.asarray(ys)
@@ -119,14 +153,15 @@ def read_clip(frames: np.ndarray, *, wrap: bool = False) -> ClipReading:
         xs = np.unwrap(xs * 2 * np.pi / w) * w / (2 * np.pi)
         ys = np.unwrap(ys * 2 * np.pi / h) * h / (2 * np.pi)
     motion, vx, vy = _motion(xs, ys, np.asarray(ts, dtype=np.float64), scale)
-    return ClipReading(_NAMES[bg], color, shape, motion, (vx, vy), coverage)
+    return ClipReading(_NAMES[bg], color, shape, motion, (vx, vy), coverage, objects)
 
 
 def score_clip(frames: np.ndarray, caption: Caption, *, wrap: bool = False) -> dict[str, bool | None]:
     """Per attribute, whether the clip shows what ``caption`` says (None: the caption leaves it out).
 
-    Keys: ``color``, ``background``, ``shape``, ``motion``, and ``color_and_motion`` (both right).
-    ``wrap``: as ``read_clip``.
+    Keys (``ATTRIBUTES``): ``color``, ``background``, ``shape``, ``motion``,
+    ``color_and_motion`` (both right) and ``one_object`` (the frames show one object, as
+    every caption says). ``wrap``: as ``read_clip``.
     """
     r = read_clip(frames, wrap=wrap)
     out: dict[str, bool | None] = {
@@ -136,4 +171,5 @@ def score_clip(frames: np.ndarray, caption: Caption, *, wrap: bool = False) -> d
         "motion": None if caption.motion is None else r.motion == caption.motion,
     }
     out["color_and_motion"] = bool(out["color"]) and out["motion"] is not False
+    out["one_object"] = r.objects == 1
     return out
