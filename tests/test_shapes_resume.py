@@ -154,10 +154,13 @@ def test_a_stopped_run_resumes_without_training_the_vae_again(tmp_path, monkeypa
 
 def test_restart_discards_an_unfinished_run(tmp_path):
     out = tmp_path / "x"
-    PartialRun(out, {"a": 1})
+    assert not PartialRun(out, {"a": 0}).resumed
+    # a run that stopped before it saved anything (e.g. a setting refused by a stage) is replaced
+    assert not PartialRun(out, {"a": 1}).resumed
     (tmp_path / "x.partial" / "t2v.pt").write_bytes(b"old")
     with pytest.raises(ValueError, match="other settings"):
         PartialRun(out, {"a": 2})
     run = PartialRun(out, {"a": 2}, restart=True)
     assert not run.resumed and not (run.folder / "t2v.pt").exists()
+    (run.folder / "t2v.pt").write_bytes(b"new")
     assert PartialRun(out, {"a": 2}).resumed

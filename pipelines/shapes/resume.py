@@ -82,7 +82,7 @@ class PartialRun:
     the output folder, holding the run's settings, the trained VAE, the encoded latents
     and one :class:`StageCheckpoint` per transformer stage. A run started again with the
     same settings goes on from there; other settings are refused (``restart=True``
-    discards the old run). ``finish()`` removes the folder once the pipeline is published.
+    discards the old run), unless the old run stopped before it saved anything. ``finish()`` removes the folder once the pipeline is published.
 
     Args:
         out: the pipeline folder the run writes.
@@ -98,21 +98,22 @@ class PartialRun:
             shutil.rmtree(self.folder)
         record = self.folder / "settings.json"
         settings = json.loads(json.dumps(settings))  # tuples -> lists, as they read back
+        self.resumed = False
         if record.exists():
             try:
                 saved = json.loads(record.read_text())
             except ValueError:
                 saved = None
-            if saved != settings:
+            started = any(p.name != "settings.json" for p in self.folder.iterdir())
+            if saved != settings and started:
                 raise ValueError(f"{self.folder} holds an unfinished run with other settings; run with the same "
                                  "settings to resume it, or pass --restart to discard it.")
-            self.resumed = True
-        else:
+            self.resumed = saved == settings and started
+        if not self.resumed:  # a new run, or one that stopped before it saved anything
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp = record.with_name(f".{record.name}.tmp-{os.getpid()}")
             tmp.write_text(json.dumps(settings, indent=1))
             os.replace(tmp, record)
-            self.resumed = False
 
     def stage(self, name: str, every: int) -> StageCheckpoint:
         """The checkpoint file of transformer stage ``name``."""
