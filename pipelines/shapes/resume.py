@@ -3,7 +3,7 @@ run that is stopped (a closed laptop, a session that ends, a GPU lent for ten mi
 time) goes on from its last checkpoint and ends with the weights of an uninterrupted run.
 
 ``StageCheckpoint(path, every)`` is handed to ``train_t2v`` / ``train_causal``; it writes
-``path`` atomically (a temporary file, then a rename: a stop mid-write leaves the previous
+``path`` atomically (``gen._io.atomic_path``: a stop mid-write leaves the previous
 checkpoint) with the models, the optimiser, the EMA, every random generator and the log.
 ``build.py`` keeps one folder of checkpoints per run next to the output folder
 (``<out>.partial/``), removed once the pipeline is published.
@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from gen._io import atomic_path, atomic_write_text
 
 __all__ = ["PartialRun", "StageCheckpoint", "generator_state", "set_generator_state"]
 
@@ -72,9 +74,8 @@ class StageCheckpoint:
     def save(self, state: dict[str, Any]) -> None:
         """Write ``state`` atomically (the previous checkpoint stays until the new one is whole)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        torch.save({**state, "stage": self.stage}, tmp)
-        os.replace(tmp, self.path)
+        with atomic_path(self.path) as tmp:
+            torch.save({**state, "stage": self.stage}, tmp)
 
 
 class PartialRun:
@@ -82,7 +83,8 @@ class PartialRun:
     the output folder, holding the run's settings, the trained VAE, the encoded latents
     and one :class:`StageCheckpoint` per transformer stage. A run started again with the
     same settings goes on from there; other settings are refused (``restart=True``
-    discards the old run), unless the old run stopped before it saved anything. ``finish()`` removes the folder once the pipeline is published.
+    discards the old run), unless the old run stopped before it saved anything.
+    ``finish()`` removes the folder once the pipeline is published.
 
     Args:
         out: the pipeline folder the run writes.
@@ -111,9 +113,7 @@ class PartialRun:
             self.resumed = saved == settings and started
         if not self.resumed:  # a new run, or one that stopped before it saved anything
             self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = record.with_name(f".{record.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(settings, indent=1))
-            os.replace(tmp, record)
+            atomic_write_text(record, json.dumps(settings, indent=1))
 
     def stage(self, name: str, every: int) -> StageCheckpoint:
         """The checkpoint file of transformer stage ``name``."""
@@ -140,11 +140,9 @@ class PartialRun:
         """Keep encoded clips (a ``data.LatentSet``)."""
         from dataclasses import asdict
 
-        path = self.folder / f"{name}.latents.pt"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        torch.save({"latents": data.latents, "foreground": data.foreground,
-                    "captions": [asdict(c) for c in data.captions]}, tmp)
-        os.replace(tmp, path)
+        with atomic_path(self.folder / f"{name}.latents.pt") as tmp:
+            torch.save({"latents": data.latents, "foreground": data.foreground,
+                        "captions": [asdict(c) for c in data.captions]}, tmp)
 
     def load_latents(self, name: str):
         """The ``LatentSet`` saved as ``name``, or None."""
