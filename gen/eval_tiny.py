@@ -129,7 +129,7 @@ def eval_tiny(
     from tqdm.auto import tqdm
 
     from gen.pipelines import get_spec
-    from gen.pipelines.shapes.vision import read_clip, score_clip
+    from gen.pipelines.shapes.vision import read_clip, score_reading
     from gen.session import RenderJob, Session
 
     spec = get_spec(model)
@@ -153,7 +153,7 @@ def eval_tiny(
             for (cap, job), out in zip(part, outs):
                 frames = out.frames
                 r = read_clip(frames)
-                verdict = score_clip(frames, cap)
+                verdict = score_reading(r, cap)
                 res.rows.append({"caption": cap.text(), "seed": job.seed, "motion_of_caption": cap.motion,
                                  "read_background": r.background, "read_color": r.color, "read_shape": r.shape,
                                  "read_motion": r.motion, "read_velocity": [round(v, 2) for v in r.velocity],
@@ -235,7 +235,7 @@ def eval_long(
 
     from gen.long import long_video_frames
     from gen.pipelines import get_spec
-    from gen.pipelines.shapes.vision import read_clip, score_clip
+    from gen.pipelines.shapes.vision import read_clip, score_reading
 
     spec = get_spec(model)
     out: dict[str, EvalResult] = {}
@@ -248,7 +248,7 @@ def eval_long(
                 cap.text(), model=spec.name, schedule=schedule, seconds=seconds, seed=seed, device=device,
                 model_path=model_path)))
             r = read_clip(frames, wrap=True)
-            verdict = score_clip(frames, cap, wrap=True)
+            verdict = score_reading(r, cap)
             late = read_clip(frames[-len(frames) // 3 :], wrap=True)
             res.rows.append({"caption": cap.text(), "seed": seed, "motion_of_caption": cap.motion,
                              "frames": len(frames), "read_color": r.color, "read_motion": r.motion,

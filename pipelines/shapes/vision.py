@@ -20,7 +20,7 @@ import numpy as np
 
 from .grammar import COLORS, Caption
 
-__all__ = ["ATTRIBUTES", "ClipReading", "read_clip", "score_clip"]
+__all__ = ["ATTRIBUTES", "ClipReading", "read_clip", "score_clip", "score_reading"]
 
 ATTRIBUTES = ("color", "background", "shape", "motion", "color_and_motion", "one_object")
 """The verdicts of ``score_clip``, in the order score tables show them."""
@@ -163,7 +163,11 @@ def score_clip(frames: np.ndarray, caption: Caption, *, wrap: bool = False) -> d
     ``color_and_motion`` (both right) and ``one_object`` (the frames show one object, as
     every caption says). ``wrap``: as ``read_clip``.
     """
-    r = read_clip(frames, wrap=wrap)
+    return score_reading(read_clip(frames, wrap=wrap), caption)
+
+
+def score_reading(r: ClipReading, caption: Caption) -> dict[str, bool | None]:
+    """``score_clip`` of a clip already read (``read_clip``): for callers that keep the reading too."""
     out: dict[str, bool | None] = {
         "color": r.color == caption.color,
         "background": None if caption.background is None else r.background == caption.background,
