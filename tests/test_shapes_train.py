@@ -98,3 +98,68 @@ def test_training_forward_equals_the_runner_on_a_rolling_window(seed):
         runner.forward(x[:, :, :3], 0.0, range(3), "commit")
         got = runner.forward(x[:, :, 3:], t_frames[3:], range(3, 9), "denoise")
     assert torch.allclose(got, ref[:, :, 3:], atol=1e-4, rtol=1e-4), (got - ref[:, :, 3:]).abs().max()
+
+
+def test_text_encoder_starts_reading_the_neighbouring_words(seed):
+    """``DitTrain.text_local_heads``: at step 0, heads 0 / 1 / 2 of every layer look at the
+    next / previous / same token (a colour word carries the word after it)."""
+    from gen.pipelines.shapes.train import build_components
+
+    parts = build_components(seed % 1000)
+    tok, te = parts["tokenizer"], parts["text_encoder"]
+    enc = tok(["a white triangle on a green background"], return_tensors="pt")
+    n = int(enc.attention_mask.sum())
+    with torch.no_grad():
+        out = te(enc.input_ids, enc.attention_mask, output_attentions=True)
+    rows = torch.arange(1, n - 1)
+    for layer in out.attentions:  # (1, heads, n, n)
+        best = layer[0].argmax(-1)
+        assert torch.equal(best[0, rows], rows + 1)
+        assert torch.equal(best[1, rows], rows - 1)
+        assert torch.equal(best[2, rows], rows)
+
+
+
+def test_zero_text_rows_stay_zero_keys_through_training(seed):
+    """``DitTrain.null_padding``: the pipeline's zero text rows are a zero key in every
+    cross-attention at the start, after text-to-video training and after causal training
+    (the biases that decide it are not trained); everything else trains."""
+    import numpy as np
+
+    from gen.pipelines.shapes.config import DitTrain, TrainConfig
+    from gen.pipelines.shapes.data import LatentSet
+    from gen.pipelines.shapes.grammar import sample_caption
+    from gen.pipelines.shapes.train import (
+        build_components,
+        padding_parameters,
+        train_causal,
+        train_t2v,
+    )
+
+    def padding_keys(tr):
+        zero = torch.zeros(1, 3, tr.config.text_dim)
+        with torch.no_grad():
+            rows = tr.condition_embedder.text_embedder(zero)
+            return [b.attn2.norm_k(b.attn2.to_k(rows)) for b in tr.blocks]
+
+    cfg = TrainConfig(dit=DitTrain(clips=4, image_steps=2, image_batch=2, steps=2, batch=2, warmup=1, text_len=32),
+                      causal=CausalTrain(window_frames=6, chunk_frames=3, rolling_chunks=2, steps=2, batch=2, warmup=1))
+    parts = build_components(seed % 1000, cfg.dit)
+    tr = parts["transformer"]
+    assert all(bool((k == 0).all()) for k in padding_keys(tr))
+    assert all(torch.allclose(b.attn2.norm_q.weight, torch.tensor(1.7)) for b in tr.blocks)
+    before = {k: v.clone() for k, v in tr.state_dict().items()}
+    gen, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
+    for frames, train in ((2, train_t2v), (10, train_causal)):
+        data = LatentSet(torch.randn(4, 16, frames, 4, 4, generator=gen), [sample_caption(rng) for _ in range(4)])
+        train(tr, parts["text_encoder"], parts["tokenizer"], data, cfg, device=torch.device("cpu"), progress=False)
+        assert all(bool((p == 0).all()) for p in padding_parameters(tr))
+        assert all(bool((k == 0).all()) for k in padding_keys(tr))
+    after = tr.state_dict()
+    assert not torch.equal(before["blocks.0.attn2.to_q.weight"], after["blocks.0.attn2.to_q.weight"])
+    assert not torch.equal(before["condition_embedder.text_embedder.linear_1.weight"],
+                           after["condition_embedder.text_embedder.linear_1.weight"])
+
+    # the stock init keeps its random biases and trains them
+    stock = build_components(seed % 1000, DitTrain(null_padding=None))["transformer"]
+    assert not all(bool((k == 0).all()) for k in padding_keys(stock))

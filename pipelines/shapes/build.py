@@ -122,7 +122,7 @@ def train_shapes_wan(out: str | os.PathLike, *, config: TrainConfig | None = Non
     if run.resumed:
         logger.info("shapes-wan: resuming the unfinished run in %s", run.folder)
     torch.manual_seed(cfg.seed)
-    parts = build_components(cfg.seed)
+    parts = build_components(cfg.seed, cfg.dit)
     kept = run.load_vae() if given_vae is None else None
     if given_vae is not None:
         parts["vae"], vae_log = given_vae.to(dev), []

@@ -55,6 +55,7 @@ __all__ = [
     "build_components",
     "chunk_levels",
     "flow_loss",
+    "padding_parameters",
     "train_causal",
     "train_t2v",
     "train_vae",
@@ -69,8 +70,12 @@ def _fork(seed: int, what: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(what.encode())) % 2**63
 
 
-def build_components(seed: int = 0) -> dict[str, Any]:
-    """Fresh components from ``COMPONENTS`` (weights drawn from ``seed``, per component)."""
+def build_components(seed: int = 0, dit: DitTrain | None = None) -> dict[str, Any]:
+    """Fresh components from ``COMPONENTS`` (weights drawn from ``seed``, per component).
+
+    ``dit`` (default ``DitTrain()``) chooses how the text encoder and the transformer's
+    cross-attention start (``text_local_heads``, ``null_padding``).
+    """
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -86,13 +91,78 @@ def build_components(seed: int = 0) -> dict[str, Any]:
         _inflated_init(model)
         return model
 
+    dit = DitTrain() if dit is None else dit
+    text_encoder = seeded("text_encoder", lambda: UMT5EncoderModel(UMT5Config(**COMPONENTS["text_encoder"])))
+    transformer = seeded("transformer", lambda: WanTransformer3DModel(**COMPONENTS["transformer"]))
+    _local_text_init(text_encoder, dit.text_local_heads)
+    if dit.null_padding is not None:
+        _null_padding_init(transformer, dit.null_padding)
     return {
         "tokenizer": build_shapes_tokenizer(),
-        "text_encoder": seeded("text_encoder", lambda: UMT5EncoderModel(UMT5Config(**COMPONENTS["text_encoder"]))),
+        "text_encoder": text_encoder,
         "vae": seeded("vae", vae),
-        "transformer": seeded("transformer", lambda: WanTransformer3DModel(**COMPONENTS["transformer"])),
+        "transformer": transformer,
         "scheduler": UniPCMultistepScheduler(**COMPONENTS["scheduler"]),
     }
+
+
+def _local_text_init(text_encoder, strength: float) -> None:
+    """Start the UMT5 encoder's heads 0 / 1 / 2 attending to the next / previous / same
+    token (relative-position bias ``strength`` in every layer, other buckets 0).
+
+    A colour word then carries the word after it from the first step ("white triangle"
+    against "white background"), which cross-attention, blind to the order of its keys,
+    needs to tell the shape's colour from the background's. ``strength`` 0 leaves the
+    stock init.
+    """
+    if strength == 0:
+        return
+    with torch.no_grad():
+        for block in text_encoder.encoder.block:
+            attn = block.layer[0].SelfAttention
+            buckets = attn._relative_position_bucket(torch.tensor([1, -1, 0])).tolist()
+            table = attn.relative_attention_bias.weight  # (buckets, heads)
+            table.zero_()
+            for head, bucket in enumerate(buckets[: table.shape[1]]):
+                table[bucket, head] = strength
+
+
+def padding_parameters(transformer) -> list[torch.nn.Parameter]:
+    """The biases that decide what the pipeline's zero text rows become in cross-attention:
+    the text projection's two biases and every block's ``attn2.to_k`` bias. All zero
+    (``DitTrain.null_padding``): a zero row's key is exactly zero."""
+    proj = transformer.condition_embedder.text_embedder
+    return [proj.linear_1.bias, proj.linear_2.bias, *(b.attn2.to_k.bias for b in transformer.blocks)]
+
+
+def _null_padding_init(transformer, norm_weight: float) -> None:
+    """Zero text rows -> zero keys (``padding_parameters`` zeroed; training keeps them so),
+    and cross-attention query/key RMSNorm weights at ``norm_weight``.
+
+    Why: ``WanPipeline`` pads every prompt with zero rows to 512. With the stock init those
+    rows share one random key, so together they outscore a dozen prompt tokens by
+    ``log(500)`` and took 97% of each cross-attention at step 0. A zero key scores exactly
+    0; query/key norms of 1.7 spread the prompt tokens' scores (std about 1.7^2) so that
+    the prompt gets most of the weight from the start and the words reach the picture.
+    """
+    with torch.no_grad():
+        for p in padding_parameters(transformer):
+            p.zero_()
+        for block in transformer.blocks:
+            block.attn2.norm_q.weight.fill_(norm_weight)
+            block.attn2.norm_k.weight.fill_(norm_weight)
+
+
+def _trainable(transformer, *modules) -> list[torch.nn.Parameter]:
+    """Parameters to train: all of ``transformer`` and ``modules``, except the padding
+    biases when they are all zero (``DitTrain.null_padding``): frozen there, so a zero
+    text row stays a zero key (a key that left zero would be scaled back up to full
+    length by ``norm_k``)."""
+    padding = padding_parameters(transformer)
+    if all(bool((p == 0).all()) for p in padding):
+        for p in padding:
+            p.requires_grad_(False)
+    return [p for m in (transformer, *modules) for p in m.parameters() if p.requires_grad]
 
 
 def _inflated_init(vae) -> None:
@@ -393,7 +463,7 @@ def train_t2v(transformer, text_encoder, tokenizer, data: LatentSet, cfg: TrainC
     d: DitTrain = cfg.dit
     transformer.to(device).train()
     text_encoder.to(device).train()
-    params = [*transformer.parameters(), *text_encoder.parameters()]
+    params = _trainable(transformer, text_encoder)
     opt = torch.optim.AdamW(params, lr=d.lr, betas=(0.9, 0.99), weight_decay=d.weight_decay)
     ema = _Ema([transformer, text_encoder], d.ema)
     fg_w = d.foreground_weight
@@ -566,7 +636,7 @@ def train_causal(transformer, text_encoder, tokenizer, data: LatentSet, cfg: Tra
     proc = _MaskedSelfAttn()
     text_proc = PaddedTextAttention(cfg.dit.text_len)
     saved, saved_text = _install(transformer, "attn1", proc), _install(transformer, "attn2", text_proc)
-    params = list(transformer.parameters())
+    params = _trainable(transformer)
     opt = torch.optim.AdamW(params, lr=c.lr, betas=(0.9, 0.99), weight_decay=c.weight_decay)
     ema = _Ema([transformer], c.ema)
     windows = _Windows(data, c, _fork(cfg.seed, "causal/windows"))
