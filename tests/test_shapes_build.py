@@ -74,6 +74,7 @@ def test_diagnose_reads_a_saved_folder(trained):
     assert "| vae |" in res.markdown() and "| denoise@1.0 |" in res.motion_markdown()
     sens = word_sensitivity(trained[0], levels=(1.0,), latents=1, device="cpu")
     assert list(sens) == ["text", "t=1.0"] and all(v >= 0 for r in sens.values() for v in r.values())
+    assert set(sens["t=1.0"]) == {"motion", "colour", "swap"}
 
 
 def _damaged(src, tmp_path, name):

@@ -15,7 +15,8 @@ of the ``"diagnose"`` split, which training never uses) are read by
   pure noise, what ``gen eval-tiny`` scores.
 
 ``word_sensitivity`` (``--words``) measures how much the transformer's prediction
-depends on the motion words against the colour words; ``shift_sensitivity``
+depends on the motion words against the colour words, and on the roles of two colour
+words (which one is the shape's and which the background's); ``shift_sensitivity``
 (``--shift``) how nearly it is translation-equivariant (Wan's transformer sees positions
 only through RoPE, which is relative), and how a motion word weighs against where the
 noise is.
@@ -250,7 +251,10 @@ def word_sensitivity(model_path: str | Path, *, levels: tuple[float, ...] = (1.0
     are predicted under the 6 captions ``a red circle <motion> on a gray background`` and
     the 6 captions ``a <colour> circle moving left on a gray background``; the result is
     the mean pairwise ``|x0_a - x0_b| / |x0_a|`` per word set (``"t=1.0"`` keys), and
-    ``"text"``: the same for the padded prompt embeddings themselves.
+    ``"text"``: the same for the padded prompt embeddings themselves. ``"swap"`` is the
+    same distance between ``a white triangle moving right on a green background`` and
+    the caption with the two colours swapped: near 0 when the model reads the colours as
+    a bag of words (the shape's colour and the background's undecided).
     """
     import itertools
 
@@ -262,7 +266,9 @@ def word_sensitivity(model_path: str | Path, *, levels: tuple[float, ...] = (1.0
     pipe = WanPipeline.from_pretrained(str(model_path), local_files_only=True).to(dev)
     tr = pipe.transformer
     sets = {"motion": [Caption("circle", "red", m, "gray").text() for m in MOTIONS],
-            "colour": [Caption("circle", c, "left", "gray").text() for c in FOREGROUNDS]}
+            "colour": [Caption("circle", c, "left", "gray").text() for c in FOREGROUNDS],
+            "swap": [Caption("triangle", "white", "right", "green").text(),
+                     Caption("triangle", "green", "right", "white").text()]}
 
     def spread(xs):
         d = [float((a - b).norm() / a.norm()) for a, b in itertools.combinations(xs, 2)]
@@ -346,15 +352,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="write the result as JSON here")
-    p.add_argument("--words", action="store_true", help="only the motion-word / colour-word sensitivity")
+    p.add_argument("--words", action="store_true", help="only the motion-word / colour-word / colour-role sensitivity")
     p.add_argument("--shift", action="store_true", help="only the translation-equivariance probe")
     a = p.parse_args(argv)
     path = a.model_path or str(Path(__file__).resolve().parent.parent / "weights" / "shapes-wan")
     if a.words:
         sens = word_sensitivity(path, guidance=a.guidance, seed=a.seed, device=a.device)
-        print("| | motion words | colour words |\n|---|---|---|")
+        print("| | motion words | colour words | colours swapped |\n|---|---|---|---|")
         for k, r in sens.items():
-            print(f"| {k} | {100 * r['motion']:.0f}% | {100 * r['colour']:.0f}% |")
+            print(f"| {k} | {100 * r['motion']:.0f}% | {100 * r['colour']:.0f}% | {100 * r['swap']:.0f}% |")
         return
     if a.shift:
         sens = shift_sensitivity(path, seed=a.seed, device=a.device)
