@@ -87,6 +87,8 @@ CLI = [
     ("train-tiny", ["--set", "dit.drop_motion=1.5"], "dit.drop_motion is a fraction"),
     ("train-tiny", ["--vae", "{tmp}/missing"], "does not exist"),
     ("train-tiny", ["--causal", "--vae", "{tmp}"], "--vae is for the text-to-video model"),
+    ("train-tiny", ["--snapshot", "{tmp}/snap"], "give --out"),
+    ("train-tiny", ["--out", "{tmp}/none", "--snapshot", "{tmp}/snap"], "no unfinished gen train-tiny run"),
     ("batch", ["{tmp}/missing.jsonl", "--out-dir", "{tmp}/o"], "cannot read the manifest"),
     ("batch", ["{tmp}/two.txt", "--out-dir", "{tmp}/file.txt"], "is a file, not a folder"),
     ("batch", ["{tmp}/two.txt", "--out-dir", "{tmp}/o", "--naming", "fancy"], "naming must be one of"),

@@ -135,6 +135,25 @@ def test_a_stopped_run_resumes_without_training_the_vae_again(tmp_path, monkeypa
     with pytest.raises(ValueError, match="unfinished run with other settings.*--restart"):
         build.train_shapes_wan(out, config=other, device="cpu", progress=False)
 
+    # a snapshot of the unfinished run: its last checkpoint's EMA weights as a pipeline folder
+    from diffusers import WanPipeline
+
+    from gen.pipelines.shapes.folder import check_folder
+    from gen.pipelines.shapes.train import padding_parameters
+
+    with pytest.raises(ValueError, match="no unfinished"):
+        build.snapshot_shapes_wan(tmp_path / "elsewhere", tmp_path / "snap")
+    snap = build.snapshot_shapes_wan(out, tmp_path / "snap")
+    assert check_folder(snap) == []
+    pipe = WanPipeline.from_pretrained(str(snap), local_files_only=True)
+    state = torch.load(partial / "t2v.pt", weights_only=True)
+    padding = {id(p) for p in padding_parameters(pipe.transformer)}
+    want = [p for p in pipe.transformer.parameters() if id(p) not in padding] + list(pipe.text_encoder.parameters())
+    assert len(want) == len(state["ema"]["shadow"])
+    assert all(torch.equal(p, v) for p, v in zip(want, state["ema"]["shadow"]))
+    assert all(bool((p == 0).all()) for p in padding_parameters(pipe.transformer))
+    assert json.loads((snap / "gen_model.json").read_text())["step"] == 3
+
     stop["at"] = -1
 
     def no_training(*args, **kwargs):

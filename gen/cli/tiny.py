@@ -25,6 +25,9 @@ def train_tiny(
                              "(skips about 10 minutes on 2 CPU cores)"),
     restart: bool = typer.Option(False, "--restart", help="discard the checkpoints of an unfinished run (OUT.partial/) "
                                  "instead of resuming it"),
+    snapshot: Path = typer.Option(None, "--snapshot", help="do not train: save the unfinished run at --out as it "
+                                  "stands (EMA weights of its last checkpoint) as a pipeline folder here, for "
+                                  "gen eval-tiny --model-path; the run resumes as before"),
     device: str = opt.device(),
     verbose: bool = opt.verbose(),
 ) -> None:
@@ -41,6 +44,13 @@ def train_tiny(
     from gen.pipelines.shapes.config import TrainConfig, override_config
 
     setup_logging(verbose)
+    if snapshot is not None:
+        from gen.pipelines.shapes.build import snapshot_shapes_wan
+
+        if causal or out is None:
+            raise ValueError("--snapshot reads the unfinished text-to-video run at --out: give --out (and not --causal).")
+        print_written(snapshot_shapes_wan(out, snapshot))
+        return
     cfg = override_config(dataclasses.replace(TrainConfig(), seed=seed), set_ or [])
     if set_:
         logging.getLogger("gen.pipelines.shapes").info("training settings changed: %s", ", ".join(set_))

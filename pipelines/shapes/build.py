@@ -24,7 +24,7 @@ import torch
 from .config import TrainConfig
 from .data import encode_clips
 from .folder import publish_folder
-from .resume import PartialRun
+from .resume import PartialRun, StageCheckpoint
 from .train import build_components, config_record, train_causal, train_t2v, train_vae
 
 logger = logging.getLogger("gen.pipelines.shapes")
@@ -153,6 +153,57 @@ def train_shapes_wan(out: str | os.PathLike, *, config: TrainConfig | None = Non
     path = publish_folder(pipe, out, manifest)
     run.finish()
     logger.info("shapes-wan: saved to %s after %.0f s", path, seconds)
+    return path
+
+
+def snapshot_shapes_wan(out: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Save the unfinished ``train_shapes_wan`` run at ``out`` as it stands: the EMA
+    weights of its last transformer checkpoint (``<out>.partial/t2v.pt``) with its VAE,
+    as a pipeline folder at ``dest`` that ``gen eval-tiny --model-path`` scores. The run
+    is only read; it resumes as before.
+
+    Raises:
+        ValueError: no unfinished run at ``out``, or none that has saved a transformer
+            checkpoint yet (the first comes after 250 steps).
+    """
+    from diffusers import AutoencoderKLWan, WanPipeline
+
+    from .train import _trainable
+
+    folder = Path(out).with_name(Path(out).name + ".partial")
+    record, ckpt = folder / "settings.json", folder / "t2v.pt"
+    if not record.exists():
+        raise ValueError(f"no unfinished gen train-tiny run at {out} ({folder} does not exist).")
+    if not ckpt.exists():
+        raise ValueError(f"the run in {folder} has not saved a transformer checkpoint yet (the first comes after "
+                         f"{CHECKPOINT_EVERY} steps); try again later.")
+    settings = json.loads(record.read_text())
+    if (folder / "vae" / "log.json").exists():
+        vae_dir, sub = str(folder / "vae"), None
+    elif "vae_from" in settings:  # --vae: the kept VAE is in that pipeline folder
+        vae_dir, sub = settings["vae_from"]["folder"], "vae"
+    else:
+        raise ValueError(f"the run in {folder} has no trained VAE yet.")
+    state = StageCheckpoint(ckpt, stage="t2v").load()
+    parts = build_components(int(settings["train"]["seed"]))
+    tr, te = parts["transformer"], parts["text_encoder"]
+    tr.load_state_dict(state["transformer"])
+    te.load_state_dict(state["text_encoder"])
+    params = _trainable(tr, te)  # the order the EMA keeps (frozen padding biases left out)
+    shadow = state["ema"]["shadow"]
+    if len(shadow) != len(params):
+        raise ValueError(f"{ckpt} does not match this version's models ({len(shadow)} averaged tensors, "
+                         f"{len(params)} parameters).")
+    with torch.no_grad():
+        for p, v in zip(params, shadow):
+            p.copy_(v)
+    parts["vae"] = AutoencoderKLWan.from_pretrained(vae_dir, subfolder=sub)
+    pipe = WanPipeline(**{k: parts[k] for k in ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")})
+    manifest = {"name": "shapes-wan", "format": 1, **{k: settings[k] for k in ("train", "components")},
+                "snapshot_of": str(folder), "step": int(state["step"]), "logs": {"transformer": state["log"]},
+                "versions": _versions()}
+    path = publish_folder(pipe, dest, manifest)
+    logger.info("shapes-wan: step %d of the run in %s saved to %s", state["step"], folder, path)
     return path
 
 
