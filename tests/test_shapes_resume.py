@@ -3,6 +3,7 @@ checkpoint and started again ends with exactly the weights and log of an uninter
 run; a whole run stopped in the transformer stage resumes without training the VAE or
 encoding again; other settings, damaged or foreign checkpoints are refused by name."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -52,25 +53,25 @@ def _same_log(a: list, b: list) -> bool:
 
 
 CFG = TrainConfig(dit=DitTrain(clips=6, image_steps=3, image_batch=2, steps=3, batch=2, warmup=2, clip_shift=3.0,
-                               foreground_weight=5.0),
+                               foreground_weight=5.0, text_local_heads=4.0, null_padding=1.7),
                   causal=CausalTrain(window_frames=6, chunk_frames=3, rolling_chunks=2, steps=5, batch=2, warmup=2))
 
 
 @pytest.mark.parametrize("stop_at", [2, 4])  # inside the first-frame phase, inside the clip phase
 def test_text_to_video_training_resumed_equals_uninterrupted(tmp_path, seed, stop_at):
     data = _data(6, 2, seed)
-    parts = build_components(seed)
+    parts = build_components(seed, CFG.dit)
     log = train_t2v(parts["transformer"], parts["text_encoder"], parts["tokenizer"], data, CFG,
                     device=torch.device("cpu"), progress=False)
     want = _weights(parts["transformer"], parts["text_encoder"])
 
     path = tmp_path / "t2v.pt"
-    parts = build_components(seed)
+    parts = build_components(seed, CFG.dit)
     with pytest.raises(_Stop):
         train_t2v(parts["transformer"], parts["text_encoder"], parts["tokenizer"], data, CFG,
                   device=torch.device("cpu"), progress=False, checkpoint=_StopAfter(path, stop_at, "t2v"))
     assert torch.load(path, weights_only=True)["step"] == stop_at
-    parts = build_components(seed)  # a new process: fresh models from the seed, state from the file
+    parts = build_components(seed, CFG.dit)  # a new process: fresh models from the seed, state from the file
     log2 = train_t2v(parts["transformer"], parts["text_encoder"], parts["tokenizer"], data, CFG,
                      device=torch.device("cpu"), progress=False, checkpoint=StageCheckpoint(path, stage="t2v"))
     got = _weights(parts["transformer"], parts["text_encoder"])
@@ -80,7 +81,7 @@ def test_text_to_video_training_resumed_equals_uninterrupted(tmp_path, seed, sto
 
 def test_causal_training_resumed_equals_uninterrupted(tmp_path, seed):
     data = _data(3, 10, seed)
-    parts = build_components(seed)
+    parts = build_components(seed, CFG.dit)
     start = {k: v.detach().clone() for k, v in parts["transformer"].state_dict().items()}
 
     def run(checkpoint=None):
@@ -113,7 +114,8 @@ def test_foreign_and_damaged_checkpoints_are_refused(tmp_path):
 
 def test_a_stopped_run_resumes_without_training_the_vae_again(tmp_path, monkeypatch):
     cfg = TrainConfig(vae=VaeTrain(image_steps=2, image_batch=2, steps=1, batch=1, frames=5, crop=32, stats_clips=2),
-                      dit=DitTrain(clips=4, image_steps=2, image_batch=2, steps=2, batch=2, warmup=1))
+                      dit=DitTrain(clips=4, image_steps=2, image_batch=2, steps=2, batch=2, warmup=1,
+                                   text_local_heads=4.0, null_padding=1.7))
     out = tmp_path / "shapes-wan"
     stop = {"at": 3}
     real_save = StageCheckpoint.save
@@ -131,7 +133,7 @@ def test_a_stopped_run_resumes_without_training_the_vae_again(tmp_path, monkeypa
     assert not out.exists()
 
     # other settings: refused, naming the way out; the unfinished run is untouched
-    other = TrainConfig(vae=cfg.vae, dit=DitTrain(clips=4, image_steps=2, image_batch=2, steps=3, batch=2, warmup=1))
+    other = TrainConfig(vae=cfg.vae, dit=dataclasses.replace(cfg.dit, steps=3))
     with pytest.raises(ValueError, match="unfinished run with other settings.*--restart"):
         build.train_shapes_wan(out, config=other, device="cpu", progress=False)
 

@@ -103,9 +103,10 @@ def test_training_forward_equals_the_runner_on_a_rolling_window(seed):
 def test_text_encoder_starts_reading_the_neighbouring_words(seed):
     """``DitTrain.text_local_heads``: at step 0, heads 0 / 1 / 2 of every layer look at the
     next / previous / same token (a colour word carries the word after it)."""
+    from gen.pipelines.shapes.config import DitTrain
     from gen.pipelines.shapes.train import build_components
 
-    parts = build_components(seed % 1000)
+    parts = build_components(seed % 1000, DitTrain(text_local_heads=4.0))
     tok, te = parts["tokenizer"], parts["text_encoder"]
     enc = tok(["a white triangle on a green background"], return_tensors="pt")
     n = int(enc.attention_mask.sum())
@@ -142,7 +143,8 @@ def test_zero_text_rows_stay_zero_keys_through_training(seed):
             rows = tr.condition_embedder.text_embedder(zero)
             return [b.attn2.norm_k(b.attn2.to_k(rows)) for b in tr.blocks]
 
-    cfg = TrainConfig(dit=DitTrain(clips=4, image_steps=2, image_batch=2, steps=2, batch=2, warmup=1, text_len=32),
+    cfg = TrainConfig(dit=DitTrain(clips=4, image_steps=2, image_batch=2, steps=2, batch=2, warmup=1, text_len=32,
+                                   null_padding=1.7),
                       causal=CausalTrain(window_frames=6, chunk_frames=3, rolling_chunks=2, steps=2, batch=2, warmup=1))
     parts = build_components(seed % 1000, cfg.dit)
     tr = parts["transformer"]

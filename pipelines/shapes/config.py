@@ -142,14 +142,16 @@ class DitTrain:
         drop_background: fraction written without the background clause.
         text_local_heads: the text encoder's start: in every layer, heads 0 / 1 / 2 get this
             relative-position bias (a logit) towards the next / previous / same token, the
-            other positions 0 (0: the stock init, attention near uniform over the prompt).
+            other positions 0 (None: the stock init, attention near uniform over the prompt;
+            the shipped weights; 4 for the next run).
             With the stock init the transformer took the caption's colours as a bag of words:
             "a white triangle on a green background" and "a green triangle on a white
             background" gave guided ``x0`` estimates 1% apart after 7000 steps (another
             colour pair: 270%). With 4, a colour word carries the word after it (a shape or
             "background") from step 0: 300% apart after 500 first-frame steps, and the
             background right 16 times in 16 (``diagnose.py --words``; the README's probe).
-        null_padding: the cross-attention's start (None: the stock init). The pipeline pads
+        null_padding: the cross-attention's start (None: the stock init, the shipped weights;
+            1.7 for the next run). The pipeline pads
             every prompt with zero rows to 512; here they become a zero key: the text
             projection's biases and every ``attn2.to_k`` bias start at 0 and stay there (not
             trained), so each padding row scores exactly 0, and ``attn2.norm_q`` /
@@ -177,8 +179,8 @@ class DitTrain:
     image_drop_motion: float | None = None
     foreground_weight: float | None = None
     drop_background: float = 0.1
-    text_local_heads: float = 4.0
-    null_padding: float | None = 1.7
+    text_local_heads: float | None = None
+    null_padding: float | None = None
     text_len: int = 512
 
 

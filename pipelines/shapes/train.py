@@ -94,7 +94,8 @@ def build_components(seed: int = 0, dit: DitTrain | None = None) -> dict[str, An
     dit = DitTrain() if dit is None else dit
     text_encoder = seeded("text_encoder", lambda: UMT5EncoderModel(UMT5Config(**COMPONENTS["text_encoder"])))
     transformer = seeded("transformer", lambda: WanTransformer3DModel(**COMPONENTS["transformer"]))
-    _local_text_init(text_encoder, dit.text_local_heads)
+    if dit.text_local_heads is not None:
+        _local_text_init(text_encoder, dit.text_local_heads)
     if dit.null_padding is not None:
         _null_padding_init(transformer, dit.null_padding)
     return {
