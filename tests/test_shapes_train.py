@@ -120,7 +120,6 @@ def test_text_encoder_starts_reading_the_neighbouring_words(seed):
         assert torch.equal(best[2, rows], rows)
 
 
-
 def test_zero_text_rows_stay_zero_keys_through_training(seed):
     """``DitTrain.null_padding``: the pipeline's zero text rows are a zero key in every
     cross-attention at the start, after text-to-video training and after causal training

@@ -24,7 +24,7 @@ import torch
 from .config import TrainConfig
 from .data import encode_clips
 from .folder import publish_folder
-from .resume import PartialRun, StageCheckpoint
+from .resume import PartialRun, StageCheckpoint, partial_folder
 from .train import build_components, config_record, train_causal, train_t2v, train_vae
 
 logger = logging.getLogger("gen.pipelines.shapes")
@@ -170,7 +170,7 @@ def snapshot_shapes_wan(out: str | os.PathLike, dest: str | os.PathLike) -> Path
 
     from .train import _trainable
 
-    folder = Path(out).with_name(Path(out).name + ".partial")
+    folder = partial_folder(out)
     record, ckpt = folder / "settings.json", folder / "t2v.pt"
     if not record.exists():
         raise ValueError(f"no unfinished gen train-tiny run at {out} ({folder} does not exist).")
@@ -179,9 +179,9 @@ def snapshot_shapes_wan(out: str | os.PathLike, dest: str | os.PathLike) -> Path
                          f"{CHECKPOINT_EVERY} steps); try again later.")
     settings = json.loads(record.read_text())
     if (folder / "vae" / "log.json").exists():
-        vae_dir, sub = str(folder / "vae"), None
-    elif "vae_from" in settings:  # --vae: the kept VAE is in that pipeline folder
-        vae_dir, sub = settings["vae_from"]["folder"], "vae"
+        vae = AutoencoderKLWan.from_pretrained(str(folder / "vae"))
+    elif "vae_from" in settings:  # --vae: the kept VAE is in that pipeline folder (checked as --vae checks it)
+        vae = _trained_vae(settings["vae_from"]["folder"])
     else:
         raise ValueError(f"the run in {folder} has no trained VAE yet.")
     state = StageCheckpoint(ckpt, stage="t2v").load()
@@ -197,7 +197,7 @@ def snapshot_shapes_wan(out: str | os.PathLike, dest: str | os.PathLike) -> Path
     with torch.no_grad():
         for p, v in zip(params, shadow):
             p.copy_(v)
-    parts["vae"] = AutoencoderKLWan.from_pretrained(vae_dir, subfolder=sub)
+    parts["vae"] = vae
     pipe = WanPipeline(**{k: parts[k] for k in ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")})
     manifest = {"name": "shapes-wan", "format": 1, **{k: settings[k] for k in ("train", "components")},
                 "snapshot_of": str(folder), "step": int(state["step"]), "logs": {"transformer": state["log"]},

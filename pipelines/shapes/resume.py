@@ -22,7 +22,13 @@ import torch
 
 from gen._io import atomic_path, atomic_write_text
 
-__all__ = ["PartialRun", "StageCheckpoint", "generator_state", "set_generator_state"]
+__all__ = ["PartialRun", "StageCheckpoint", "generator_state", "partial_folder", "set_generator_state"]
+
+
+def partial_folder(out: str | os.PathLike) -> Path:
+    """Where the unfinished run that writes the pipeline folder ``out`` keeps its state: ``<out>.partial/``."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
 
 
 def generator_state(gen: np.random.Generator | torch.Generator) -> Any:
@@ -94,8 +100,7 @@ class PartialRun:
     """
 
     def __init__(self, out: str | os.PathLike, settings: dict[str, Any], *, restart: bool = False):
-        out = Path(out)
-        self.folder = out.with_name(out.name + ".partial")
+        self.folder = partial_folder(out)
         if restart and self.folder.exists():
             shutil.rmtree(self.folder)
         record = self.folder / "settings.json"
