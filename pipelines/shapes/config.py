@@ -142,16 +142,16 @@ class DitTrain:
         drop_background: fraction written without the background clause.
         text_local_heads: the text encoder's start: in every layer, heads 0 / 1 / 2 get this
             relative-position bias (a logit) towards the next / previous / same token, the
-            other positions 0 (None: the stock init, attention near uniform over the prompt;
-            the shipped weights; 4 for the next run).
+            other positions 0 (None: the stock init, attention near uniform over the prompt,
+            which the weights shipped until 2026-12-03 used).
             With the stock init the transformer took the caption's colours as a bag of words:
             "a white triangle on a green background" and "a green triangle on a white
             background" gave guided ``x0`` estimates 1% apart after 7000 steps (another
             colour pair: 270%). With 4, a colour word carries the word after it (a shape or
             "background") from step 0: 300% apart after 500 first-frame steps, and the
             background right 16 times in 16 (``diagnose.py --words``; the README's probe).
-        null_padding: the cross-attention's start (None: the stock init, the shipped weights;
-            1.7 for the next run). The pipeline pads
+        null_padding: the cross-attention's start (None: the stock init, which the weights
+            shipped until 2026-12-03 used). The pipeline pads
             every prompt with zero rows to 512; here they become a zero key: the text
             projection's biases and every ``attn2.to_k`` bias start at 0 and stay there (not
             trained), so each padding row scores exactly 0, and ``attn2.norm_q`` /
@@ -163,24 +163,24 @@ class DitTrain:
             ``max_sequence_length``: training attends exactly as a plain ``pipe(prompt)``).
     """
 
-    clips: int = 1600
-    image_steps: int = 2000
+    clips: int = 4000
+    image_steps: int = 6000
     image_batch: int = 32
-    steps: int = 2000
+    steps: int = 6000
     batch: int = 12
     lr: float = 2e-3
     warmup: int = 100
     weight_decay: float = 0.01
     ema: float = 0.998
     shift: float = 1.0
-    clip_shift: float | None = None
+    clip_shift: float | None = 3.0
     drop_caption: float = 0.1
     drop_motion: float = 0.1
-    image_drop_motion: float | None = None
+    image_drop_motion: float | None = 1.0
     foreground_weight: float | None = None
     drop_background: float = 0.1
-    text_local_heads: float | None = None
-    null_padding: float | None = None
+    text_local_heads: float | None = 4.0
+    null_padding: float | None = 1.7
     text_len: int = 512
 
 
