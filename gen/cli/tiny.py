@@ -31,7 +31,7 @@ def train_tiny(
     device: str = opt.device(),
     verbose: bool = opt.verbose(),
 ) -> None:
-    """Train the built-in shapes-wan model (or its causal variant) from its seed: about an hour on 2 CPU cores.
+    """Train the built-in shapes-wan model (or its causal variant) from its seed: about two hours on 2 CPU cores.
 
     A stopped run resumes where it was when started again with the same settings: the VAE,
     the encoded clips and the transformer's state every 250 steps are kept in OUT.partial/
