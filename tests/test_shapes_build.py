@@ -139,6 +139,8 @@ def test_training_on_a_kept_vae_reuses_it_and_records_where_it_came_from(trained
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["vae_from"]["folder"] == str(t2v) and weights in manifest["vae_from"]["files"]
     assert manifest["logs"]["vae"] == [] and manifest["train"]["dit"]["steps"] == 1
+    # diffusers writes the folder a component came from into its config: not into a published one
+    assert [p for p in out.rglob("*.json") if "_name_or_path" in p.read_text()] == []
     # a folder whose VAE is another architecture is refused before anything trains
     d = _damaged(t2v, tmp_path, "widevae")
     conf = json.loads((d / "vae" / "config.json").read_text())

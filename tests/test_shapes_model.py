@@ -44,6 +44,8 @@ def test_shipped_folders_are_complete_and_match_this_code(name):
     assert check_folder(folder) == []
     manifest = json.loads((folder / MANIFEST).read_text())
     assert manifest["name"] == name
+    # no path of the machine that trained them (diffusers' ``_name_or_path``)
+    assert [p for p in folder.rglob("*.json") if "_name_or_path" in p.read_text()] == []
     # the weights were trained with the configs in this tree (retrain after changing them); a
     # field added later at a default of None (= the old behaviour) is absent from older manifests
     assert manifest["train"] == _without_new_none_fields(json.loads(json.dumps(dataclasses.asdict(TrainConfig()))),

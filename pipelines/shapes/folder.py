@@ -119,6 +119,25 @@ def check_folder(folder: str | os.PathLike) -> list[str]:
     return list(dict.fromkeys(problems))
 
 
+def strip_source_paths(folder: str | os.PathLike) -> list[Path]:
+    """Drop ``_name_or_path`` from every JSON config under ``folder``; returns the files changed.
+
+    diffusers records in each saved config the folder a component was loaded from (for a
+    ``--vae`` or ``--causal`` run, a path on the training machine). It plays no part in
+    loading, and a published folder must not carry the machine it was made on."""
+    changed = []
+    for path in sorted(Path(folder).rglob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and "_name_or_path" in data:
+            del data["_name_or_path"]
+            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+            changed.append(path)
+    return changed
+
+
 def publish_folder(pipe, out: str | os.PathLike, manifest: dict[str, Any]) -> Path:
     """``pipe.save_pretrained`` into a temporary sibling of ``out``, add ``gen_model.json``
     (``manifest`` plus the files' SHA-256) and rename it into place: ``out`` is either the old
@@ -128,6 +147,7 @@ def publish_folder(pipe, out: str | os.PathLike, manifest: dict[str, Any]) -> Pa
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        strip_source_paths(tmp)
         record = {**manifest, "files": file_digests(tmp)}
         (tmp / MANIFEST).write_text(json.dumps(record, indent=1, default=str) + "\n")
         if out.exists():
