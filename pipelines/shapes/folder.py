@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MANIFEST", "check_folder", "file_digests", "publish_folder", "read_manifest"]
+__all__ = ["MANIFEST", "check_folder", "file_digests", "publish_folder", "read_manifest", "strip_source_paths"]
 
 MANIFEST = "gen_model.json"
 
