@@ -318,3 +318,26 @@ def test_flow_loss_weighs_positions(seed):
     want = (err * w).sum() / (w.expand_as(err)).sum()
     assert torch.allclose(flow_loss(pred, noise, x0, positions=w).double(), want, rtol=1e-5)
     assert torch.allclose(flow_loss(pred, noise, x0, positions=torch.ones(1)), flow_loss(pred, noise, x0))
+
+
+def test_flow_loss_frame_difference_is_the_change_of_the_x0_error(seed):
+    from gen.pipelines.shapes.train import flow_loss
+
+    g = torch.Generator().manual_seed(seed)
+    pred, noise, x0 = (torch.randn(3, 4, 5, 4, 4, generator=g) for _ in range(3))
+    sigma = torch.rand(3, generator=g)
+    # fp64, written from the definition: x0 estimate x_t - sigma v against the true x0
+    p, n, x = pred.double(), noise.double(), x0.double()
+    s = sigma.double().view(-1, 1, 1, 1, 1)
+    xt = (1 - s) * x + s * n
+    x0_err = (xt - s * p) - x
+    want = (p - (n - x)).pow(2).mean() + 0.7 * (x0_err[:, :, 1:] - x0_err[:, :, :-1]).pow(2).mean()
+    got = flow_loss(pred, noise, x0, frame_difference=0.7, sigmas=sigma)
+    assert torch.allclose(got.double(), want, rtol=1e-5)
+    # one frame: nothing to difference; an error the same in every frame costs nothing extra
+    one = [t[:, :, :1] for t in (pred, noise, x0)]
+    assert torch.equal(flow_loss(*one, frame_difference=0.7, sigmas=sigma), flow_loss(*one))
+    flat = (noise - x0) + torch.randn(3, 4, 1, 4, 4, generator=g)
+    assert torch.allclose(flow_loss(flat, noise, x0, frame_difference=5.0, sigmas=sigma), flow_loss(flat, noise, x0))
+    with pytest.raises(ValueError, match="sigmas"):
+        flow_loss(pred, noise, x0, frame_difference=0.7)

@@ -140,6 +140,10 @@ class DitTrain:
             latent, so a still blob at the mean position costs little under the plain
             loss; the VAE needed the same weighting (``VaeTrain.foreground_weight``).
         drop_background: fraction written without the background clause.
+        frame_difference: weight of a second loss term, the mean squared change of the
+            ``x0`` estimate's error from one latent frame to the next (``train.flow_loss``;
+            None: none). A still blob where the clip moves costs the plain loss little (the
+            shape is 5-15% of a latent) but is the whole of this term.
         text_local_heads: the text encoder's start: in every layer, heads 0 / 1 / 2 get this
             relative-position bias (a logit) towards the next / previous / same token, the
             other positions 0 (None: the stock init, attention near uniform over the prompt,
@@ -179,6 +183,7 @@ class DitTrain:
     image_drop_motion: float | None = 1.0
     foreground_weight: float | None = None
     drop_background: float = 0.1
+    frame_difference: float | None = None
     text_local_heads: float | None = 4.0
     null_padding: float | None = 1.7
     text_len: int = 512

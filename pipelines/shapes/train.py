@@ -391,19 +391,35 @@ def shifted_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 def flow_loss(pred: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor, weight: torch.Tensor | None = None,
-              *, positions: torch.Tensor | None = None) -> torch.Tensor:
+              *, positions: torch.Tensor | None = None, frame_difference: float | None = None,
+              sigmas: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error of the flow prediction against ``noise - x0``, optionally
     weighted per frame (``weight (B, T)``) and per latent position (``positions``,
-    broadcastable to ``(B, 1, T, h, w)``); a weighted mean."""
-    err = (pred.float() - (noise - x0)).pow(2)
+    broadcastable to ``(B, 1, T, h, w)``); a weighted mean.
+
+    ``frame_difference`` adds that multiple of the mean squared change of the ``x0``
+    estimate's error from one latent frame to the next (nothing when ``T`` is 1): the part
+    of the error a wrong or missing motion makes. The ``x0`` error is ``sigma`` times the
+    flow error (``x0 = x_t - sigma v``), so the term needs the noise levels ``sigmas (B,)``
+    and weighs high noise, where the motion is decided, most.
+    """
+    diff = pred.float() - (noise - x0)
+    err = diff.pow(2)
     if weight is None and positions is None:
-        return err.mean()
-    w = torch.ones_like(err)
-    if weight is not None:
-        w = w * weight[:, None, :, None, None]
-    if positions is not None:
-        w = w * positions
-    return (err * w).sum() / w.sum().clamp_min(1.0)
+        loss = err.mean()
+    else:
+        w = torch.ones_like(err)
+        if weight is not None:
+            w = w * weight[:, None, :, None, None]
+        if positions is not None:
+            w = w * positions
+        loss = (err * w).sum() / w.sum().clamp_min(1.0)
+    if frame_difference and diff.shape[2] > 1:
+        if sigmas is None:
+            raise ValueError("frame_difference needs the batch's noise levels: flow_loss(..., sigmas=sigma).")
+        moved = (diff[:, :, 1:] - diff[:, :, :-1]) * sigmas.to(diff).view(-1, 1, 1, 1, 1)
+        loss = loss + frame_difference * moved.pow(2).mean()
+    return loss
 
 
 class _Batches:
@@ -508,7 +524,8 @@ def train_t2v(transformer, text_encoder, tokenizer, data: LatentSet, cfg: TrainC
                 proc.set_lengths(lengths, text.shape[1])
                 pred = transformer(xt, (sigma * 1000).to(device), text, return_dict=False)[0]
                 positions = None if fg_w is None else (1.0 + (fg_w - 1.0) * fg.float()).to(device)
-                loss = flow_loss(pred, noise.to(device), x0.to(device), positions=positions)
+                loss = flow_loss(pred, noise.to(device), x0.to(device), positions=positions,
+                                 frame_difference=d.frame_difference, sigmas=sigma)
                 acc.append(_step(opt, loss, params, ema))
                 bar.update(1)
                 done = step + 1
