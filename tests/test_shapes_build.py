@@ -24,7 +24,7 @@ QUICK = TrainConfig(
     vae=VaeTrain(image_steps=2, image_batch=2, steps=1, batch=1, frames=5, crop=32, stats_clips=2),
     # the non-default options on, so that their paths run end to end
     dit=DitTrain(clips=4, image_steps=2, image_batch=2, steps=2, batch=2, warmup=1, clip_shift=3.0,
-                 image_drop_motion=1.0, foreground_weight=5.0),
+                 image_drop_motion=1.0, foreground_weight=5.0, frame_difference=2.0),
     causal=CausalTrain(clips=2, frames=69, steps=2, batch=2, warmup=1),
 )
 
