@@ -1,6 +1,7 @@
 """shapes-wan training semantics: noise-level patterns, and the causal training forward
 attends exactly what the long-video runner attends at inference."""
 
+import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
@@ -164,3 +165,80 @@ def test_zero_text_rows_stay_zero_keys_through_training(seed):
     # the stock init keeps its random biases and trains them
     stock = build_components(seed % 1000, DitTrain(null_padding=None))["transformer"]
     assert not all(bool((k == 0).all()) for k in padding_keys(stock))
+
+
+def _self_attention_weights(transformer, latents, timestep, text):
+    """Block 0's self-attention weights ``(heads, tokens, tokens)`` for one clip, from the
+    query and key the real forward computes (hooked after their RMSNorms), turned by the
+    forward's own RoPE tables (diffusers' interleaved pairs)."""
+    got = {}
+    attn = transformer.blocks[0].attn1
+    hooks = [attn.norm_q.register_forward_hook(lambda m, i, o: got.setdefault("q", o)),
+             attn.norm_k.register_forward_hook(lambda m, i, o: got.setdefault("k", o)),
+             transformer.rope.register_forward_hook(lambda m, i, o: got.setdefault("rope", o))]
+    try:
+        with torch.no_grad():
+            transformer(latents, timestep, text, return_dict=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    cos, sin = got["rope"]  # (1, tokens, 1, head_dim)
+
+    def turn(x):
+        x = x.unflatten(2, (attn.heads, -1)).double()
+        a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
+        c, s = cos[..., 0::2].double(), sin[..., 1::2].double()
+        return torch.stack([a * c - b * s, a * s + b * c], -1).flatten(-2)
+
+    q, k = turn(got["q"])[0], turn(got["k"])[0]  # (tokens, heads, head_dim)
+    return torch.einsum("qhd,khd->hqk", q, k).div(q.shape[-1] ** 0.5).softmax(-1)
+
+
+@pytest.mark.parametrize("strength", [1.0])
+def test_video_local_heads_start_local_and_touch_nothing_else(seed, strength):
+    """``DitTrain.video_local_heads``: at step 0, head 0 of block 0 puts most of an inner
+    token's weight on its 3x3x3 neighbourhood and head 1 on its 3x3 spatial neighbourhood
+    in any frame, where the stock init spreads it near uniformly; only the chosen query/key
+    rows differ from the stock init drawn from the same seed."""
+    from gen.pipelines.shapes.config import DitTrain
+    from gen.pipelines.shapes.train import build_components
+
+    local = build_components(seed % 1000, DitTrain(video_local_heads=strength))["transformer"]
+    stock = build_components(seed % 1000, DitTrain(video_local_heads=None))["transformer"]
+    gen = torch.Generator().manual_seed(seed)
+    frames, side = 5, 8  # latent 5 x 16 x 16 -> 5 x 8 x 8 tokens, the shipped clip size
+    latents = torch.randn(1, 16, frames, 2 * side, 2 * side, generator=gen)
+    timestep = torch.rand(1, generator=gen) * 1000
+    text = torch.randn(1, 12, local.config.text_dim, generator=gen)
+    t, y, x = torch.meshgrid(torch.arange(frames), torch.arange(side), torch.arange(side), indexing="ij")
+    t, y, x = t.flatten(), y.flatten(), x.flatten()
+    inner = ((t > 0) & (t < frames - 1) & (y > 0) & (y < side - 1) & (x > 0) & (x < side - 1)).nonzero().flatten()
+    near_space = ((y[:, None] - y[None]).abs() <= 1) & ((x[:, None] - x[None]).abs() <= 1)
+    near_all = near_space & ((t[:, None] - t[None]).abs() <= 1)
+
+    def shares(model):
+        w = _self_attention_weights(model, latents, timestep, text)
+        return ((w[0] * near_all).sum(-1)[inner].mean().item(), (w[1] * near_space).sum(-1)[inner].mean().item())
+
+    local_all, local_space = shares(local)
+    stock_all, stock_space = shares(stock)
+    # uniform attention would give 27 / 320 = 8% and 45 / 320 = 14%
+    assert local_all > 0.5 and local_space > 0.5, (local_all, local_space)
+    assert stock_all < 0.25 and stock_space < 0.3, (stock_all, stock_space)
+
+    changed = {name for name, p in local.state_dict().items() if not torch.equal(p, stock.state_dict()[name])}
+    assert changed == {f"blocks.{i}.attn1.{m}.{p}" for i in range(len(local.blocks))
+                       for m in ("to_q", "to_k", "norm_q", "norm_k") for p in ("weight", "bias")
+                       if not (m.startswith("norm") and p == "bias")}
+    rows = local.blocks[0].attn1.to_q.weight.ne(stock.blocks[0].attn1.to_q.weight).any(-1).nonzero().flatten()
+    head_dim = local.config.attention_head_dim
+    assert set((rows // head_dim).tolist()) == {0, 1} and len(rows) == 9
+
+
+def test_video_local_heads_refuse_a_transformer_without_room():
+    from gen.pipelines.shapes.train import _local_video_init
+
+    small = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                  out_channels=4, text_dim=8, freq_dim=8, ffn_dim=16, num_layers=1)
+    with pytest.raises(ValueError, match="video_local_heads needs"):
+        _local_video_init(small, 1.0)
