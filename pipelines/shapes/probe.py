@@ -1,0 +1,308 @@
+"""The latent-space motion probe: can the shapes transformer learn a caption's direction at all?
+
+``gen train-tiny`` takes hours on 2 CPU cores, and its clips mix the question "does the
+transformer relate one latent frame to the next, as the caption says" with the VAE, the
+shapes and the colours. This probe asks only that question, in minutes: a fresh text
+encoder and transformer of the shipped architecture (``build_components``, so every
+``DitTrain`` start option applies) are trained with the same flow-matching objective on
+latents drawn directly, one Gaussian bump in channel 0 (the other 15 channels zero)
+moving on a torus (no edge, so no absolute position is needed) by a fixed step per latent
+frame in the caption's direction. The direction is read back from the bump's circular
+centroid:
+
+* ``teacher``: one ``x0`` estimate from a true probe clip noised to ``sigma``; does it keep
+  the clip's direction (and, given the opposite caption, which one does it follow)?
+* ``sampled``: clips generated from noise with the pipeline's scheduler and guidance;
+  does their direction match the caption? Chance is one in the number of motions.
+
+    python -m gen.pipelines.shapes.probe --steps 2000 --set dit.video_local_heads=1 --out probe.json
+
+The results of the runs so far are in this folder's README ("latent-space").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import COMPONENTS, DitTrain
+from .grammar import Caption, sample_caption
+
+logger = logging.getLogger("gen.pipelines.shapes")
+
+__all__ = ["ProbeConfig", "bump_clips", "read_directions", "run_probe", "sampled_accuracy", "teacher_accuracy"]
+
+# Unit step of each motion word on the (x, y) latent grid.
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up", "still": "right"}
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """One probe run.
+
+    Attributes:
+        steps: optimiser steps (0.6 s each on one CPU core at the defaults).
+        batch: clips per step, each a fresh caption, start and noise.
+        lr: peak AdamW learning rate (warm-up ``warmup`` steps, cosine to 10%).
+        warmup: linear warm-up steps.
+        ema: EMA decay of the weights that are scored.
+        shift: shift of the training noise levels (the scheduler's 3).
+        speed: the bump's step per latent frame, latent pixels (2 = one token).
+        frames: latent frames (5: the shipped 17-frame clips).
+        side: latent pixels per side (16: the shipped 128-pixel clips, 8 x 8 tokens).
+        height: the bump's peak value in channel 0.
+        width: the bump's Gaussian width, latent pixels.
+        motions: the motion words drawn (each clip one, uniformly).
+        eval_every: score every this many steps (and at the end).
+        eval_clips: clips per score (sampled: an equal share per motion).
+        eval_steps: scheduler steps of a sampled clip.
+        guidance: classifier-free guidance of a sampled clip (negative prompt ``""``).
+        levels: the teacher-forced noise levels.
+        seed: the weights, the data and the noise.
+    """
+
+    steps: int = 2000
+    batch: int = 12
+    lr: float = 2e-3
+    warmup: int = 50
+    ema: float = 0.99
+    shift: float = 3.0
+    speed: float = 2.0
+    frames: int = 5
+    side: int = 16
+    height: float = 3.0
+    width: float = 1.5
+    motions: tuple[str, ...] = ("left", "right", "up", "down", "still")
+    eval_every: int = 500
+    eval_clips: int = 40
+    eval_steps: int = 20
+    guidance: float = 5.0
+    levels: tuple[float, ...] = (0.5, 0.7, 0.85)
+    seed: int = 0
+    dit: DitTrain = field(default_factory=DitTrain)
+
+    def __post_init__(self):
+        unknown = [m for m in self.motions if m not in DIRECTIONS]
+        if unknown or not self.motions:
+            raise ValueError(f"probe motions must be some of {', '.join(DIRECTIONS)}; got {list(self.motions)}.")
+        if self.side % 2 or self.side < 4:
+            raise ValueError(f"side must be even and at least 4 (2 x 2 patches), got {self.side}.")
+
+
+def bump_clips(rng: np.random.Generator, count: int, cfg: ProbeConfig,
+               motions: list[str] | None = None) -> tuple[torch.Tensor, list[Caption]]:
+    """``count`` probe clips: latents ``(count, 16, frames, side, side)`` and their captions
+    (shape, colours and background random, the motion from ``motions`` or drawn from
+    ``cfg.motions``); each bump starts at a uniform point of the torus."""
+    s = cfg.side
+    yy, xx = torch.meshgrid(torch.arange(s, dtype=torch.float32), torch.arange(s, dtype=torch.float32),
+                            indexing="ij")
+    latents = torch.zeros(count, COMPONENTS["transformer"]["in_channels"], cfg.frames, s, s)
+    captions = []
+    for i in range(count):
+        cap = sample_caption(rng)
+        motion = motions[i] if motions is not None else cfg.motions[int(rng.integers(len(cfg.motions)))]
+        captions.append(Caption(cap.shape, cap.color, motion, cap.background))
+        cx, cy = rng.uniform(0, s, 2)
+        dx, dy = DIRECTIONS[motion]
+        for f in range(cfg.frames):
+            ox = (xx - cx - cfg.speed * dx * f + s / 2) % s - s / 2
+            oy = (yy - cy - cfg.speed * dy * f + s / 2) % s - s / 2
+            latents[i, 0, f] = cfg.height * torch.exp(-(ox**2 + oy**2) / (2 * cfg.width**2))
+    return latents, captions
+
+
+def read_directions(latents: torch.Tensor, speed: float) -> list[str]:
+    """The motion word of each clip ``(B, C, F, H, W)``: the mean frame-to-frame step of
+    channel 0's circular centroid (negative values clipped), ``still`` below 0.3 ``speed``,
+    else the larger axis's sign."""
+    w = latents[:, 0].float().clamp_min(0)  # (B, F, H, W)
+    side = w.shape[-1]
+    angle = 2 * math.pi * torch.arange(side) / side
+
+    def centre(axis_shape):
+        s = (w * torch.sin(angle).view(*axis_shape)).sum((-1, -2))
+        c = (w * torch.cos(angle).view(*axis_shape)).sum((-1, -2))
+        return torch.atan2(s, c)  # (B, F)
+
+    def mean_step(p):
+        d = torch.diff(p, dim=1)
+        return (((d + math.pi) % (2 * math.pi) - math.pi).mean(1) * side / (2 * math.pi)).tolist()
+
+    out = []
+    for sx, sy in zip(mean_step(centre((1, side))), mean_step(centre((side, 1)))):
+        if max(abs(sx), abs(sy)) < 0.3 * speed:
+            out.append("still")
+        elif abs(sx) >= abs(sy):
+            out.append("right" if sx > 0 else "left")
+        else:
+            out.append("down" if sy > 0 else "up")
+    return out
+
+
+class _Model:
+    """The probe's text encoder, transformer and tokenizer, predicting with padded text."""
+
+    def __init__(self, cfg: ProbeConfig):
+        from .data import PaddedTextAttention
+        from .train import _install, build_components
+
+        parts = build_components(cfg.seed, cfg.dit)
+        self.transformer, self.text_encoder, self.tokenizer = (parts["transformer"], parts["text_encoder"],
+                                                               parts["tokenizer"])
+        self.proc = PaddedTextAttention(cfg.dit.text_len)
+        _install(self.transformer, "attn2", self.proc)
+        self.text_len = cfg.dit.text_len
+
+    def predict(self, x: torch.Tensor, sigma: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """The flow prediction ``v`` for latents ``x`` at noise levels ``sigma`` ``(B,)`` in [0, 1]."""
+        from .data import encode_text
+
+        text, lengths = encode_text(self.tokenizer, self.text_encoder, prompts, text_len=self.text_len, short=True)
+        self.proc.set_lengths(lengths, text.shape[1])
+        return self.transformer(x, sigma * 1000, text, return_dict=False)[0]
+
+
+@torch.no_grad()
+def teacher_accuracy(model: _Model, clips: torch.Tensor, captions: list[Caption], sigma: float, speed: float,
+                     noise: torch.Tensor, *, opposite: bool = False) -> tuple[float, float]:
+    """One ``x0`` estimate per clip from ``(1 - sigma) clip + sigma noise``, given each
+    clip's caption (or, ``opposite``, the caption with the opposite motion). Returns the
+    fractions whose estimate reads the clip's direction and the prompted direction."""
+    prompted = [Caption(c.shape, c.color, OPPOSITE[c.motion], c.background) if opposite else c for c in captions]
+    xt = (1 - sigma) * clips + sigma * noise
+    v = model.predict(xt, torch.full((len(captions),), float(sigma)), [c.text() for c in prompted])
+    got = read_directions(xt - sigma * v, speed)
+    return (float(np.mean([g == c.motion for g, c in zip(got, captions)])),
+            float(np.mean([g == c.motion for g, c in zip(got, prompted)])))
+
+
+@torch.no_grad()
+def sampled_accuracy(model: _Model, cfg: ProbeConfig, seed: int) -> dict[str, float]:
+    """Clips generated from noise for "a red circle moving <m> on a blue background", an
+    equal share of ``cfg.eval_clips`` per motion: the fraction read as their caption's
+    motion, per motion and ``"all"``."""
+    from diffusers import UniPCMultistepScheduler
+
+    per = max(1, cfg.eval_clips // len(cfg.motions))
+    scheduler = UniPCMultistepScheduler(**COMPONENTS["scheduler"])
+    gen = torch.Generator().manual_seed(seed)
+    result = {}
+    for motion in cfg.motions:
+        prompt = Caption("circle", "red", motion, "blue").text()
+        x = torch.randn(per, COMPONENTS["transformer"]["in_channels"], cfg.frames, cfg.side, cfg.side, generator=gen)
+        scheduler.set_timesteps(cfg.eval_steps)
+        for t in scheduler.timesteps:
+            sigma = (t / 1000).expand(per).float()
+            cond = model.predict(x, sigma, [prompt] * per)
+            uncond = model.predict(x, sigma, [""] * per)
+            x = scheduler.step(uncond + cfg.guidance * (cond - uncond), t, x).prev_sample
+        result[motion] = float(np.mean([g == motion for g in read_directions(x, cfg.speed)]))
+    result["all"] = float(np.mean([result[m] for m in cfg.motions]))
+    return result
+
+
+def run_probe(cfg: ProbeConfig, *, progress: bool = True) -> list[dict]:
+    """Train the probe for ``cfg.steps`` steps and score its EMA weights every
+    ``cfg.eval_every`` steps and at the end. Returns the log: one dict per score with
+    ``step``, ``loss`` (mean since the last score), ``seconds``, ``teacher`` (per level:
+    clip's direction; and the opposite caption's share of the estimates at that level)
+    and ``sampled`` (per motion and ``"all"``)."""
+    from tqdm.auto import tqdm
+
+    from .data import caption_texts
+    from .train import _Ema, _schedule, _step, _trainable, flow_loss, shifted_sigmas
+
+    model = _Model(cfg)
+    tr, te = model.transformer, model.text_encoder
+    params = _trainable(tr, te)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.dit.weight_decay)
+    ema = _Ema([tr, te], cfg.ema)
+    rng, gen = np.random.default_rng(cfg.seed), torch.Generator().manual_seed(cfg.seed)
+    held, held_caps = bump_clips(np.random.default_rng(cfg.seed + 1), cfg.eval_clips, cfg)
+    held_noise = torch.randn(held.shape, generator=torch.Generator().manual_seed(cfg.seed + 2))
+    log, losses, start = [], [], time.perf_counter()
+
+    def score(step: int) -> dict:
+        live = [p.detach().clone() for p in params]
+        ema.copy_to_model()
+        tr.eval(), te.eval()
+        teacher = {}
+        for level in cfg.levels:
+            follows, _ = teacher_accuracy(model, held, held_caps, level, cfg.speed, held_noise)
+            _, obeys = teacher_accuracy(model, held, held_caps, level, cfg.speed, held_noise, opposite=True)
+            teacher[str(level)] = {"clip": follows, "opposite_caption": obeys}
+        entry = {"step": step, "loss": float(np.mean(losses)) if losses else None,
+                 "seconds": round(time.perf_counter() - start, 1), "teacher": teacher,
+                 "sampled": sampled_accuracy(model, cfg, cfg.seed + 3)}
+        with torch.no_grad():
+            for p, v in zip(params, live):
+                p.copy_(v)
+        tr.train(), te.train()
+        logger.info("probe step %d: loss %s, sampled %.0f%% right, teacher %s", step, entry["loss"],
+                    100 * entry["sampled"]["all"],
+                    ", ".join(f"{k}: {100 * v['clip']:.0f}%" for k, v in teacher.items()))
+        return entry
+
+    tr.train(), te.train()
+    for step in tqdm(range(cfg.steps), desc="probe", disable=not progress):
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * _schedule(step, cfg.steps, cfg.warmup)
+        x0, caps = bump_clips(rng, cfg.batch, cfg)
+        prompts = caption_texts(caps, rng, drop_caption=cfg.dit.drop_caption)
+        noise = torch.randn(x0.shape, generator=gen)
+        sigma = shifted_sigmas(torch.rand(cfg.batch, generator=gen), cfg.shift)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        pred = model.predict((1 - s) * x0 + s * noise, sigma, prompts)
+        losses.append(_step(opt, flow_loss(pred, noise, x0), params, ema))
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            log.append(score(step + 1))
+            losses = []
+    return log
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .config import TrainConfig, override_config
+
+    p = argparse.ArgumentParser(prog="python -m gen.pipelines.shapes.probe", description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=ProbeConfig.steps)
+    p.add_argument("--speed", type=float, default=ProbeConfig.speed, help="latent pixels per latent frame")
+    p.add_argument("--motions", default=",".join(ProbeConfig.motions), help="comma-separated motion words")
+    p.add_argument("--eval-every", type=int, default=ProbeConfig.eval_every)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="dit.FIELD=VALUE",
+                   help="a DitTrain start option, as gen train-tiny takes it (e.g. dit.video_local_heads=1)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default=None, help="write the config and log as JSON here")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bad = [s for s in args.settings if not s.strip().startswith("dit.")]
+    if bad:
+        raise SystemExit(f"--set takes dit.* settings only here, got {bad}.")
+    try:
+        dit = override_config(TrainConfig(), args.settings).dit
+        cfg = ProbeConfig(steps=args.steps, speed=args.speed, motions=tuple(args.motions.split(",")),
+                          eval_every=args.eval_every, seed=args.seed, dit=dit)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    log = run_probe(cfg)
+    if args.out:
+        from gen._io import atomic_write_text
+
+        atomic_write_text(Path(args.out), json.dumps({"config": asdict(cfg), "log": log}, indent=1))
+    print(json.dumps(log[-1], indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""The latent-space motion probe (``gen.pipelines.shapes.probe``): its clips, its reader,
+and one short run end to end."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gen.pipelines.shapes.probe import (
+    DIRECTIONS,
+    ProbeConfig,
+    _Model,
+    bump_clips,
+    main,
+    read_directions,
+    run_probe,
+    teacher_accuracy,
+)
+
+
+def test_reader_reads_every_motion_of_fresh_clips_and_the_reverse_of_reversed_ones(seed):
+    rng = np.random.default_rng(seed)
+    for speed in (1.0, 2.0, float(rng.uniform(1.0, 3.0))):
+        cfg = ProbeConfig(speed=speed)
+        motions = [m for m in DIRECTIONS for _ in range(4)]
+        clips, caps = bump_clips(rng, len(motions), cfg, motions)
+        assert [c.motion for c in caps] == motions
+        assert read_directions(clips, speed) == motions
+        reverse = {"left": "right", "right": "left", "up": "down", "down": "up", "still": "still"}
+        assert read_directions(clips.flip(2), speed) == [reverse[m] for m in motions]
+
+
+def test_clips_are_one_bump_of_the_configured_height_on_a_torus(seed):
+    cfg = ProbeConfig(speed=2.0, height=2.5, width=1.0)
+    clips, _ = bump_clips(np.random.default_rng(seed), 6, cfg)
+    assert clips.shape == (6, 16, cfg.frames, cfg.side, cfg.side)
+    assert bool((clips[:, 1:] == 0).all())
+    peaks = clips[:, 0].amax((-1, -2))
+    assert bool((peaks <= cfg.height + 1e-6).all()) and bool((peaks > 0.6 * cfg.height).all())
+    # a width-1 bump on the grid sums to about 2 pi height (the continuous integral)
+    assert torch.allclose(clips[:, 0].sum((-1, -2)), torch.full((6, cfg.frames), 2 * math.pi * 2.5), rtol=0.02)
+
+
+def test_teacher_forcing_at_zero_noise_reads_the_clip_and_never_the_opposite_caption(seed):
+    cfg = ProbeConfig(seed=seed % 1000)
+    model = _Model(cfg)
+    motions = ["left", "right", "up", "down"]
+    clips, caps = bump_clips(np.random.default_rng(seed), 4, cfg, motions)
+    noise = torch.randn(clips.shape, generator=torch.Generator().manual_seed(seed))
+    assert teacher_accuracy(model, clips, caps, 0.0, cfg.speed, noise) == (1.0, 1.0)
+    assert teacher_accuracy(model, clips, caps, 0.0, cfg.speed, noise, opposite=True) == (1.0, 0.0)
+
+
+def test_a_short_run_logs_every_score(seed, tmp_path):
+    cfg = ProbeConfig(steps=2, batch=2, eval_every=1, eval_clips=5, eval_steps=2, levels=(0.7,), seed=seed % 1000)
+    log = run_probe(cfg, progress=False)
+    assert [e["step"] for e in log] == [1, 2]
+    for entry in log:
+        assert math.isfinite(entry["loss"])
+        assert set(entry["sampled"]) == {*cfg.motions, "all"}
+        assert all(0.0 <= v <= 1.0 for v in entry["sampled"].values())
+        assert set(entry["teacher"]) == {"0.7"}
+        assert set(entry["teacher"]["0.7"]) == {"clip", "opposite_caption"}
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="probe motions"):
+        ProbeConfig(motions=("sideways",))
+    with pytest.raises(SystemExit, match="dit"):
+        main(["--set", "vae.steps=3"])
+    with pytest.raises(SystemExit, match="unknown training setting"):
+        main(["--set", "dit.nonsense=1"])
+    with pytest.raises(SystemExit, match="probe motions"):
+        main(["--motions", "left,sideways"])
