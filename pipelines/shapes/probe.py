@@ -17,7 +17,8 @@ centroid:
 
     python -m gen.pipelines.shapes.probe --steps 2000 --set dit.video_local_heads=1 --out probe.json
 
-The results of the runs so far are in this folder's README ("latent-space").
+The runs so far are in this folder's README: "One clip under every motion, and a
+latent-space test" and "Frame to frame".
 """
 
 from __future__ import annotations

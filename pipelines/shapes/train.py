@@ -184,8 +184,10 @@ def _local_video_init(transformer, strength: float) -> None:
 
     Why: a transformer whose self-attention starts near uniform over 320 tokens learned to
     denoise each latent frame alone and placed a moving object independently in every
-    frame (the shapes README's latent-space probes); started local, the same probe's
-    samples kept the object in one place from frame to frame.
+    frame (the shapes README's latent-space probes). Started local, the probe's object
+    stays coherent from frame to frame: with one motion, 100% of the samples moved right
+    after 1000 steps (stock start: 35%). Whether a caption then chooses the direction is
+    a separate question (it did not, in 4000 steps with five motions).
     """
     heads, head_dim = transformer.config.num_attention_heads, transformer.config.attention_head_dim
     space = 2 * (head_dim // 6)  # diffusers' WanRotaryPosEmbed split: t gets the rest
