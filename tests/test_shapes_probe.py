@@ -67,6 +67,12 @@ def test_a_short_run_logs_every_score(seed, tmp_path):
 def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="probe motions"):
         ProbeConfig(motions=("sideways",))
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        ProbeConfig(steps=0)
+    with pytest.raises(ValueError, match="speed and width"):
+        ProbeConfig(speed=-1.0)
+    with pytest.raises(SystemExit, match="steps must be at least 1"):
+        main(["--steps", "0"])
     with pytest.raises(SystemExit, match="dit"):
         main(["--set", "vae.steps=3"])
     with pytest.raises(SystemExit, match="unknown training setting"):

@@ -95,6 +95,11 @@ class ProbeConfig:
         unknown = [m for m in self.motions if m not in DIRECTIONS]
         if unknown or not self.motions:
             raise ValueError(f"probe motions must be some of {', '.join(DIRECTIONS)}; got {list(self.motions)}.")
+        for name in ("steps", "batch", "eval_every", "eval_clips", "eval_steps", "frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if not self.speed > 0 or not self.width > 0:
+            raise ValueError(f"speed and width must be positive, got {self.speed} and {self.width}.")
         if self.side % 2 or self.side < 4:
             raise ValueError(f"side must be even and at least 4 (2 x 2 patches), got {self.side}.")
 
