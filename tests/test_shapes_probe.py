@@ -52,7 +52,7 @@ def test_teacher_forcing_at_zero_noise_reads_the_clip_and_never_the_opposite_cap
     assert teacher_accuracy(model, clips, caps, 0.0, cfg.speed, noise, opposite=True) == (1.0, 0.0)
 
 
-def test_a_short_run_logs_every_score(seed, tmp_path):
+def test_a_short_run_logs_every_score(seed):
     cfg = ProbeConfig(steps=2, batch=2, eval_every=1, eval_clips=5, eval_steps=2, levels=(0.7,), seed=seed % 1000)
     log = run_probe(cfg, progress=False)
     assert [e["step"] for e in log] == [1, 2]

@@ -169,8 +169,8 @@ class DitTrain:
             block begin local (head 0 on the neighbouring tokens in time and space, head 1
             on the same place in every frame), this value scaling how sharply
             (``train._local_video_init``; 1: head 0 puts 74% of a token's weight on its
-            3 x 3 x 3 neighbourhood, the stock init 8%). None: the stock init, near uniform over the clip,
-            which the shipped weights used. In the README's latent-space probe (one blob,
+            3 x 3 x 3 neighbourhood, the stock init 8%). None: the stock init, near
+            uniform over the clip, which the shipped weights used. In the README's latent-space probe (one blob,
             five motions, 2000 steps) the stock start left the samples' blob at an
             unrelated place in every frame; this start at 1 kept it in one place from frame
             to frame and followed a noised clip's motion from sigma 0.7 in 95% of clips

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .clips import DIRECTIONS as _CLIP_DIRECTIONS
 from .config import COMPONENTS, DitTrain
 from .grammar import Caption, sample_caption
 
@@ -41,8 +42,8 @@ logger = logging.getLogger("gen.pipelines.shapes")
 
 __all__ = ["ProbeConfig", "bump_clips", "read_directions", "run_probe", "sampled_accuracy", "teacher_accuracy"]
 
-# Unit step of each motion word on the (x, y) latent grid.
-DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}
+# Unit step of each motion word on the (x, y) latent grid: the clips' directions, and still.
+DIRECTIONS = {**_CLIP_DIRECTIONS, "still": (0.0, 0.0)}
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up", "still": "right"}
 
 
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--speed", type=float, default=ProbeConfig.speed, help="latent pixels per latent frame")
     p.add_argument("--motions", default=",".join(ProbeConfig.motions), help="comma-separated motion words")
     p.add_argument("--eval-every", type=int, default=ProbeConfig.eval_every)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=ProbeConfig.seed)
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="dit.FIELD=VALUE",
                    help="a DitTrain start option, as gen train-tiny takes it (e.g. dit.video_local_heads=1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
