@@ -79,3 +79,21 @@ def test_bad_settings_are_named():
         main(["--set", "dit.nonsense=1"])
     with pytest.raises(SystemExit, match="probe motions"):
         main(["--motions", "left,sideways"])
+    with pytest.raises(SystemExit, match="unknown device"):
+        main(["--device", "gpu0"])
+    with pytest.raises(SystemExit, match="not supported"):
+        main(["--device", "meta"])
+
+
+def test_cuda_without_a_gpu_is_refused_before_any_training(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device here; use --device cpu"):
+        main(["--device", "cuda", "--steps", "1"])
+
+
+@pytest.mark.gpu
+def test_a_cuda_run_follows_the_cpu_run(seed):
+    cfg = ProbeConfig(steps=3, batch=2, eval_every=3, eval_clips=5, eval_steps=2, levels=(0.7,), seed=seed % 1000)
+    cpu, gpu = run_probe(cfg, progress=False), run_probe(cfg, device="cuda", progress=False)
+    # Same clips, noise and start on both devices: the losses differ only by arithmetic.
+    assert gpu[0]["loss"] == pytest.approx(cpu[0]["loss"], rel=1e-2)

@@ -16,6 +16,7 @@ centroid:
   does their direction match the caption? Chance is one in the number of motions.
 
     python -m gen.pipelines.shapes.probe --steps 2000 --set dit.video_local_heads=1 --out probe.json
+    python -m gen.pipelines.shapes.probe --device cuda --steps 40000 --motions left,right ...
 
 The runs so far are in this folder's README: "One clip under every motion, and a
 latent-space test" and "Frame to frame".
@@ -159,11 +160,13 @@ def read_directions(latents: torch.Tensor, speed: float) -> list[str]:
 class _Model:
     """The probe's text encoder, transformer and tokenizer, predicting with padded text."""
 
-    def __init__(self, cfg: ProbeConfig):
+    def __init__(self, cfg: ProbeConfig, device: torch.device = torch.device("cpu")):
         from .data import PaddedTextAttention
         from .train import _install, build_components
 
-        parts = build_components(cfg.seed, cfg.dit)
+        parts = build_components(cfg.seed, cfg.dit)  # built on the CPU: the same start on any device
+        self.device = device
+        parts["transformer"].to(device), parts["text_encoder"].to(device)
         self.transformer, self.text_encoder, self.tokenizer = (parts["transformer"], parts["text_encoder"],
                                                                parts["tokenizer"])
         self.proc = PaddedTextAttention(cfg.dit.text_len)
@@ -171,8 +174,11 @@ class _Model:
         self.text_len = cfg.dit.text_len
 
     def predict(self, x: torch.Tensor, sigma: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """The flow prediction ``v`` for latents ``x`` at noise levels ``sigma`` ``(B,)`` in [0, 1]."""
+        """The flow prediction ``v`` (on the model's device) for latents ``x`` at noise
+        levels ``sigma`` ``(B,)`` in [0, 1] (on any device)."""
         from .data import encode_text
+
+        x, sigma = x.to(self.device), sigma.to(self.device)
 
         text, lengths = encode_text(self.tokenizer, self.text_encoder, prompts, text_len=self.text_len, short=True)
         self.proc.set_lengths(lengths, text.shape[1])
@@ -187,7 +193,7 @@ def teacher_accuracy(model: _Model, clips: torch.Tensor, captions: list[Caption]
     fractions whose estimate reads the clip's direction and the prompted direction."""
     prompted = [Caption(c.shape, c.color, OPPOSITE[c.motion], c.background) if opposite else c for c in captions]
     xt = (1 - sigma) * clips + sigma * noise
-    v = model.predict(xt, torch.full((len(captions),), float(sigma)), [c.text() for c in prompted])
+    v = model.predict(xt, torch.full((len(captions),), float(sigma)), [c.text() for c in prompted]).cpu()
     got = read_directions(xt - sigma * v, speed)
     return (float(np.mean([g == c.motion for g, c in zip(got, captions)])),
             float(np.mean([g == c.motion for g, c in zip(got, prompted)])))
@@ -206,21 +212,24 @@ def sampled_accuracy(model: _Model, cfg: ProbeConfig, seed: int) -> dict[str, fl
     result = {}
     for motion in cfg.motions:
         prompt = Caption("circle", "red", motion, "blue").text()
-        x = torch.randn(per, COMPONENTS["transformer"]["in_channels"], cfg.frames, cfg.side, cfg.side, generator=gen)
+        x = torch.randn(per, COMPONENTS["transformer"]["in_channels"], cfg.frames, cfg.side, cfg.side,
+                        generator=gen).to(model.device)
         scheduler.set_timesteps(cfg.eval_steps)
         for t in scheduler.timesteps:
             sigma = (t / 1000).expand(per).float()
             cond = model.predict(x, sigma, [prompt] * per)
             uncond = model.predict(x, sigma, [""] * per)
             x = scheduler.step(uncond + cfg.guidance * (cond - uncond), t, x).prev_sample
-        result[motion] = float(np.mean([g == motion for g in read_directions(x, cfg.speed)]))
+        result[motion] = float(np.mean([g == motion for g in read_directions(x.cpu(), cfg.speed)]))
     result["all"] = float(np.mean([result[m] for m in cfg.motions]))
     return result
 
 
-def run_probe(cfg: ProbeConfig, *, progress: bool = True) -> list[dict]:
-    """Train the probe for ``cfg.steps`` steps and score its EMA weights every
-    ``cfg.eval_every`` steps and at the end. Returns the log: one dict per score with
+def run_probe(cfg: ProbeConfig, *, device: str | torch.device = "cpu", progress: bool = True) -> list[dict]:
+    """Train the probe for ``cfg.steps`` steps on ``device`` and score its EMA weights every
+    ``cfg.eval_every`` steps and at the end. Clips, noise and noise levels are drawn on the
+    CPU whatever the device, so a run differs between devices only by arithmetic.
+    Returns the log: one dict per score with
     ``step``, ``loss`` (mean since the last score), ``seconds``, ``teacher`` (per level:
     clip's direction; and the opposite caption's share of the estimates at that level)
     and ``sampled`` (per motion and ``"all"``)."""
@@ -229,7 +238,7 @@ def run_probe(cfg: ProbeConfig, *, progress: bool = True) -> list[dict]:
     from .data import caption_texts
     from .train import _Ema, _schedule, _step, _trainable, flow_loss, shifted_sigmas
 
-    model = _Model(cfg)
+    model = _Model(cfg, torch.device(device))
     tr, te = model.transformer, model.text_encoder
     params = _trainable(tr, te)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.dit.weight_decay)
@@ -270,11 +279,24 @@ def run_probe(cfg: ProbeConfig, *, progress: bool = True) -> list[dict]:
         sigma = shifted_sigmas(torch.rand(cfg.batch, generator=gen), cfg.shift)
         s = sigma.view(-1, 1, 1, 1, 1)
         pred = model.predict((1 - s) * x0 + s * noise, sigma, prompts)
-        losses.append(_step(opt, flow_loss(pred, noise, x0), params, ema))
+        losses.append(_step(opt, flow_loss(pred, noise.to(model.device), x0.to(model.device)), params, ema))
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             log.append(score(step + 1))
             losses = []
     return log
+
+
+def _device(name: str) -> torch.device:
+    """``--device`` as a ``torch.device`` this machine has (ValueError saying what to use)."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {name!r}; use cpu or cuda (cuda:N).") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r} is not supported; use cpu or cuda.")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device here; use --device cpu.")
+    return dev
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -289,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="dit.FIELD=VALUE",
                    help="a DitTrain start option, as gen train-tiny takes it (e.g. dit.video_local_heads=1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N); the probe's 2000 steps take 20 min on one core")
     p.add_argument("--out", default=None, help="write the config and log as JSON here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -298,12 +321,13 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         raise SystemExit(f"--set takes dit.* settings only here, got {bad}.")
     try:
+        device = _device(args.device)
         dit = override_config(TrainConfig(), args.settings).dit
         cfg = ProbeConfig(steps=args.steps, speed=args.speed, motions=tuple(args.motions.split(",")),
                           eval_every=args.eval_every, seed=args.seed, dit=dit)
     except ValueError as err:
         raise SystemExit(str(err)) from None
-    log = run_probe(cfg)
+    log = run_probe(cfg, device=device)
     if args.out:
         from gen._io import atomic_write_text
 
