@@ -10,8 +10,10 @@ import torch
 from gen.pipelines.shapes.probe import (
     DIRECTIONS,
     ProbeConfig,
+    _cross_attention,
     _Model,
     bump_clips,
+    caption_reach,
     main,
     read_directions,
     run_probe,
@@ -62,6 +64,8 @@ def test_a_short_run_logs_every_score(seed):
         assert all(0.0 <= v <= 1.0 for v in entry["sampled"].values())
         assert set(entry["teacher"]) == {"0.7"}
         assert set(entry["teacher"]["0.7"]) == {"clip", "opposite_caption"}
+        assert len(entry["reach"]) == 4
+        assert all(0.0 < r["motion_word"] < 1.0 and r["opposite_change"] > 0.0 for r in entry["reach"])
 
 
 def test_bad_settings_are_named():
@@ -97,3 +101,51 @@ def test_a_cuda_run_follows_the_cpu_run(seed):
     cpu, gpu = run_probe(cfg, progress=False), run_probe(cfg, device="cuda", progress=False)
     # Same clips, noise and start on both devices: the losses differ only by arithmetic.
     assert gpu[0]["loss"] == pytest.approx(cpu[0]["loss"], rel=1e-2)
+
+
+def test_cross_attention_weights_rebuild_the_blocks_cross_attention_output(seed):
+    """The weights ``caption_reach`` reads, times the values ``attn2`` makes of the text it
+    was given (hooked), through ``to_out``, give the output the real forward computed."""
+    cfg = ProbeConfig(seed=seed % 1000)
+    model = _Model(cfg)
+    clips, caps = bump_clips(np.random.default_rng(seed), 3, cfg)
+    x = 0.5 * clips + 0.5 * torch.randn(clips.shape, generator=torch.Generator().manual_seed(seed))
+    texts = {}
+
+    def keep_text(i):
+        def hook(module, args):  # attn2(hidden, encoder_hidden_states, None, None)
+            texts.setdefault(i, args[1])
+
+        return hook
+
+    hooks = [b.attn2.register_forward_pre_hook(keep_text(i)) for i, b in enumerate(model.transformer.blocks)]
+    try:
+        got = _cross_attention(model, x, torch.full((3,), 0.5), [c.text() for c in caps])
+    finally:
+        for h in hooks:
+            h.remove()
+    for i, (block, rec) in enumerate(zip(model.transformer.blocks, got)):
+        attn = block.attn2
+        w = rec["weights"]
+        assert torch.allclose(w.sum(-1), torch.ones(()).double())
+        v = attn.to_v(texts[i]).double().unflatten(2, (attn.heads, -1))  # (B, rows, heads, dh)
+        mixed = torch.einsum("bhqk,bkhd->bqhd", w, v).flatten(2)
+        rebuilt = torch.nn.functional.linear(mixed, attn.to_out[0].weight.double(), attn.to_out[0].bias.double())
+        assert torch.allclose(rebuilt.float(), rec["out"], atol=1e-5), (i, (rebuilt.float() - rec["out"]).abs().max())
+
+
+def test_reach_is_zero_when_the_encoder_cannot_tell_the_motion_words_apart(seed):
+    cfg = ProbeConfig(seed=seed % 1000)
+    model = _Model(cfg)
+    clips, caps = bump_clips(np.random.default_rng(seed), 4, cfg, ["left", "right", "left", "right"])
+    noise = torch.randn(clips.shape, generator=torch.Generator().manual_seed(seed))
+    before = caption_reach(model, clips, caps, 0.9, noise)
+    assert all(r["opposite_change"] > 1e-4 and 0.0 < r["motion_word"] < 1.0 for r in before)
+    emb = model.text_encoder.get_input_embeddings().weight
+    left, right = model.tokenizer.convert_tokens_to_ids(["left", "right"])
+    with torch.no_grad():
+        emb[right] = emb[left]
+    after = caption_reach(model, clips, caps, 0.9, noise)
+    assert all(r["opposite_change"] == 0.0 for r in after)
+    # the weight on the word's row is still read where the word is
+    assert all(0.0 < r["motion_word"] < 1.0 for r in after)

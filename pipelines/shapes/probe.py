@@ -41,7 +41,8 @@ from .grammar import Caption, sample_caption
 
 logger = logging.getLogger("gen.pipelines.shapes")
 
-__all__ = ["ProbeConfig", "bump_clips", "read_directions", "run_probe", "sampled_accuracy", "teacher_accuracy"]
+__all__ = ["ProbeConfig", "bump_clips", "caption_reach", "read_directions", "run_probe", "sampled_accuracy",
+           "teacher_accuracy"]
 
 # Unit step of each motion word on the (x, y) latent grid: the clips' directions, and still.
 DIRECTIONS = {**_CLIP_DIRECTIONS, "still": (0.0, 0.0)}
@@ -70,6 +71,7 @@ class ProbeConfig:
         eval_steps: scheduler steps of a sampled clip.
         guidance: classifier-free guidance of a sampled clip (negative prompt ``""``).
         levels: the teacher-forced noise levels.
+        reach_level: the noise level of ``caption_reach`` (where the caption must decide).
         seed: the weights, the data and the noise.
     """
 
@@ -90,6 +92,7 @@ class ProbeConfig:
     eval_steps: int = 20
     guidance: float = 5.0
     levels: tuple[float, ...] = (0.5, 0.7, 0.85)
+    reach_level: float = 0.9
     seed: int = 0
     dit: DitTrain = field(default_factory=DitTrain)
 
@@ -199,6 +202,69 @@ def teacher_accuracy(model: _Model, clips: torch.Tensor, captions: list[Caption]
             float(np.mean([g == c.motion for g, c in zip(got, prompted)])))
 
 
+def _keeper(record: dict, key: str, *, first_input: bool = False):
+    """A forward hook (or, ``first_input``, pre-hook) that keeps a module's output (first
+    input) under ``key``; returns None, so the forward is unchanged."""
+
+    def hook(module, args, output=None):
+        record.setdefault(key, args[0] if first_input else output)
+
+    return hook
+
+
+def _cross_attention(model: _Model, x: torch.Tensor, sigma: torch.Tensor, prompts: list[str]) -> list[dict]:
+    """One forward; per block, the cross-attention's weights ``(B, heads, tokens, rows)`` over
+    the short text rows (the padding's share on the kept zero rows, as ``PaddedTextAttention``
+    counts it), its output and the hidden state entering the block ``(B, tokens, width)``,
+    all on the CPU."""
+    got = [{} for _ in model.transformer.blocks]
+    hooks = []
+    for block, rec in zip(model.transformer.blocks, got):
+        attn = block.attn2
+        hooks += [attn.norm_q.register_forward_hook(_keeper(rec, "q")),
+                  attn.norm_k.register_forward_hook(_keeper(rec, "k")),
+                  attn.register_forward_hook(_keeper(rec, "out")),
+                  block.register_forward_pre_hook(_keeper(rec, "hidden", first_input=True))]
+    try:
+        model.predict(x, sigma, prompts)
+    finally:
+        for h in hooks:
+            h.remove()
+    bias = model.proc.bias.cpu().double()  # (B, 1, 1, rows)
+    out = []
+    for block, rec in zip(model.transformer.blocks, got):
+        q = rec["q"].cpu().double().unflatten(2, (block.attn2.heads, -1))
+        k = rec["k"].cpu().double().unflatten(2, (block.attn2.heads, -1))
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / q.shape[-1] ** 0.5 + bias
+        out.append({"weights": scores.softmax(-1), "out": rec["out"].cpu(), "hidden": rec["hidden"].cpu()})
+    return out
+
+
+@torch.no_grad()
+def caption_reach(model: _Model, clips: torch.Tensor, captions: list[Caption], sigma: float,
+                  noise: torch.Tensor) -> list[dict[str, float]]:
+    """How far the motion word gets into the transformer, for ``clips`` noised to ``sigma``.
+
+    Per block: ``motion_word``, the share of the cross-attention (mean over heads, video
+    tokens and clips) on the motion word's text row; ``opposite_change``, how much the
+    cross-attention's output moves when the caption's motion is swapped for the opposite one,
+    ``|out - out_opposite| / |hidden|`` per clip (the hidden state entering the block), mean
+    over clips. A caption that steers the motion needs both well above 0."""
+    xt = (1 - sigma) * clips + sigma * noise
+    sig = torch.full((len(captions),), float(sigma))
+    opposite = [Caption(c.shape, c.color, OPPOSITE[c.motion], c.background) for c in captions]
+    ids = model.tokenizer([c.text() for c in captions]).input_ids
+    rows = [row.index(model.tokenizer.convert_tokens_to_ids(c.motion)) for row, c in zip(ids, captions)]
+    true = _cross_attention(model, xt, sig, [c.text() for c in captions])
+    flipped = _cross_attention(model, xt, sig, [c.text() for c in opposite])
+    result = []
+    for a, b in zip(true, flipped):
+        on_word = torch.stack([a["weights"][i, :, :, r].mean() for i, r in enumerate(rows)])
+        change = (a["out"] - b["out"]).flatten(1).norm(dim=1) / a["hidden"].flatten(1).norm(dim=1)
+        result.append({"motion_word": float(on_word.mean()), "opposite_change": float(change.mean())})
+    return result
+
+
 @torch.no_grad()
 def sampled_accuracy(model: _Model, cfg: ProbeConfig, seed: int) -> dict[str, float]:
     """Clips generated from noise for "a red circle moving <m> on a blue background", an
@@ -257,16 +323,19 @@ def run_probe(cfg: ProbeConfig, *, device: str | torch.device = "cpu", progress:
             follows, _ = teacher_accuracy(model, held, held_caps, level, cfg.speed, held_noise)
             _, obeys = teacher_accuracy(model, held, held_caps, level, cfg.speed, held_noise, opposite=True)
             teacher[str(level)] = {"clip": follows, "opposite_caption": obeys}
+        reach = caption_reach(model, held, held_caps, cfg.reach_level, held_noise)
         entry = {"step": step, "loss": float(np.mean(losses)) if losses else None,
                  "seconds": round(time.perf_counter() - start, 1), "teacher": teacher,
-                 "sampled": sampled_accuracy(model, cfg, cfg.seed + 3)}
+                 "sampled": sampled_accuracy(model, cfg, cfg.seed + 3), "reach": reach}
         with torch.no_grad():
             for p, v in zip(params, live):
                 p.copy_(v)
         tr.train(), te.train()
-        logger.info("probe step %d: loss %s, sampled %.0f%% right, teacher %s", step, entry["loss"],
-                    100 * entry["sampled"]["all"],
-                    ", ".join(f"{k}: {100 * v['clip']:.0f}%" for k, v in teacher.items()))
+        logger.info("probe step %d: loss %s, sampled %.0f%% right, teacher %s; motion word %s of the "
+                    "cross-attention, its swap moves it by %s", step, entry["loss"], 100 * entry["sampled"]["all"],
+                    ", ".join(f"{k}: {100 * v['clip']:.0f}%" for k, v in teacher.items()),
+                    " / ".join(f"{100 * r['motion_word']:.1f}%" for r in reach),
+                    " / ".join(f"{100 * r['opposite_change']:.2f}%" for r in reach))
         return entry
 
     tr.train(), te.train()
