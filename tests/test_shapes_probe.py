@@ -75,6 +75,8 @@ def test_bad_settings_are_named():
         ProbeConfig(steps=0)
     with pytest.raises(ValueError, match="speed and width"):
         ProbeConfig(speed=-1.0)
+    with pytest.raises(ValueError, match="reach_level"):
+        ProbeConfig(reach_level=0.0)
     with pytest.raises(SystemExit, match="steps must be at least 1"):
         main(["--steps", "0"])
     with pytest.raises(SystemExit, match="dit"):

@@ -19,7 +19,7 @@ centroid:
     python -m gen.pipelines.shapes.probe --device cuda --steps 40000 --motions left,right ...
 
 The runs so far are in this folder's README: "One clip under every motion, and a
-latent-space test" and "Frame to frame".
+latent-space test", "Frame to frame" and "Where the motion word is lost".
 """
 
 from __future__ import annotations
@@ -105,6 +105,8 @@ class ProbeConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if not self.speed > 0 or not self.width > 0:
             raise ValueError(f"speed and width must be positive, got {self.speed} and {self.width}.")
+        if not 0.0 < self.reach_level <= 1.0:
+            raise ValueError(f"reach_level must be in (0, 1], got {self.reach_level}.")
         if self.side % 2 or self.side < 4:
             raise ValueError(f"side must be even and at least 4 (2 x 2 patches), got {self.side}.")
 
