@@ -171,7 +171,8 @@ class _Model:
 
         parts = build_components(cfg.seed, cfg.dit)  # built on the CPU: the same start on any device
         self.device = device
-        parts["transformer"].to(device), parts["text_encoder"].to(device)
+        parts["transformer"].to(device)
+        parts["text_encoder"].to(device)
         self.transformer, self.text_encoder, self.tokenizer = (parts["transformer"], parts["text_encoder"],
                                                                parts["tokenizer"])
         self.proc = PaddedTextAttention(cfg.dit.text_len)
@@ -255,9 +256,10 @@ def caption_reach(model: _Model, clips: torch.Tensor, captions: list[Caption], s
     xt = (1 - sigma) * clips + sigma * noise
     sig = torch.full((len(captions),), float(sigma))
     opposite = [Caption(c.shape, c.color, OPPOSITE[c.motion], c.background) for c in captions]
-    ids = model.tokenizer([c.text() for c in captions]).input_ids
+    texts = [c.text() for c in captions]
+    ids = model.tokenizer(texts).input_ids
     rows = [row.index(model.tokenizer.convert_tokens_to_ids(c.motion)) for row, c in zip(ids, captions)]
-    true = _cross_attention(model, xt, sig, [c.text() for c in captions])
+    true = _cross_attention(model, xt, sig, texts)
     flipped = _cross_attention(model, xt, sig, [c.text() for c in opposite])
     result = []
     for a, b in zip(true, flipped):
@@ -299,8 +301,9 @@ def run_probe(cfg: ProbeConfig, *, device: str | torch.device = "cpu", progress:
     CPU whatever the device, so a run differs between devices only by arithmetic.
     Returns the log: one dict per score with
     ``step``, ``loss`` (mean since the last score), ``seconds``, ``teacher`` (per level:
-    clip's direction; and the opposite caption's share of the estimates at that level)
-    and ``sampled`` (per motion and ``"all"``)."""
+    clip's direction; and the opposite caption's share of the estimates at that level),
+    ``sampled`` (per motion and ``"all"``) and ``reach`` (``caption_reach`` at
+    ``cfg.reach_level``, one dict per block)."""
     from tqdm.auto import tqdm
 
     from .data import caption_texts
@@ -357,20 +360,11 @@ def run_probe(cfg: ProbeConfig, *, device: str | torch.device = "cpu", progress:
     return log
 
 
-def _device(name: str) -> torch.device:
-    """``--device`` as a ``torch.device`` this machine has (ValueError saying what to use)."""
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {name!r}; use cpu or cuda (cuda:N).") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {name!r} is not supported; use cpu or cuda.")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device here; use --device cpu.")
-    return dev
-
-
 def main(argv: list[str] | None = None) -> None:
+    # gen.values is a leaf module (torch only), like the gen._io this folder already uses:
+    # the probe refuses a device as the CLI does, with the same words.
+    from gen.values import check_device
+
     from .config import TrainConfig, override_config
 
     p = argparse.ArgumentParser(prog="python -m gen.pipelines.shapes.probe", description=__doc__.split("\n\n")[0])
@@ -392,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         raise SystemExit(f"--set takes dit.* settings only here, got {bad}.")
     try:
-        device = _device(args.device)
+        device = check_device(args.device)
         dit = override_config(TrainConfig(), args.settings).dit
         cfg = ProbeConfig(steps=args.steps, speed=args.speed, motions=tuple(args.motions.split(",")),
                           eval_every=args.eval_every, seed=args.seed, dit=dit)
