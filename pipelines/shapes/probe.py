@@ -73,6 +73,10 @@ class ProbeConfig:
         levels: the teacher-forced noise levels.
         reach_level: the noise level of ``caption_reach`` (where the caption must decide).
         seed: the weights, the data and the noise.
+        steer_start: build ``steer.steer_start`` into the fresh model (left / right only):
+            block 0's cross-attention writes the motion word along one direction that
+            later blocks' head 2 turns into a look one token left or right in the
+            previous frame.
     """
 
     steps: int = 2000
@@ -94,6 +98,7 @@ class ProbeConfig:
     levels: tuple[float, ...] = (0.5, 0.7, 0.85)
     reach_level: float = 0.9
     seed: int = 0
+    steer_start: bool = False
     dit: DitTrain = field(default_factory=DitTrain)
 
     def __post_init__(self):
@@ -107,6 +112,9 @@ class ProbeConfig:
             raise ValueError(f"speed and width must be positive, got {self.speed} and {self.width}.")
         if not 0.0 < self.reach_level <= 1.0:
             raise ValueError(f"reach_level must be in (0, 1], got {self.reach_level}.")
+        if self.steer_start and not set(self.motions) <= {"left", "right"}:
+            raise ValueError(f"steer_start builds the horizontal axis only: motions must be left and/or right, "
+                             f"got {list(self.motions)}.")
         if self.side % 2 or self.side < 4:
             raise ValueError(f"side must be even and at least 4 (2 x 2 patches), got {self.side}.")
 
@@ -178,6 +186,10 @@ class _Model:
         self.proc = PaddedTextAttention(cfg.dit.text_len)
         _install(self.transformer, "attn2", self.proc)
         self.text_len = cfg.dit.text_len
+        if cfg.steer_start:
+            from .steer import steer_start
+
+            steer_start(self, cfg)
 
     def predict(self, x: torch.Tensor, sigma: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """The flow prediction ``v`` (on the model's device) for latents ``x`` at noise
@@ -375,6 +387,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=ProbeConfig.seed)
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="dit.FIELD=VALUE",
                    help="a DitTrain start option, as gen train-tiny takes it (e.g. dit.video_local_heads=1)")
+    p.add_argument("--steer-start", action="store_true",
+                   help="start with the caption wired to a steered head (left,right only; see steer.py)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N); the probe's 2000 steps take 20 min on one core")
     p.add_argument("--out", default=None, help="write the config and log as JSON here")
@@ -389,7 +403,8 @@ def main(argv: list[str] | None = None) -> None:
         device = check_device(args.device)
         dit = override_config(TrainConfig(), args.settings).dit
         cfg = ProbeConfig(steps=args.steps, speed=args.speed, motions=tuple(args.motions.split(",")),
-                          eval_every=args.eval_every, seed=args.seed, dit=dit)
+                          eval_every=args.eval_every, seed=args.seed, steer_start=args.steer_start,
+                          dit=dit)
     except ValueError as err:
         raise SystemExit(str(err)) from None
     log = run_probe(cfg, device=device)

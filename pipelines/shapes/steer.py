@@ -1,0 +1,244 @@
+"""A start in which the caption's ``left`` / ``right`` word steers self-attention (the probe's x axis).
+
+The probe (``probe.py``) showed that a motion chosen by a global signal is not learned from
+the stock or the local start, even with the direction handed over as a clean input channel,
+while the same oracle channel is used within 1000 steps once one self-attention head's
+horizontal look is a linear function of it (the shapes README, "A path for the signal").
+This start builds that path for the caption, from the model's own activations at step 0
+(probe clips noised to 0.9, "right" and "left" versions of the same captions):
+
+* **Writer**: head ``WRITER_HEAD`` of block 0's cross-attention gets a constant query along
+  the mean key of the motion words minus the mean key of the other words, scaled so that
+  the motion word scores ``score`` (the zero padding rows score ``log(n / m)``, about 5.5);
+  its output projection writes ``beta * (value . c) * e``, where ``c`` is the value
+  difference of "right" and "left" and ``e`` a fixed random unit direction of the residual
+  stream, ``beta`` chosen so that the two captions sit ``signal`` apart along ``e`` in
+  block 1's self-attention input (layer-normed units), and the mean written back to 0.
+* **Steered heads**: head ``STEERED_HEAD`` of every later block looks at the previous latent
+  frame (time pair 0 of its query at phase -1 rad) near the same place (constant rows on
+  the spatial RoPE pairs, as ``train._local_video_init``), and the second row of its
+  horizontal pair 0 reads the right-minus-left direction of its input, scaled so the
+  caption turns the phase by 1 rad: "right" looks one token to the left in the previous
+  frame, "left" one token to the right, the empty prompt straight back.
+
+Everything still trains. Only the horizontal axis is built; ``up`` / ``down``, speeds and
+the other motions of ``gen train-tiny`` are not.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .grammar import Caption
+
+__all__ = ["STEERED_HEAD", "WRITER_HEAD", "previous_frame_offsets", "steer_start"]
+
+WRITER_HEAD = 3
+STEERED_HEAD = 2
+_NOISE = 0.9  # the noise level of the clips the start is measured on: where direction is decided
+_CLIPS = 24
+
+
+def _probe_inputs(model, cfg, motion: str, seed: int) -> tuple[torch.Tensor, list[str], list[Caption]]:
+    from .probe import bump_clips
+
+    clips, caps = bump_clips(np.random.default_rng(seed), _CLIPS, cfg, motions=[motion] * _CLIPS)
+    noise = torch.randn(clips.shape, generator=torch.Generator().manual_seed(seed + 1))
+    return (1 - _NOISE) * clips + _NOISE * noise, [c.text() for c in caps], caps
+
+
+def _run(model, x: torch.Tensor, prompts: list[str], modules: dict) -> dict:
+    """One forward; the first output of each module in ``modules`` (name -> module), and the
+    first input of ``("in", module)`` entries, detached on the CPU."""
+    got, hooks = {}, []
+    for name, module in modules.items():
+        if isinstance(name, tuple) and name[0] == "in":
+            def pre(m, args, kwargs, name=name):
+                got.setdefault(name, (args[0] if args else kwargs["hidden_states"]).detach().cpu())
+            hooks.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        else:
+            def post(m, args, out, name=name):
+                got.setdefault(name, (out[0] if isinstance(out, tuple) else out).detach().cpu())
+            hooks.append(module.register_forward_hook(post))
+    try:
+        with torch.no_grad():
+            model.predict(x, torch.full((x.shape[0],), _NOISE), prompts)
+    finally:
+        for h in hooks:
+            h.remove()
+    return got
+
+
+def _block_inputs(model, cfg) -> list[tuple[torch.Tensor, float]]:
+    """Per block: the unit right-minus-left direction of its self-attention input (mean over
+    clips and tokens), half the mean projected difference and the midpoint's projection
+    (layer-normed units)."""
+    blocks = model.transformer.blocks
+    mods = {("in", i): b.attn1 for i, b in enumerate(blocks)}
+    x, _, caps = _probe_inputs(model, cfg, "right", 123)
+    right = _run(model, x, [c.text() for c in caps], mods)
+    left = _run(model, x, [Caption(c.shape, c.color, "left", c.background).text() for c in caps], mods)
+    out = []
+    for i in range(len(blocks)):
+        diff = right[("in", i)] - left[("in", i)]
+        d = diff.mean((0, 1))
+        e = d / d.norm()
+        mid = float(((right[("in", i)] + left[("in", i)]) @ e).mean() / 2)
+        out.append((e, float((diff @ e).mean() / 2), mid))
+    return out
+
+
+def _writer(model, cfg, score: float, signal: float) -> None:
+    attn = model.transformer.blocks[0].attn2
+    hd = attn.to_q.weight.shape[0] // attn.heads
+    sl = slice(WRITER_HEAD * hd, (WRITER_HEAD + 1) * hd)
+    mods = {"k": attn.norm_k, "v": attn.to_v, "q": attn.norm_q}
+    keys, values = {}, {}
+    others = []
+    for motion in ("right", "left"):
+        x, texts, _ = _probe_inputs(model, cfg, motion, 321)
+        rec = _run(model, x, texts, mods)
+        ids = model.tokenizer(texts).input_ids
+        word = model.tokenizer.convert_tokens_to_ids(motion)
+        rows = [r.index(word) for r in ids]
+        keys[motion] = torch.stack([rec["k"][i, r, sl] for i, r in enumerate(rows)])
+        values[motion] = torch.stack([rec["v"][i, r, sl] for i, r in enumerate(rows)]).mean(0)
+        others += [rec["k"][i, j, sl] for i, r in enumerate(rows) for j in range(len(ids[i])) if j != r]
+    motion_key = torch.cat(list(keys.values())).mean(0)
+    others = torch.stack(others).double()
+    # Fisher's direction: the other words' spread along it counts, not just their mean (with
+    # the plain mean difference a colour word outscored "left" in 1 of 36 captions)
+    spread = torch.cov(others.T) + 1e-3 * torch.eye(others.shape[1], dtype=torch.float64)
+    d = torch.linalg.solve(spread, motion_key.double() - others.mean(0)).float()
+    with torch.no_grad():
+        attn.to_q.weight[sl] = 0.0
+        attn.to_q.bias[sl] = 3.0 * d / d.norm()
+        x, texts, _ = _probe_inputs(model, cfg, "right", 321)
+        q = _run(model, x, texts, {"q": attn.norm_q})["q"][..., sl].mean((0, 1))
+        attn.norm_q.weight[sl] *= score / (float(q @ motion_key) / hd**0.5)
+    c = values["right"] - values["left"]
+    c = c / c.norm()
+    offset = float((values["right"] + values["left"]) @ c / 2)
+    width = attn.to_out[0].weight.shape[0]
+    e = torch.randn(width, generator=torch.Generator().manual_seed(cfg.seed + 11))
+    e = e / e.norm()
+    bias0 = attn.to_out[0].bias.detach().clone()
+
+    def write(beta: float) -> None:  # reads offset when called
+        with torch.no_grad():
+            attn.to_out[0].weight[:, sl] = beta * torch.outer(e, c)
+            attn.to_out[0].bias.copy_(bias0 - beta * offset * e)
+
+    write(1.0)  # the written difference is linear in beta; measure it at 1, then scale
+    beta = signal / _block_inputs(model, cfg)[1][1]
+    write(beta)
+    # centre: "right" and "left" equally far either side of 0 in block 1's input (secant on
+    # the output bias along e; the layer norm makes the midpoint only nearly linear in it)
+    _, _, mid0 = _block_inputs(model, cfg)[1]
+    offset += 1.0 / beta
+    write(beta)
+    _, _, mid1 = _block_inputs(model, cfg)[1]
+    offset += mid0 / (mid0 - mid1) / beta - 1.0 / beta
+    write(beta)
+
+
+def _steered(model, cfg, gain: float) -> None:
+    tr = model.transformer
+    hd = tr.config.attention_head_dim
+    space = 2 * (hd // 6)  # diffusers' WanRotaryPosEmbed split, as train._local_video_init
+    h0, w0 = hd - 2 * space, hd - space
+    base = STEERED_HEAD * hd
+    reads = _block_inputs(model, cfg)
+    with torch.no_grad():
+        for i, block in enumerate(tr.blocks):
+            if i == 0:
+                continue  # block 0's self-attention comes before any cross-attention
+            e, half, _ = reads[i]
+            a = block.attn1
+            for lin, norm in ((a.to_q, a.norm_q), (a.to_k, a.norm_k)):
+                norm.weight[base:base + hd] = 0.1  # the head's other rows start quiet
+                for row, g in ((h0, 1.1), (h0 + 2, 1.55), (w0, gain), (w0 + 2, 1.55)):
+                    lin.weight[base + row] = 0.0
+                    lin.bias[base + row] = 3.0
+                    norm.weight[base + row] = g
+                    lin.weight[base + row + 1] = 0.0
+                    lin.bias[base + row + 1] = 0.0
+            # time pair 0: the key constant, the query at phase -1 rad (the previous frame)
+            for lin, norm, g in ((a.to_k, a.norm_k, gain), (a.to_q, a.norm_q, gain * math.cos(-1.0))):
+                lin.weight[base] = 0.0
+                lin.bias[base] = 3.0
+                norm.weight[base] = g
+            a.to_k.weight[base + 1] = 0.0
+            a.to_k.bias[base + 1] = 0.0
+            a.to_q.weight[base + 1] = 0.0
+            a.to_q.bias[base + 1] = 3.0
+            a.norm_q.weight[base + 1] = gain * math.sin(-1.0)
+            # horizontal pair 0: "right" (positive along e) turns the query's phase by -1 rad
+            a.to_q.weight[base + w0 + 1] = -math.tan(1.0) * 3.0 / half * e
+            a.to_q.bias[base + w0 + 1] = 0.0
+            a.norm_q.weight[base + w0 + 1] = gain
+
+
+def steer_start(model, cfg, *, score: float = 11.0, signal: float = 5.0, gain: float = 1.1) -> None:
+    """Build the writer and the steered heads into ``model`` (a ``probe._Model``) in place.
+
+    Args:
+        score: the motion word's cross-attention score in the writer head (padding: ~5.5).
+        signal: how far apart "right" and "left" put block 1's self-attention input along
+            the written direction, layer-normed units (the oracle channel measured 5.5).
+        gain: RMSNorm weight of the steered heads' time and horizontal rows.
+    """
+    tr = model.transformer
+    if tr.config.num_attention_heads <= max(WRITER_HEAD, STEERED_HEAD) or tr.config.attention_head_dim < 12:
+        raise ValueError(f"the steer start needs {max(WRITER_HEAD, STEERED_HEAD) + 1} heads of at least 12 "
+                         f"dimensions; this transformer has {tr.config.num_attention_heads} of "
+                         f"{tr.config.attention_head_dim}.")
+    if len(tr.blocks) < 2:
+        raise ValueError("the steer start needs at least 2 blocks (block 0 writes, later blocks read).")
+    _writer(model, cfg, score, signal)
+    _steered(model, cfg, gain)
+
+
+def _self_attention(model, x: torch.Tensor, prompts: list[str]) -> list[torch.Tensor]:
+    """One forward at noise 0.9; per block, the self-attention weights ``(B, heads, tokens,
+    tokens)`` rebuilt from its normed queries and keys and the transformer's RoPE, float64."""
+    tr = model.transformer
+    heads = tr.config.num_attention_heads
+    mods = {}
+    for i, b in enumerate(tr.blocks):
+        mods[("q", i)], mods[("k", i)] = b.attn1.norm_q, b.attn1.norm_k
+    rec = _run(model, x, prompts, mods)
+    with torch.no_grad():
+        cos, sin = (t.cpu().double() for t in tr.rope(x.to(model.device)))
+
+    def rotate(t):
+        t = t.double().unflatten(-1, (heads, -1))  # (B, tokens, heads, head_dim)
+        a, b = t.unflatten(-1, (-1, 2)).unbind(-1)
+        c, s = cos[..., 0::2], sin[..., 1::2]
+        out = torch.empty_like(t)
+        out[..., 0::2], out[..., 1::2] = a * c - b * s, a * s + b * c
+        return out.transpose(1, 2)
+
+    out = []
+    for i in range(len(tr.blocks)):
+        q, k = rotate(rec[("q", i)]), rotate(rec[("k", i)])
+        out.append((q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1))
+    return out
+
+
+@torch.no_grad()
+def previous_frame_offsets(model, cfg, motion: str, head: int = STEERED_HEAD, frame: int = 2) -> list[dict[int, float]]:
+    """Per block: the mean self-attention weight of ``head`` from a token of latent frame
+    ``frame`` to the token of frame ``frame - 1`` in its row at horizontal offset -1, 0 and
+    +1 (on the torus), for probe clips of ``motion`` noised to 0.9."""
+    x, texts, _ = _probe_inputs(model, cfg, motion, 9)
+    f, side = x.shape[2], x.shape[-1] // 2
+    ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    result = []
+    for w in _self_attention(model, x, texts):
+        w = w[:, head].view(-1, f, side, side, f, side, side)[:, frame, :, :, frame - 1]  # (B, y, x, y', x')
+        result.append({dx: float(w[:, ys, xs, ys, (xs + dx) % side].mean()) for dx in (-1, 0, 1)})
+    return result
