@@ -85,7 +85,7 @@ def _block_inputs(model, cfg) -> list[tuple[torch.Tensor, float]]:
     for i in range(len(blocks)):
         diff = right[("in", i)] - left[("in", i)]
         d = diff.mean((0, 1))
-        e = d / d.norm()
+        e = d / d.norm().clamp_min(1e-12)  # block 0's input does not differ: e = 0
         mid = float(((right[("in", i)] + left[("in", i)]) @ e).mean() / 2)
         out.append((e, float((diff @ e).mean() / 2), mid))
     return out
