@@ -17,9 +17,11 @@ centroid:
 
     python -m gen.pipelines.shapes.probe --steps 2000 --set dit.video_local_heads=1 --out probe.json
     python -m gen.pipelines.shapes.probe --device cuda --steps 40000 --motions left,right ...
+    python -m gen.pipelines.shapes.probe --motions left,right --steer-start --set dit.video_local_heads=1
 
 The runs so far are in this folder's README: "One clip under every motion, and a
-latent-space test", "Frame to frame" and "Where the motion word is lost".
+latent-space test", "Frame to frame", "Where the motion word is lost" and "A path for the
+signal".
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ This start builds that path for the caption, from the model's own activations at
   the motion word scores ``score`` (the zero padding rows score ``log(n / m)``, about 5.5);
   its output projection writes ``beta * (value . c) * e``, where ``c`` is the value
   difference of "right" and "left" and ``e`` a fixed random unit direction of the residual
-  stream, ``beta`` chosen so that the two captions sit ``signal`` apart along ``e`` in
-  block 1's self-attention input (layer-normed units), and the mean written back to 0.
+  stream, ``beta`` chosen so that the two captions sit about ``signal`` either side of 0
+  along ``e`` in block 1's self-attention input (layer-normed units; 4.5 measured at the
+  default 5, the layer norm is not linear), the output bias centring them on 0.
 * **Steered heads**: head ``STEERED_HEAD`` of every later block looks at the previous latent
   frame (time pair 0 of its query at phase -1 rad) near the same place (constant rows on
   the spatial RoPE pairs, as ``train._local_video_init``), and the second row of its
@@ -72,7 +73,7 @@ def _run(model, x: torch.Tensor, prompts: list[str], modules: dict) -> dict:
     return got
 
 
-def _block_inputs(model, cfg) -> list[tuple[torch.Tensor, float]]:
+def _block_inputs(model, cfg) -> list[tuple[torch.Tensor, float, float]]:
     """Per block: the unit right-minus-left direction of its self-attention input (mean over
     clips and tokens), half the mean projected difference and the midpoint's projection
     (layer-normed units)."""
@@ -187,8 +188,9 @@ def steer_start(model, cfg, *, score: float = 11.0, signal: float = 5.0, gain: f
 
     Args:
         score: the motion word's cross-attention score in the writer head (padding: ~5.5).
-        signal: how far apart "right" and "left" put block 1's self-attention input along
-            the written direction, layer-normed units (the oracle channel measured 5.5).
+        signal: how far either side of 0 "right" and "left" put block 1's self-attention
+            input along the written direction, layer-normed units (the oracle channel
+            measured 5.5).
         gain: RMSNorm weight of the steered heads' time and horizontal rows.
     """
     tr = model.transformer
