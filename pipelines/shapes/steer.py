@@ -8,7 +8,7 @@ This start builds that path for the caption, from the model's own activations at
 (probe clips noised to 0.9, "right" and "left" versions of the same captions):
 
 * **Writer**: head ``WRITER_HEAD`` of block 0's cross-attention gets a constant query along
-  the mean key of the motion words minus the mean key of the other words, scaled so that
+  Fisher's direction between the motion words' keys and the other words', scaled so that
   the motion word scores ``score`` (the zero padding rows score ``log(n / m)``, about 5.5);
   its output projection writes ``beta * (value . c) * e``, where ``c`` is the value
   difference of "right" and "left" and ``e`` a fixed random unit direction of the residual
@@ -52,25 +52,21 @@ def _probe_inputs(model, cfg, motion: str, seed: int) -> tuple[torch.Tensor, lis
 
 
 def _run(model, x: torch.Tensor, prompts: list[str], modules: dict) -> dict:
-    """One forward; the first output of each module in ``modules`` (name -> module), and the
-    first input of ``("in", module)`` entries, detached on the CPU."""
-    got, hooks = {}, []
-    for name, module in modules.items():
-        if isinstance(name, tuple) and name[0] == "in":
-            def pre(m, args, kwargs, name=name):
-                got.setdefault(name, (args[0] if args else kwargs["hidden_states"]).detach().cpu())
-            hooks.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-        else:
-            def post(m, args, out, name=name):
-                got.setdefault(name, (out[0] if isinstance(out, tuple) else out).detach().cpu())
-            hooks.append(module.register_forward_hook(post))
+    """One forward at noise 0.9; the first output of each module in ``modules`` (name ->
+    module), or its first input for ``("in", ...)`` names, detached on the CPU."""
+    from .probe import _keeper
+
+    got = {}
+    hooks = [module.register_forward_pre_hook(_keeper(got, name, first_input=True))
+             if isinstance(name, tuple) and name[0] == "in" else module.register_forward_hook(_keeper(got, name))
+             for name, module in modules.items()]
     try:
         with torch.no_grad():
             model.predict(x, torch.full((x.shape[0],), _NOISE), prompts)
     finally:
         for h in hooks:
             h.remove()
-    return got
+    return {name: value.detach().cpu() for name, value in got.items()}
 
 
 def _block_inputs(model, cfg) -> list[tuple[torch.Tensor, float, float]]:
@@ -97,10 +93,10 @@ def _writer(model, cfg, score: float, signal: float) -> None:
     hd = attn.to_q.weight.shape[0] // attn.heads
     sl = slice(WRITER_HEAD * hd, (WRITER_HEAD + 1) * hd)
     mods = {"k": attn.norm_k, "v": attn.to_v, "q": attn.norm_q}
-    keys, values = {}, {}
+    keys, values, inputs = {}, {}, {}
     others = []
     for motion in ("right", "left"):
-        x, texts, _ = _probe_inputs(model, cfg, motion, 321)
+        x, texts, _ = inputs[motion] = _probe_inputs(model, cfg, motion, 321)
         rec = _run(model, x, texts, mods)
         ids = model.tokenizer(texts).input_ids
         word = model.tokenizer.convert_tokens_to_ids(motion)
@@ -117,7 +113,7 @@ def _writer(model, cfg, score: float, signal: float) -> None:
     with torch.no_grad():
         attn.to_q.weight[sl] = 0.0
         attn.to_q.bias[sl] = 3.0 * d / d.norm()
-        x, texts, _ = _probe_inputs(model, cfg, "right", 321)
+        x, texts, _ = inputs["right"]
         q = _run(model, x, texts, {"q": attn.norm_q})["q"][..., sl].mean((0, 1))
         attn.norm_q.weight[sl] *= score / (float(q @ motion_key) / hd**0.5)
     c = values["right"] - values["left"]
@@ -128,22 +124,20 @@ def _writer(model, cfg, score: float, signal: float) -> None:
     e = e / e.norm()
     bias0 = attn.to_out[0].bias.detach().clone()
 
-    def write(beta: float) -> None:  # reads offset when called
+    def write(beta: float, offset: float) -> None:
         with torch.no_grad():
             attn.to_out[0].weight[:, sl] = beta * torch.outer(e, c)
             attn.to_out[0].bias.copy_(bias0 - beta * offset * e)
 
-    write(1.0)  # the written difference is linear in beta; measure it at 1, then scale
+    write(1.0, offset)  # the written difference is linear in beta; measure it at 1, then scale
     beta = signal / _block_inputs(model, cfg)[1][1]
-    write(beta)
+    write(beta, offset)
     # centre: "right" and "left" equally far either side of 0 in block 1's input (secant on
     # the output bias along e; the layer norm makes the midpoint only nearly linear in it)
     _, _, mid0 = _block_inputs(model, cfg)[1]
-    offset += 1.0 / beta
-    write(beta)
+    write(beta, offset + 1.0 / beta)
     _, _, mid1 = _block_inputs(model, cfg)[1]
-    offset += mid0 / (mid0 - mid1) / beta - 1.0 / beta
-    write(beta)
+    write(beta, offset + mid0 / (mid0 - mid1) / beta)
 
 
 def _steered(model, cfg, gain: float) -> None:
