@@ -10,10 +10,13 @@ from gen.pipelines.shapes.probe import ProbeConfig, _cross_attention, _Model, bu
 from gen.pipelines.shapes.steer import (
     STEERED_HEAD,
     WRITER_HEAD,
+    WriterGuard,
     _self_attention,
     previous_frame_offsets,
     steer_start,
+    writer_scores,
 )
+from gen.pipelines.shapes.train import _Ema
 
 LOCAL = DitTrain(video_local_heads=1.0)
 
@@ -79,9 +82,67 @@ def test_self_attention_weights_rebuild_the_blocks_self_attention_output(steered
     assert STEERED_HEAD < 4
 
 
+def test_writer_scores_agree_with_the_cross_attention_weights(steered, seed):
+    cfg, model = steered
+    score, share = writer_scores(model, cfg, seed=1000 + seed % 10**6)
+    assert 10.0 < score < 12.0  # built to score 11 on other clips of the same captions
+    # the share recomputed from the scores and the padding count, against the processor's weights
+    clips, caps = bump_clips(np.random.default_rng(seed), 4, cfg)
+    xt = 0.1 * clips + 0.9 * torch.randn(clips.shape)
+    texts = [c.text() for c in caps]
+    ids = model.tokenizer(texts).input_ids
+    rows = [r.index(model.tokenizer.convert_tokens_to_ids(c.motion)) for r, c in zip(ids, caps)]
+    weights = _cross_attention(model, xt, torch.full((4,), 0.9), texts)[0]["weights"]
+    assert 0.0 < share <= 1.0
+    attn = model.transformer.blocks[0].attn2
+    hd = attn.to_q.weight.shape[0] // attn.heads
+    sl = slice(WRITER_HEAD * hd, (WRITER_HEAD + 1) * hd)
+    from gen.pipelines.shapes.steer import _run
+
+    rec = _run(model, xt, texts, {"k": attn.norm_k, "q": attn.norm_q})
+    for i, (r, j) in enumerate(zip(ids, rows)):
+        s = (rec["q"][i, :, sl].double() @ rec["k"][i, : len(r), sl].double().T) / hd**0.5
+        pad = torch.full((s.shape[0], 1), float(np.log(cfg.dit.text_len - len(r))), dtype=torch.float64)
+        mine = (s[:, j] - torch.cat([s, pad], 1).logsumexp(1)).exp()
+        torch.testing.assert_close(mine, weights[i, WRITER_HEAD, :, j].double(), atol=1e-4, rtol=1e-3)
+
+
+def test_writer_guard_restores_the_writer_and_its_score(seed):
+    cfg = ProbeConfig(motions=("left", "right"), steer_start=True, guard_writer=True, seed=0, dit=LOCAL)
+    model = _Model(cfg)
+    attn = model.transformer.blocks[0].attn2
+    guard = WriterGuard(model, cfg, every=1)
+    ema = _Ema([model.transformer, model.text_encoder], 0.99)
+    hd = attn.to_q.weight.shape[0] // attn.heads
+    sl = slice(WRITER_HEAD * hd, (WRITER_HEAD + 1) * hd)
+    before = {n: p.detach().clone() for n, p in attn.named_parameters()}
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        # what training did to the writer: its rows moved, the other heads' keys grew (the
+        # shared key norm then shrinks the writer's key: its score falls)
+        attn.to_q.bias[sl] += 0.1 * torch.randn(hd, generator=g)
+        attn.to_out[0].weight[:, sl] += 0.1 * torch.randn(attn.to_out[0].weight.shape[0], hd, generator=g)
+        attn.to_k.weight[: sl.start] *= 2.0
+    fell, _ = writer_scores(model, cfg)
+    assert fell < 0.9 * guard.target
+    guard(ema)
+    after = dict(attn.named_parameters())
+    for name in ("to_q.weight", "to_q.bias", "to_k.weight", "to_v.weight"):
+        torch.testing.assert_close(after[name][sl], before[name][sl], atol=0, rtol=0)
+    torch.testing.assert_close(after["to_out.0.weight"][:, sl], before["to_out.0.weight"][:, sl], atol=0, rtol=0)
+    assert not torch.equal(after["to_k.weight"][: sl.start], before["to_k.weight"][: sl.start])  # others train
+    score, _ = writer_scores(model, cfg)
+    assert abs(score - guard.target) < 1e-3 * guard.target  # q . k is linear in each norm's weights
+    shadow = {id(p): s for p, s in zip(ema.params, ema.shadow)}
+    torch.testing.assert_close(shadow[id(attn.norm_k.weight)][sl], attn.norm_k.weight[sl].detach())
+    torch.testing.assert_close(shadow[id(attn.to_out[0].weight)][:, sl], before["to_out.0.weight"][:, sl])
+
+
 def test_refused_where_it_cannot_be_built():
     with pytest.raises(ValueError, match="horizontal axis only"):
         ProbeConfig(motions=("left", "up"), steer_start=True)
+    with pytest.raises(ValueError, match="needs steer_start"):
+        ProbeConfig(motions=("left", "right"), guard_writer=True)
     cfg = ProbeConfig(motions=("left", "right"))
     model = _Model(cfg)
     model.transformer.blocks = model.transformer.blocks[:1]
@@ -91,6 +152,8 @@ def test_refused_where_it_cannot_be_built():
 
 def test_a_short_run_from_the_steer_start(seed):
     cfg = ProbeConfig(steps=1, batch=2, eval_every=1, eval_clips=2, eval_steps=2, levels=(0.7,),
-                      motions=("left", "right"), steer_start=True, seed=seed % 1000)
+                      motions=("left", "right"), steer_start=True, guard_writer=True, train_text=False,
+                      seed=seed % 1000)
     log = run_probe(cfg, progress=False)
     assert log[-1]["step"] == 1 and np.isfinite(log[-1]["loss"])
+    assert 0.0 < log[-1]["writer"]["share"] <= 1.0

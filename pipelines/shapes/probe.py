@@ -79,6 +79,10 @@ class ProbeConfig:
             block 0's cross-attention writes the motion word along one direction that
             later blocks' head 2 turns into a look one token left or right in the
             previous frame.
+        guard_writer: with ``steer_start``, keep the writer as built while the rest trains
+            (``steer.WriterGuard``: its rows restored after every step, its score of the
+            motion word held against the key norm shared across heads).
+        train_text: train the text encoder with the transformer (False: frozen).
     """
 
     steps: int = 2000
@@ -101,6 +105,8 @@ class ProbeConfig:
     reach_level: float = 0.9
     seed: int = 0
     steer_start: bool = False
+    guard_writer: bool = False
+    train_text: bool = True
     dit: DitTrain = field(default_factory=DitTrain)
 
     def __post_init__(self):
@@ -117,6 +123,8 @@ class ProbeConfig:
         if self.steer_start and not set(self.motions) <= {"left", "right"}:
             raise ValueError(f"steer_start builds the horizontal axis only: motions must be left and/or right, "
                              f"got {list(self.motions)}.")
+        if self.guard_writer and not self.steer_start:
+            raise ValueError("guard_writer keeps steer_start's writer: it needs steer_start.")
         if self.side % 2 or self.side < 4:
             raise ValueError(f"side must be even and at least 4 (2 x 2 patches), got {self.side}.")
 
@@ -325,9 +333,17 @@ def run_probe(cfg: ProbeConfig, *, device: str | torch.device = "cpu", progress:
 
     model = _Model(cfg, torch.device(device))
     tr, te = model.transformer, model.text_encoder
-    params = _trainable(tr, te)
+    trained = [tr, te] if cfg.train_text else [tr]
+    if not cfg.train_text:
+        te.requires_grad_(False)
+    params = _trainable(*trained)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.dit.weight_decay)
-    ema = _Ema([tr, te], cfg.ema)
+    ema = _Ema(trained, cfg.ema)
+    guard = None
+    if cfg.guard_writer:
+        from .steer import WriterGuard
+
+        guard = WriterGuard(model, cfg)
     rng, gen = np.random.default_rng(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     held, held_caps = bump_clips(np.random.default_rng(cfg.seed + 1), cfg.eval_clips, cfg)
     held_noise = torch.randn(held.shape, generator=torch.Generator().manual_seed(cfg.seed + 2))
@@ -346,6 +362,10 @@ def run_probe(cfg: ProbeConfig, *, device: str | torch.device = "cpu", progress:
         entry = {"step": step, "loss": float(np.mean(losses)) if losses else None,
                  "seconds": round(time.perf_counter() - start, 1), "teacher": teacher,
                  "sampled": sampled_accuracy(model, cfg, cfg.seed + 3), "reach": reach}
+        if cfg.steer_start:
+            from .steer import writer_scores
+
+            entry["writer"] = dict(zip(("score", "share"), writer_scores(model, cfg)))
         with torch.no_grad():
             for p, v in zip(params, live):
                 p.copy_(v)
@@ -368,6 +388,8 @@ def run_probe(cfg: ProbeConfig, *, device: str | torch.device = "cpu", progress:
         s = sigma.view(-1, 1, 1, 1, 1)
         pred = model.predict((1 - s) * x0 + s * noise, sigma, prompts)
         losses.append(_step(opt, flow_loss(pred, noise.to(model.device), x0.to(model.device)), params, ema))
+        if guard is not None:
+            guard(ema)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             log.append(score(step + 1))
             losses = []
@@ -391,6 +413,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="a DitTrain start option, as gen train-tiny takes it (e.g. dit.video_local_heads=1)")
     p.add_argument("--steer-start", action="store_true",
                    help="start with the caption wired to a steered head (left,right only; see steer.py)")
+    p.add_argument("--guard-writer", action="store_true",
+                   help="with --steer-start: keep the writer as built while the rest trains (steer.WriterGuard)")
+    p.add_argument("--freeze-text", action="store_true", help="do not train the text encoder")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N); the probe's 2000 steps take 20 min on one core")
     p.add_argument("--out", default=None, help="write the config and log as JSON here")
@@ -406,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
         dit = override_config(TrainConfig(), args.settings).dit
         cfg = ProbeConfig(steps=args.steps, speed=args.speed, motions=tuple(args.motions.split(",")),
                           eval_every=args.eval_every, seed=args.seed, steer_start=args.steer_start,
-                          dit=dit)
+                          guard_writer=args.guard_writer, train_text=not args.freeze_text, dit=dit)
     except ValueError as err:
         raise SystemExit(str(err)) from None
     log = run_probe(cfg, device=device)

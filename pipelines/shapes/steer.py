@@ -35,7 +35,7 @@ import torch
 
 from .grammar import Caption
 
-__all__ = ["STEERED_HEAD", "WRITER_HEAD", "previous_frame_offsets", "steer_start"]
+__all__ = ["STEERED_HEAD", "WRITER_HEAD", "WriterGuard", "previous_frame_offsets", "steer_start", "writer_scores"]
 
 WRITER_HEAD = 3
 STEERED_HEAD = 2
@@ -138,6 +138,85 @@ def _writer(model, cfg, score: float, signal: float) -> None:
     write(beta, offset + 1.0 / beta)
     _, _, mid1 = _block_inputs(model, cfg)[1]
     write(beta, offset + mid0 / (mid0 - mid1) / beta)
+
+
+def _writer_slice(attn) -> slice:
+    hd = attn.to_q.weight.shape[0] // attn.heads
+    return slice(WRITER_HEAD * hd, (WRITER_HEAD + 1) * hd)
+
+
+def writer_scores(model, cfg, seed: int = 321) -> tuple[float, float]:
+    """The writer head's mean score of the motion word (query averaged over the video
+    tokens, ``q . k / sqrt(head_dim)``) and its mean attention weight on the word, over
+    probe clips noised to 0.9 with "right" and "left" captions (``_CLIPS`` each)."""
+    attn = model.transformer.blocks[0].attn2
+    sl = _writer_slice(attn)
+    hd = sl.stop - sl.start
+    scores, shares = [], []
+    for motion in ("right", "left"):
+        x, texts, _ = _probe_inputs(model, cfg, motion, seed)
+        rec = _run(model, x, texts, {"k": attn.norm_k, "q": attn.norm_q})
+        ids = model.tokenizer(texts).input_ids
+        word = model.tokenizer.convert_tokens_to_ids(motion)
+        q, k = rec["q"][..., sl], rec["k"][..., sl]  # (B, tokens, hd), (B, text rows, hd)
+        s = torch.einsum("btd,bjd->btj", q, k) / hd**0.5
+        for i, r in enumerate(ids):
+            j = r.index(word)
+            scores.append(float(s[i, :, j].mean()))
+            # the pipeline's zero padding rows are zero keys (score 0): each adds exp(0)
+            words = s[i, :, : len(r)].double()
+            pad = torch.full((words.shape[0], 1), math.log(cfg.dit.text_len - len(r)), dtype=torch.float64)
+            shares.append(float((words[:, j] - torch.cat([words, pad], 1).logsumexp(1)).exp().mean()))
+    return float(np.mean(scores)), float(np.mean(shares))
+
+
+class WriterGuard:
+    """Keeps ``steer_start``'s writer as built while the rest of the model trains.
+
+    Training mutes the writer even with its own rows frozen, through the key RMSNorm that
+    Wan takes across all heads: as the other heads' key rows grow, the writer head's key of
+    the motion word shrinks after the norm and its score falls below the zero padding's
+    (the shapes README, "A path for the signal"). Called after every optimiser step, the
+    guard puts the writer's rows back (query, key and value rows of its head, its columns of
+    the output projection) and, every ``every`` steps, rescales its head's slice of
+    ``norm_q`` / ``norm_k`` weights so the word's mean score (``writer_scores``) is back at
+    its value at the start. The EMA copies of those parameters are set to the same values.
+    """
+
+    def __init__(self, model, cfg, every: int = 10):
+        attn = model.transformer.blocks[0].attn2
+        sl = self.sl = _writer_slice(attn)
+        self.model, self.cfg, self.attn, self.every, self.calls = model, cfg, attn, every, 0
+        rows = [(attn.to_q.weight, sl), (attn.to_q.bias, sl), (attn.to_k.weight, sl), (attn.to_k.bias, sl),
+                (attn.to_v.weight, sl), (attn.to_v.bias, sl), (attn.to_out[0].weight, (slice(None), sl))]
+        self.rows = [(p, idx, p.detach()[idx].clone()) for p, idx in rows]
+        self.target, _ = writer_scores(model, cfg)
+        self.last_scale = 1.0
+
+    @torch.no_grad()
+    def __call__(self, ema=None) -> None:
+        """Restore the writer after an optimiser step; ``ema``: the stage's ``train._Ema``."""
+        for p, idx, value in self.rows:
+            p[idx] = value
+        self.calls += 1
+        if self.calls % self.every == 0:
+            was = self.model.transformer.training
+            score, _ = writer_scores(self.model, self.cfg)
+            self.model.transformer.train(was)
+            # the score is q . k: split the correction between the two norms' weights
+            f = math.sqrt(self.target / score) if score > 0 else 2.0
+            f = min(max(f, 0.5), 2.0)
+            self.attn.norm_q.weight[self.sl] *= f
+            self.attn.norm_k.weight[self.sl] *= f
+            self.last_scale = f
+        if ema is not None:
+            shadow = {id(p): s for p, s in zip(ema.params, ema.shadow)}
+            for p, idx, _ in self.rows:
+                if id(p) in shadow:
+                    shadow[id(p)][idx] = p[idx]
+            for norm in (self.attn.norm_q, self.attn.norm_k):
+                if id(norm.weight) in shadow:
+                    shadow[id(norm.weight)][self.sl] = norm.weight[self.sl]
 
 
 def _steered(model, cfg, gain: float) -> None:
