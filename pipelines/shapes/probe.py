@@ -393,6 +393,8 @@ def run_probe(cfg: ProbeConfig, *, device: str | torch.device = "cpu", progress:
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             log.append(score(step + 1))
             losses = []
+    if guard is not None:
+        guard.remove()
     return log
 
 

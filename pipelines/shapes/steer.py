@@ -174,13 +174,19 @@ class WriterGuard:
     """Keeps ``steer_start``'s writer as built while the rest of the model trains.
 
     Training mutes the writer even with its own rows frozen, through the key RMSNorm that
-    Wan takes across all heads: as the other heads' key rows grow, the writer head's key of
-    the motion word shrinks after the norm and its score falls below the zero padding's
-    (the shapes README, "A path for the signal"). Called after every optimiser step, the
-    guard puts the writer's rows back (query, key and value rows of its head, its columns of
-    the output projection) and, every ``every`` steps, rescales its head's slice of
-    ``norm_q`` / ``norm_k`` weights so the word's mean score (``writer_scores``) is back at
-    its value at the start. The EMA copies of those parameters are set to the same values.
+    Wan takes across all heads: the other heads' rows of the motion word's key grow, and the
+    writer head's key of the word shrinks after the norm until its score falls below the
+    zero padding's (the shapes README, "A path for the signal"). The guard takes the writer
+    head out of the gradient: forward hooks on block 0's cross-attention pass the writer
+    head's slice of ``norm_q``, ``norm_k`` and ``to_v`` outputs on detached, so no gradient
+    reaches the text encoder, the other heads' rows or the shared norms through it (the
+    forward is unchanged: the stock model, the stock numbers). Called after every optimiser
+    step, it puts the writer's rows back (query, key and value rows of its head, its columns
+    of the output projection) and, every ``every`` steps, rescales its head's slice of the
+    ``norm_q`` / ``norm_k`` weights (by at most 25% a call) so the word's mean score
+    (``writer_scores``) is back at its value at the start: the norms' other heads still
+    train and move the shared root mean square. The EMA copies of those parameters are
+    set to the same values. ``remove()`` takes the hooks off.
     """
 
     def __init__(self, model, cfg, every: int = 10):
@@ -193,6 +199,17 @@ class WriterGuard:
         self.target, _ = writer_scores(model, cfg)
         self.last_scale = 1.0
 
+        def detach_writer(module, args, output):
+            a, b = sl.start, sl.stop
+            return torch.cat([output[..., :a], output[..., a:b].detach(), output[..., b:]], -1)
+
+        self.hooks = [m.register_forward_hook(detach_writer) for m in (attn.norm_q, attn.norm_k, attn.to_v)]
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
     @torch.no_grad()
     def __call__(self, ema=None) -> None:
         """Restore the writer after an optimiser step; ``ema``: the stage's ``train._Ema``."""
@@ -203,9 +220,10 @@ class WriterGuard:
             was = self.model.transformer.training
             score, _ = writer_scores(self.model, self.cfg)
             self.model.transformer.train(was)
-            # the score is q . k: split the correction between the two norms' weights
-            f = math.sqrt(self.target / score) if score > 0 else 2.0
-            f = min(max(f, 0.5), 2.0)
+            # the score is q . k: split the correction between the two norms' weights; a
+            # score at or below 0 is left alone (no scale of the weights brings it back)
+            f = math.sqrt(self.target / score) if score > 0 else 1.0
+            f = min(max(f, 0.8), 1.25)
             self.attn.norm_q.weight[self.sl] *= f
             self.attn.norm_k.weight[self.sl] *= f
             self.last_scale = f
