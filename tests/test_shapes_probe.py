@@ -62,6 +62,9 @@ def test_a_short_run_logs_every_score(seed):
         assert math.isfinite(entry["loss"])
         assert set(entry["sampled"]) == {*cfg.motions, "all"}
         assert all(0.0 <= v <= 1.0 for v in entry["sampled"].values())
+        reads = entry["sampled_reads"]  # 5 clips over 5 motions: one each, read as one direction
+        assert set(reads) == set(cfg.motions) and all(sum(r.values()) == 1 for r in reads.values())
+        assert all(entry["sampled"][m] == reads[m].get(m, 0) for m in cfg.motions)
         assert set(entry["teacher"]) == {"0.7"}
         assert set(entry["teacher"]["0.7"]) == {"clip", "opposite_caption"}
         assert len(entry["reach"]) == 4

@@ -292,10 +292,12 @@ def caption_reach(model: _Model, clips: torch.Tensor, captions: list[Caption], s
 
 
 @torch.no_grad()
-def sampled_accuracy(model: _Model, cfg: ProbeConfig, seed: int) -> dict[str, float]:
+def sampled_accuracy(model: _Model, cfg: ProbeConfig, seed: int, reads: dict | None = None) -> dict[str, float]:
     """Clips generated from noise for "a red circle moving <m> on a blue background", an
     equal share of ``cfg.eval_clips`` per motion: the fraction read as their caption's
-    motion, per motion and ``"all"``."""
+    motion, per motion and ``"all"``. ``reads``, if given, gets per motion word how many
+    of its clips were read as each direction (a model below chance moves the other way, or
+    not at all: this tells which)."""
     from diffusers import UniPCMultistepScheduler
 
     per = max(1, cfg.eval_clips // len(cfg.motions))
@@ -312,7 +314,10 @@ def sampled_accuracy(model: _Model, cfg: ProbeConfig, seed: int) -> dict[str, fl
             cond = model.predict(x, sigma, [prompt] * per)
             uncond = model.predict(x, sigma, [""] * per)
             x = scheduler.step(uncond + cfg.guidance * (cond - uncond), t, x).prev_sample
-        result[motion] = float(np.mean([g == motion for g in read_directions(x.cpu(), cfg.speed)]))
+        got = read_directions(x.cpu(), cfg.speed)
+        result[motion] = float(np.mean([g == motion for g in got]))
+        if reads is not None:
+            reads[motion] = {d: got.count(d) for d in sorted(set(got))}
     result["all"] = float(np.mean([result[m] for m in cfg.motions]))
     return result
 
@@ -361,7 +366,8 @@ def run_probe(cfg: ProbeConfig, *, device: str | torch.device = "cpu", progress:
         reach = caption_reach(model, held, held_caps, cfg.reach_level, held_noise)
         entry = {"step": step, "loss": float(np.mean(losses)) if losses else None,
                  "seconds": round(time.perf_counter() - start, 1), "teacher": teacher,
-                 "sampled": sampled_accuracy(model, cfg, cfg.seed + 3), "reach": reach}
+                 "sampled": sampled_accuracy(model, cfg, cfg.seed + 3, reads := {}), "sampled_reads": reads,
+                 "reach": reach}
         if cfg.steer_start:
             from .steer import writer_scores
 
@@ -370,8 +376,9 @@ def run_probe(cfg: ProbeConfig, *, device: str | torch.device = "cpu", progress:
             for p, v in zip(params, live):
                 p.copy_(v)
         tr.train(), te.train()
-        logger.info("probe step %d: loss %s, sampled %.0f%% right, teacher %s; motion word %s of the "
-                    "cross-attention, its swap moves it by %s", step, entry["loss"], 100 * entry["sampled"]["all"],
+        logger.info("probe step %d: loss %s, sampled %.0f%% right (read as: %s), teacher %s; motion word %s of "
+                    "the cross-attention, its swap moves it by %s", step, entry["loss"], 100 * entry["sampled"]["all"],
+                    "; ".join(f"{m}: {r}" for m, r in reads.items()),
                     ", ".join(f"{k}: {100 * v['clip']:.0f}%" for k, v in teacher.items()),
                     " / ".join(f"{100 * r['motion_word']:.1f}%" for r in reach),
                     " / ".join(f"{100 * r['opposite_change']:.2f}%" for r in reach))
