@@ -154,3 +154,28 @@ def test_reach_is_zero_when_the_encoder_cannot_tell_the_motion_words_apart(seed)
     assert all(r["opposite_change"] == 0.0 for r in after)
     # the weight on the word's row is still read where the word is
     assert all(0.0 < r["motion_word"] < 1.0 for r in after)
+
+
+def test_frozen_parameters_and_the_text_encoder_stay_at_their_start(seed, monkeypatch):
+    import gen.pipelines.shapes.probe as probe
+
+    built = []
+
+    class Kept(probe._Model):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.start = {n: p.detach().clone() for n, p in self.transformer.named_parameters()}
+            self.text_start = [p.detach().clone() for p in self.text_encoder.parameters()]
+            built.append(self)
+
+    monkeypatch.setattr(probe, "_Model", Kept)
+    cfg = ProbeConfig(steps=2, batch=2, eval_every=2, eval_clips=2, eval_steps=1, levels=(0.7,), seed=seed % 1000,
+                      frozen=("blocks.0.attn2",), train_text=False)
+    run_probe(cfg, progress=False)
+    (model,) = built
+    moved = {n for n, p in model.transformer.named_parameters() if not torch.equal(p, model.start[n])}
+    assert not any(n.startswith("blocks.0.attn2.") for n in moved)
+    assert any(n.startswith("blocks.0.attn1.") for n in moved) and any(n.startswith("blocks.1.attn2.") for n in moved)
+    assert all(torch.equal(p, s) for p, s in zip(model.text_encoder.parameters(), model.text_start))
+    with pytest.raises(ValueError, match="no transformer parameter is named 'blocks.9'"):
+        run_probe(ProbeConfig(steps=1, frozen=("blocks.9",)), progress=False)

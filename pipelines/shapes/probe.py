@@ -83,6 +83,8 @@ class ProbeConfig:
             (``steer.WriterGuard``: its rows restored after every step, its score of the
             motion word held against the key norm shared across heads).
         train_text: train the text encoder with the transformer (False: frozen).
+        frozen: transformer parameter name prefixes held at their start (e.g.
+            ``"blocks.0.attn2"``: block 0's whole cross-attention, every head and norm).
     """
 
     steps: int = 2000
@@ -107,6 +109,7 @@ class ProbeConfig:
     steer_start: bool = False
     guard_writer: bool = False
     train_text: bool = True
+    frozen: tuple[str, ...] = ()
     dit: DitTrain = field(default_factory=DitTrain)
 
     def __post_init__(self):
@@ -341,6 +344,13 @@ def run_probe(cfg: ProbeConfig, *, device: str | torch.device = "cpu", progress:
     trained = [tr, te] if cfg.train_text else [tr]
     if not cfg.train_text:
         te.requires_grad_(False)
+    for prefix in cfg.frozen:
+        held = [p for name, p in tr.named_parameters() if name == prefix or name.startswith(prefix + ".")]
+        if not held:
+            raise ValueError(f"frozen: no transformer parameter is named {prefix!r} or under it "
+                             f"(names look like 'blocks.0.attn2.to_q.weight').")
+        for p in held:
+            p.requires_grad_(False)
     params = _trainable(*trained)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.dit.weight_decay)
     ema = _Ema(trained, cfg.ema)
@@ -425,6 +435,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--guard-writer", action="store_true",
                    help="with --steer-start: keep the writer as built while the rest trains (steer.WriterGuard)")
     p.add_argument("--freeze-text", action="store_true", help="do not train the text encoder")
+    p.add_argument("--freeze", action="append", default=[], metavar="PREFIX",
+                   help="hold the transformer's parameters under this name at their start (e.g. blocks.0.attn2)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N); the probe's 2000 steps take 20 min on one core")
     p.add_argument("--out", default=None, help="write the config and log as JSON here")
@@ -440,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
         dit = override_config(TrainConfig(), args.settings).dit
         cfg = ProbeConfig(steps=args.steps, speed=args.speed, motions=tuple(args.motions.split(",")),
                           eval_every=args.eval_every, seed=args.seed, steer_start=args.steer_start,
-                          guard_writer=args.guard_writer, train_text=not args.freeze_text, dit=dit)
+                          guard_writer=args.guard_writer, train_text=not args.freeze_text, frozen=tuple(args.freeze), dit=dit)
     except ValueError as err:
         raise SystemExit(str(err)) from None
     log = run_probe(cfg, device=device)
