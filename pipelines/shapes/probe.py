@@ -80,8 +80,8 @@ class ProbeConfig:
             later blocks' head 2 turns into a look one token left or right in the
             previous frame.
         guard_writer: with ``steer_start``, keep the writer as built while the rest trains
-            (``steer.WriterGuard``: its rows restored after every step, its score of the
-            motion word held against the key norm shared across heads).
+            (``steer.WriterGuard``: the writer head out of the gradient, its rows restored
+            after every step, its score of the motion word held).
         train_text: train the text encoder with the transformer (False: frozen).
         frozen: transformer parameter name prefixes held at their start (e.g.
             ``"blocks.0.attn2"``: block 0's whole cross-attention, every head and norm).
@@ -455,7 +455,10 @@ def main(argv: list[str] | None = None) -> None:
                           guard_writer=args.guard_writer, train_text=not args.freeze_text, frozen=tuple(args.freeze), dit=dit)
     except ValueError as err:
         raise SystemExit(str(err)) from None
-    log = run_probe(cfg, device=device)
+    try:
+        log = run_probe(cfg, device=device)
+    except ValueError as err:  # settings only the built model can check (a --freeze name)
+        raise SystemExit(str(err)) from None
     if args.out:
         from gen._io import atomic_write_text
 
