@@ -187,6 +187,10 @@ class WriterGuard:
     (``writer_scores``) is back at its value at the start: the norms' other heads still
     train and move the shared root mean square. The EMA copies of those parameters are
     set to the same values. ``remove()`` takes the hooks off.
+
+    Measured (the shapes README, "Keeping the writer"): this does not keep the writer. Its
+    share of the word fell from 0.9 to 0.04 in 1000 probe steps, its keys turned by the
+    trained text MLP in front of every cross-attention and by the norms' other heads.
     """
 
     def __init__(self, model, cfg, every: int = 10):
