@@ -190,7 +190,10 @@ class WriterGuard:
 
     Measured (the shapes README, "Keeping the writer"): this does not keep the writer. Its
     share of the word fell from 0.9 to 0.04 in 1000 probe steps, its keys turned by the
-    trained text MLP in front of every cross-attention and by the norms' other heads.
+    trained text MLP in front of every cross-attention and by the norms' other heads. What
+    keeps it is holding everything in front of it: ``probe.py --steer-start --freeze
+    blocks.0.attn2 --freeze condition_embedder.text_embedder --freeze-text`` (samples 68% and
+    98% their caption's way at 1000 steps, seeds 0 and 17).
     """
 
     def __init__(self, model, cfg, every: int = 10):
