@@ -171,7 +171,9 @@ def test_encode_text_is_the_pipelines_prompt_encoding(seed):
     with torch.no_grad():
         got = encode_text(tok, enc, prompts, text_len=512)
     assert got.shape == ref.shape == (3, 512, COMPONENTS["text_encoder"]["d_model"])
-    assert torch.allclose(got, ref, atol=1e-6)
+    # float32, the two encodings batch differently (summation order): up to 1.3e-6 apart
+    # over 31 random encoders (values up to 3.4); a padding or mask mistake is O(1)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_fast_vae_norms_compute_the_stock_function(seed):
