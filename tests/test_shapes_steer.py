@@ -11,7 +11,9 @@ from gen.pipelines.shapes.steer import (
     STEERED_HEAD,
     WRITER_HEAD,
     WriterGuard,
+    _run,
     _self_attention,
+    _writer_slice,
     previous_frame_offsets,
     steer_start,
     writer_scores,
@@ -95,9 +97,8 @@ def test_writer_scores_agree_with_the_cross_attention_weights(steered, seed):
     weights = _cross_attention(model, xt, torch.full((4,), 0.9), texts)[0]["weights"]
     assert 0.0 < share <= 1.0
     attn = model.transformer.blocks[0].attn2
-    hd = attn.to_q.weight.shape[0] // attn.heads
-    sl = slice(WRITER_HEAD * hd, (WRITER_HEAD + 1) * hd)
-    from gen.pipelines.shapes.steer import _run
+    sl = _writer_slice(attn)
+    hd = sl.stop - sl.start
 
     rec = _run(model, xt, texts, {"k": attn.norm_k, "q": attn.norm_q})
     for i, (r, j) in enumerate(zip(ids, rows)):
@@ -113,8 +114,8 @@ def test_writer_guard_restores_the_writer_and_its_score(seed):
     attn = model.transformer.blocks[0].attn2
     guard = WriterGuard(model, cfg, every=1)
     ema = _Ema([model.transformer, model.text_encoder], 0.99)
-    hd = attn.to_q.weight.shape[0] // attn.heads
-    sl = slice(WRITER_HEAD * hd, (WRITER_HEAD + 1) * hd)
+    sl = guard.sl
+    hd = sl.stop - sl.start
     before = {n: p.detach().clone() for n, p in attn.named_parameters()}
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -88,10 +88,16 @@ def _block_inputs(model, cfg) -> list[tuple[torch.Tensor, float, float]]:
     return out
 
 
+def _writer_slice(attn) -> slice:
+    """The writer head's rows of block 0's cross-attention projections."""
+    hd = attn.to_q.weight.shape[0] // attn.heads
+    return slice(WRITER_HEAD * hd, (WRITER_HEAD + 1) * hd)
+
+
 def _writer(model, cfg, score: float, signal: float) -> None:
     attn = model.transformer.blocks[0].attn2
-    hd = attn.to_q.weight.shape[0] // attn.heads
-    sl = slice(WRITER_HEAD * hd, (WRITER_HEAD + 1) * hd)
+    sl = _writer_slice(attn)
+    hd = sl.stop - sl.start
     mods = {"k": attn.norm_k, "v": attn.to_v, "q": attn.norm_q}
     keys, values, inputs = {}, {}, {}
     others = []
@@ -138,11 +144,6 @@ def _writer(model, cfg, score: float, signal: float) -> None:
     write(beta, offset + 1.0 / beta)
     _, _, mid1 = _block_inputs(model, cfg)[1]
     write(beta, offset + mid0 / (mid0 - mid1) / beta)
-
-
-def _writer_slice(attn) -> slice:
-    hd = attn.to_q.weight.shape[0] // attn.heads
-    return slice(WRITER_HEAD * hd, (WRITER_HEAD + 1) * hd)
 
 
 def writer_scores(model, cfg, seed: int = 321) -> tuple[float, float]:
@@ -205,6 +206,7 @@ class WriterGuard:
         self.rows = [(p, idx, p.detach()[idx].clone()) for p, idx in rows]
         self.target, _ = writer_scores(model, cfg)
         self.last_scale = 1.0
+        self._shadow = None  # (the EMA, its shadow tensors by parameter id)
 
         def detach_writer(module, args, output):
             a, b = sl.start, sl.stop
@@ -224,9 +226,7 @@ class WriterGuard:
             p[idx] = value
         self.calls += 1
         if self.calls % self.every == 0:
-            was = self.model.transformer.training
             score, _ = writer_scores(self.model, self.cfg)
-            self.model.transformer.train(was)
             # the score is q . k: split the correction between the two norms' weights; a
             # score at or below 0 is left alone (no scale of the weights brings it back)
             f = math.sqrt(self.target / score) if score > 0 else 1.0
@@ -235,7 +235,9 @@ class WriterGuard:
             self.attn.norm_k.weight[self.sl] *= f
             self.last_scale = f
         if ema is not None:
-            shadow = {id(p): s for p, s in zip(ema.params, ema.shadow)}
+            if self._shadow is None or self._shadow[0] is not ema:  # built once per EMA
+                self._shadow = (ema, {id(p): s for p, s in zip(ema.params, ema.shadow)})
+            shadow = self._shadow[1]
             for p, idx, _ in self.rows:
                 if id(p) in shadow:
                     shadow[id(p)][idx] = p[idx]
