@@ -175,6 +175,16 @@ class DitTrain:
             unrelated place in every frame; this start at 1 kept it in one place from frame
             to frame and followed a noised clip's motion from sigma 0.7 in 95% of clips
             (stock: 65%), but the caption still did not choose the motion.
+        steer_start: the clip phase's start (None: none, the clip phase goes on from the
+            first-frame phase's weights). A number builds ``steer.steer_start`` into the
+            first-frame phase's (EMA) weights when the clip phase begins, this value the
+            steered heads' look back in tokens per latent frame (under 1.57; the clips move
+            0.375-0.75, ``clips.SPEED`` x 4 frames / 16 pixels a token), and holds the
+            writer's path through the clip phase (``steer.hold_writer_path``: the text
+            encoder, the text MLP and block 0's cross-attention). In the latent-space probe
+            this start made the caption choose the motion (two motions, 68-98% at 1000
+            steps; the stock and local starts: chance; the shapes README, "Keeping the
+            writer"). It needs clips of every motion of ``steer.MOTIONS``.
         text_len: text rows the embeddings are padded to (the pipeline's
             ``max_sequence_length``: training attends exactly as a plain ``pipe(prompt)``).
     """
@@ -199,6 +209,7 @@ class DitTrain:
     text_local_heads: float | None = 4.0
     null_padding: float | None = 1.7
     video_local_heads: float | None = None
+    steer_start: float | None = None
     text_len: int = 512
 
 
@@ -331,6 +342,9 @@ def _check_value(name: str, value: Any) -> None:
     if field_name == "frames" and (value - 1) % 4:
         raise ValueError(f"{name} must be 4k+1 (Wan's VAE codes 4 frames per latent frame after the first), "
                          f"got {value}.")
+    if field_name == "steer_start" and value is not None and not 0 < value < math.pi / 2:
+        raise ValueError(f"{name} is the steered heads' look in tokens per latent frame: between 0 and 1.57 "
+                         f"(the clips move 0.375-0.75), got {value}.")
     if field_name == "size" and value % 16:
         raise ValueError(f"size must be a multiple of 16 (8x VAE, 2x patches), got {value}.")
 

@@ -75,10 +75,10 @@ class ProbeConfig:
         levels: the teacher-forced noise levels.
         reach_level: the noise level of ``caption_reach`` (where the caption must decide).
         seed: the weights, the data and the noise.
-        steer_start: build ``steer.steer_start`` into the fresh model (left / right only):
-            block 0's cross-attention writes the motion word along one direction that
-            later blocks' head 2 turns into a look one token left or right in the
-            previous frame.
+        steer_start: build ``steer.steer_start`` into the fresh model: block 0's
+            cross-attention writes the motion word along an x and a y direction that later
+            blocks' head 2 turns into a look ``speed / 2`` tokens against the motion in the
+            previous frame (speed below 3.14).
         guard_writer: with ``steer_start``, keep the writer as built while the rest trains
             (``steer.WriterGuard``: the writer head out of the gradient, its rows restored
             after every step, its score of the motion word held).
@@ -123,9 +123,9 @@ class ProbeConfig:
             raise ValueError(f"speed and width must be positive, got {self.speed} and {self.width}.")
         if not 0.0 < self.reach_level <= 1.0:
             raise ValueError(f"reach_level must be in (0, 1], got {self.reach_level}.")
-        if self.steer_start and not set(self.motions) <= {"left", "right"}:
-            raise ValueError(f"steer_start builds the horizontal axis only: motions must be left and/or right, "
-                             f"got {list(self.motions)}.")
+        if self.steer_start and not self.speed / 2 < math.pi / 2:
+            raise ValueError(f"steer_start turns a RoPE phase by the speed in tokens (speed / 2), which must "
+                             f"stay under 1.57: speed below 3.14, got {self.speed}.")
         if self.guard_writer and not self.steer_start:
             raise ValueError("guard_writer keeps steer_start's writer: it needs steer_start.")
         if self.side % 2 or self.side < 4:
@@ -202,7 +202,7 @@ class _Model:
         if cfg.steer_start:
             from .steer import steer_start
 
-            steer_start(self, cfg)
+            steer_start(self, cfg, step=cfg.speed / 2)  # 2 latent pixels a token
 
     def predict(self, x: torch.Tensor, sigma: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """The flow prediction ``v`` (on the model's device) for latents ``x`` at noise
@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="dit.FIELD=VALUE",
                    help="a DitTrain start option, as gen train-tiny takes it (e.g. dit.video_local_heads=1)")
     p.add_argument("--steer-start", action="store_true",
-                   help="start with the caption wired to a steered head (left,right only; see steer.py)")
+                   help="start with the caption wired to a steered head (see steer.py)")
     p.add_argument("--guard-writer", action="store_true",
                    help="with --steer-start: keep the writer as built while the rest trains (steer.WriterGuard)")
     p.add_argument("--freeze-text", action="store_true", help="do not train the text encoder")

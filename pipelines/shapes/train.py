@@ -288,6 +288,13 @@ class _Ema:
         self.n = state["n"]
 
     @torch.no_grad()
+    def restart(self) -> None:
+        """Shadows from the parameters' present values, the decay's ramp from its start."""
+        for p, s in zip(self.params, self.shadow):
+            s.copy_(p)
+        self.n = 0
+
+    @torch.no_grad()
     def copy_to_model(self) -> None:
         for p, s in zip(self.params, self.shadow):
             p.copy_(s)
@@ -515,6 +522,25 @@ def _uninstall(transformer, attr: str, saved: list) -> None:
         getattr(b, attr).set_processor(p)
 
 
+def _begin_steering(view, cfg: TrainConfig, ema: _Ema, *, fresh: bool) -> bool:
+    """At the clip phase's first step (``fresh``): build the steer start into the first-frame
+    phase's EMA weights and restart the EMA from them (its shadows of the rebuilt heads
+    would otherwise pull them back for thousands of steps). Fresh or resumed, hold the
+    writer's path. Returns True."""
+    from .steer import hold_writer_path, steer_start
+
+    tr, te = view.transformer, view.text_encoder
+    if fresh:
+        ema.copy_to_model()
+        with torch.no_grad():
+            steer_start(view, cfg, step=cfg.dit.steer_start)
+        ema.restart()
+        logger.info("clip phase: steer start built (look %.2f tokens a latent frame); text encoder, text MLP "
+                    "and block 0's cross-attention held", cfg.dit.steer_start)
+    hold_writer_path(tr, te)
+    return True
+
+
 def train_t2v(transformer, text_encoder, tokenizer, data: LatentSet, cfg: TrainConfig, *, device: torch.device,
               progress: bool = True, callback: Callable[[int, dict], None] | None = None,
               checkpoint: StageCheckpoint | None = None) -> Log:
@@ -555,11 +581,18 @@ def train_t2v(transformer, text_encoder, tokenizer, data: LatentSet, cfg: TrainC
         logger.info("resuming the transformer's training at step %d of %d (%s)", first, total, checkpoint.path)
     saved = _install(transformer, "attn2", proc)
     start = time.perf_counter() - before
+    steering, held = d.steer_start is not None, False
+    if steering:
+        from .steer import TrainModel
+
+        view = TrainModel(transformer, text_encoder, tokenizer, proc, data, d.text_len, device)  # checks the clips
     try:
         with _bar(total, "training transformer", progress) as bar:
             bar.update(first)
             for step in range(first, total):
                 phase = "frames" if step < d.image_steps else "clips"
+                if steering and phase == "clips" and not held:
+                    held = _begin_steering(view, cfg, ema, fresh=step == d.image_steps)
                 for g in opt.param_groups:
                     g["lr"] = d.lr * _schedule(step, total, d.warmup)
                 x0, caps, fg = sets[phase].next()
