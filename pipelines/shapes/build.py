@@ -246,8 +246,12 @@ def train_shapes_wan_causal(out: str | os.PathLike, *, base: str | os.PathLike, 
         run.save_latents("causal", data)
     logger.info("shapes-wan-causal: training (%d steps of %d windows of %d latent frames)", c.steps, c.batch,
                 c.window_frames)
+    # a base whose clip phase held the steer start's writer path: hold it here too
+    hold = (base_manifest.get("train") or {}).get("dit", {}).get("steer_start") is not None
+    if hold:
+        logger.info("shapes-wan-causal: the base was trained from the steer start; its writer path stays held")
     log = train_causal(pipe.transformer, pipe.text_encoder, pipe.tokenizer, data, cfg, device=dev, progress=progress,
-                       checkpoint=run.stage("causal", checkpoint_every))
+                       checkpoint=run.stage("causal", checkpoint_every), hold_writer=hold)
     pipe.to("cpu")
     seconds = time.perf_counter() - t0
     manifest = _manifest("shapes-wan-causal", cfg, dev, seconds, {"causal": log}, base=origin,

@@ -720,11 +720,13 @@ class _MaskedSelfAttn:
 
 def train_causal(transformer, text_encoder, tokenizer, data: LatentSet, cfg: TrainConfig, *, device: torch.device,
                  progress: bool = True, callback: Callable[[int, dict], None] | None = None,
-                 checkpoint: StageCheckpoint | None = None) -> Log:
+                 checkpoint: StageCheckpoint | None = None, hold_writer: bool = False) -> Log:
     """Fine-tune ``transformer`` in place for block-causal generation (stage 3); EMA weights kept.
 
     ``data`` holds long clips (``cfg.causal.frames`` frames); the text encoder is frozen.
     ``checkpoint``: as ``train_t2v``'s (saved every few steps, resumed when there).
+    ``hold_writer``: also hold the steer start's writer path (``steer.hold_writer_path``), as
+    the base's clip phase did (a base trained with ``DitTrain.steer_start``).
     Returns the log: one dict per 25 steps (``step``, ``loss``, ``seconds``).
     """
     c: CausalTrain = cfg.causal
@@ -737,6 +739,10 @@ def train_causal(transformer, text_encoder, tokenizer, data: LatentSet, cfg: Tra
     frame_chunk = torch.arange(nf) // c.chunk_frames
     transformer.to(device).train()
     text_encoder.to(device).eval().requires_grad_(False)
+    if hold_writer:
+        from .steer import hold_writer_path
+
+        hold_writer_path(transformer, text_encoder)
     proc = _MaskedSelfAttn()
     text_proc = PaddedTextAttention(cfg.dit.text_len)
     saved, saved_text = _install(transformer, "attn1", proc), _install(transformer, "attn2", text_proc)
