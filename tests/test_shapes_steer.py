@@ -345,3 +345,21 @@ def test_causal_training_holds_the_writers_path_when_asked(seed):
         for k in ("condition_embedder.text_embedder.linear_1.weight", "blocks.0.attn2.to_v.weight"):
             assert torch.equal(after[k], before[k]) == hold, k
         assert not torch.equal(after["blocks.1.attn2.to_v.weight"], before["blocks.1.attn2.to_v.weight"])
+
+
+def test_the_steered_heads_stay_sharp_on_a_model_with_larger_rows(seed):
+    # a trained model's other heads have larger query / key rows (2x in the shipped
+    # shapes-wan); the across-heads norms would shrink the steered head's rows with them
+    cfg, stock = _built(0, steer=False)
+    model = copy.deepcopy(stock)
+    hd = model.transformer.config.attention_head_dim
+    others = torch.ones(model.transformer.blocks[0].attn1.to_q.weight.shape[0], dtype=torch.bool)
+    others[STEERED_HEAD * hd:(STEERED_HEAD + 1) * hd] = False
+    with torch.no_grad():
+        for block in model.transformer.blocks:
+            for lin in (block.attn1.to_q, block.attn1.to_k):
+                lin.weight[others] *= 1.5 + float(torch.rand(()))
+                lin.bias[others] *= 2.0
+    steer_start(model, cfg)
+    for r in previous_frame_offsets(model, cfg, "right")[1:]:
+        assert r[-1] > 5 * r[1] and r[-1] > r[0]

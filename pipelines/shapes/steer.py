@@ -1,4 +1,4 @@
-"""A start in which the caption's motion word steers self-attention (the probe's five motions).
+"""A start in which the caption's motion word steers self-attention.
 
 The probe (``probe.py``) showed that a motion chosen by a global signal is not learned from
 the stock or the local start, even with the direction handed over as a clean input channel,
@@ -7,16 +7,17 @@ horizontal look is a linear function of it (the shapes README, "A path for the s
 This start builds that path for the caption, from the model's own activations at step 0
 (probe clips noised to 0.9, the same captions with each motion word of ``MOTIONS``):
 
-* **Writer**: head ``WRITER_HEAD`` of block 0's cross-attention gets a constant query along
-  Fisher's direction between the motion words' keys and the other words', scaled so that
-  the motion words score ``score`` on average (the zero padding rows score ``log(n / m)``,
-  about 5.5). Its output projection writes ``beta_k (A_k . value + b_k)`` along two fixed
+* **Writer**: head ``WRITER_HEAD`` of block 0's cross-attention gets a constant query that
+  scores every motion word's mean key alike and the other words' keys (and each motion
+  word's spread over captions) least in mean square, scaled so that the motion words score
+  ``score`` on average (the zero padding rows score ``log(n / m)``, about 5.5). Its output
+  projection writes ``beta_k (A_k . o + b_k)`` of the head's output ``o`` along two fixed
   orthonormal random directions ``e_x``, ``e_y`` of the residual stream, the affine map
-  ``A v + b`` fitted so that the words' mean values land on their steps (right +x, left
-  -x, down +y, up -y, still and bouncing 0); ``beta_k`` chosen so that an axis's two words sit about
-  ``signal`` either side of 0 along ``e_k`` in block 1's self-attention input
-  (layer-normed units; 4.5 measured at the default 5 on the x axis, the layer norm is not
-  linear), the output bias centring them on 0.
+  ``A o + b`` fitted (least squares over the captions) so that the head's outputs land on
+  their captions' steps ``STEPS`` (right +x, left -x, down +y, up -y, still and bouncing
+  0); ``beta_k`` chosen so that an axis's two words sit about ``signal`` either side of 0
+  along ``e_k`` in block 1's self-attention input (layer-normed units; 4.4-4.6 measured at
+  the default 5, the layer norm is not linear), the output bias centring them on 0.
 * **Steered heads**: head ``STEERED_HEAD`` of every later block looks at the previous latent
   frame (time pair 0 of its query at phase -1 rad) near the same place (constant rows on
   the spatial RoPE pairs, as ``train._local_video_init``), and the second row of each
@@ -25,7 +26,9 @@ This start builds that path for the caption, from the model's own activations at
   to the left in the previous frame, "left" to the right, "down" up, "up" down, "still"
   straight back.
 
-Everything still trains (``gen train-tiny`` holds the writer's path: ``hold_writer_path``).
+Everything still trains; ``gen train-tiny`` (``DitTrain.steer_start``) and the probe's
+``--freeze`` options hold the writer's path (``hold_writer_path``), without which training
+turns the writer's keys and values away (the shapes README, "Keeping the writer").
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ STEPS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0
          "bouncing": (0.0, 0.0)}
 MOTIONS = tuple(STEPS)  # the words the start is built for
 AXES = (("right", "left"), ("down", "up"))  # per axis, the word that writes +1 and the one that writes -1
+_TUNED_RMS = (1.23, 1.13)  # steered blocks' to_q / to_k output RMS where the heads' gains were tuned
 _NOISE = 0.9  # the noise level of the clips the start is measured on: where direction is decided
 _CLIPS = 24
 
@@ -135,31 +139,30 @@ def _writer(model, cfg, score: float, signal: float) -> None:
     attn = model.transformer.blocks[0].attn2
     sl = _writer_slice(attn)
     hd = sl.stop - sl.start
-    mods = {"k": attn.norm_k, "v": attn.to_v, "q": attn.norm_q}
-    keys, values, inputs = {}, {}, {}
+    mods = {"k": attn.norm_k}
+    keys, inputs = {}, {}
     others = []
     for motion in MOTIONS:
         x, texts, _ = inputs[motion] = _probe_inputs(model, cfg, motion, 321)
         rec = _run(model, x, texts, mods)
         rows = _word_rows(model, texts, motion)
         keys[motion] = torch.stack([rec["k"][i, r, sl] for i, r in enumerate(rows)])
-        values[motion] = torch.stack([rec["v"][i, r, sl] for i, r in enumerate(rows)]).mean(0)
-        ids = model.tokenizer(texts).input_ids
-        others += [(t, rec["k"][i, j, sl]) for i, r in enumerate(rows) for j, t in enumerate(ids[i]) if j != r]
+        lengths = [len(t) for t in model.tokenizer(texts).input_ids]
+        others += [rec["k"][i, j, sl] for i, r in enumerate(rows) for j in range(lengths[i]) if j != r]
     motion_key = torch.cat(list(keys.values())).mean(0)
-    others = torch.stack([key for _, key in others]).double()
+    others = torch.stack(others).double()
     # the query direction d of least mean square score on the other words (their spread
     # counts, not just their mean: with the plain mean difference of two words' keys a colour
     # word outscored "left" in 1 of 36 captions) under the same score for every motion
     # word's mean key (Fisher's direction between the mean of five keys gave "up" a share of
     # 0.21, "right" 1.0)
     k = torch.stack([keys[m].mean(0) for m in MOTIONS]).double()  # (6, hd)
-    # each word's spread over captions counts too (the encoder's local heads give a word a
-    # key per context): without it "up" read 0.09 of the head in one caption of 30
+    # each motion word's own spread over captions counts with the other words (the text
+    # encoder's local heads give a word a key per context)
     within = torch.cat([keys[m] - keys[m].mean(0) for m in MOTIONS]).double()
     moment = others.T @ others / len(others) + within.T @ within / len(within)
     moment += 1e-3 * moment.diagonal().mean() * torch.eye(hd, dtype=torch.float64)
-    mk = torch.linalg.solve(moment, k.T)  # (hd, 5)
+    mk = torch.linalg.solve(moment, k.T)  # (hd, 6)
     d = (mk @ torch.linalg.solve(k @ mk, torch.ones(len(MOTIONS), dtype=torch.float64))).float()
     with torch.no_grad():
         attn.to_q.weight[sl] = 0.0
@@ -336,6 +339,22 @@ def _steered(model, cfg, gain: float, step: float) -> None:
                 a.to_q.weight[base + row + 1] = -math.tan(step) * 3.0 / half * e
                 a.to_q.bias[base + row + 1] = math.tan(step) * 3.0 / half * mid
                 a.norm_q.weight[base + row + 1] = gain
+    # The RMSNorms divide by the root mean square over all heads: on a trained model the
+    # other heads' rows are larger (2.0-2.7 in the shipped shapes-wan, against 1.13-1.24
+    # where the gains were tuned, fresh probe models of seeds 0 and 17), and the same rows
+    # came out half as large: the head spread its weight over the clip (0.015 / 0.011 /
+    # 0.007 one token behind / in place / ahead, against 0.08 / 0.03 / 0.005). The head's
+    # norm weights are scaled by the measured ratio, which keeps its look's phase.
+    mods = {}
+    for i, block in enumerate(tr.blocks[1:], 1):
+        mods[("q", i)], mods[("k", i)] = block.attn1.to_q, block.attn1.to_k
+    x, texts, _ = _probe_inputs(model, cfg, "right", 123)
+    rec = _run(model, x, texts, mods)
+    with torch.no_grad():
+        for i, block in enumerate(tr.blocks[1:], 1):
+            for kind, norm, tuned in (("q", block.attn1.norm_q, _TUNED_RMS[0]), ("k", block.attn1.norm_k, _TUNED_RMS[1])):
+                rms = float(rec[(kind, i)].pow(2).mean(-1).sqrt().mean())
+                norm.weight[base:base + hd] *= rms / tuned
 
 
 def steer_start(model, cfg, *, score: float = 11.0, signal: float = 5.0, gain: float = 1.1,
