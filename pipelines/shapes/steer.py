@@ -181,7 +181,7 @@ def _writer(model, cfg, score: float, signal: float) -> None:
     width = attn.to_out[0].weight.shape[0]
     # two fixed orthonormal directions of the residual stream, one per axis
     e, _ = torch.linalg.qr(torch.randn(width, 2, generator=torch.Generator().manual_seed(cfg.seed + 11)))
-    bias0 = attn.to_out[0].bias.detach().clone()
+    bias0 = attn.to_out[0].bias.detach().cpu().clone()  # the measurements are on the CPU; copy_ moves them
 
     def write(beta: torch.Tensor, offset: torch.Tensor) -> None:
         # along axis k the head writes beta_k (A_k v + b_k + offset_k): "right" / "down" +beta, still 0
