@@ -182,9 +182,12 @@ class DitTrain:
             0.375-0.75, ``clips.SPEED`` x 4 frames / 16 pixels a token), and holds the
             writer's path through the clip phase (``steer.hold_writer_path``: the text
             encoder, the text MLP and block 0's cross-attention). In the latent-space probe
-            this start made the caption choose the motion (two motions, 68-98% at 1000
-            steps; the stock and local starts: chance; the shapes README, "Keeping the
-            writer"). It needs clips of every motion of ``steer.MOTIONS``.
+            this start made the caption choose the motion (two motions 68-98%, five 55-72%
+            at 1000 steps; the stock and local starts: chance); on the real clips not yet:
+            motion 17-19% (chance) after 1500-2000 clip steps, the steered heads retrained
+            into caption-blind looks (the shapes README, "Both axes, every motion word").
+            Experimental: off by default. It needs clips of every motion of
+            ``steer.MOTIONS``.
         text_len: text rows the embeddings are padded to (the pipeline's
             ``max_sequence_length``: training attends exactly as a plain ``pipe(prompt)``).
     """
