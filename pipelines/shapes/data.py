@@ -240,7 +240,7 @@ class PaddedTextAttention:
     ``n`` times one of them in the softmax: each of the ``m`` zero rows kept gets an additive
     score ``log(n / m)``. Training takes 512 padded rows' worth of attention for the cost
     of a dozen (tested equal to the stock forward). Set ``bias`` per batch with
-    ``set_lengths``.
+    ``set_lengths``, or encode the batch's prompts with ``encode``, which sets it.
     """
 
     def __init__(self, text_len: int = 512):
@@ -258,6 +258,13 @@ class PaddedTextAttention:
         pos = torch.arange(short_len, device=lengths.device)
         bias = torch.where(pos[None] >= lengths[:, None], torch.log(n / m)[:, None], torch.zeros(()).double())
         self.bias = bias[:, None, None, :].float()  # (B, 1, 1, L): over heads and queries
+
+    def encode(self, tokenizer, text_encoder, prompts: Sequence[str]) -> torch.Tensor:
+        """The short prompt embeddings ``(B, L + 1, d)`` (``encode_text(..., short=True)``,
+        with gradients), this processor's lengths set for them."""
+        text, lengths = encode_text(tokenizer, text_encoder, prompts, text_len=self.text_len, short=True)
+        self.set_lengths(lengths, text.shape[1])
+        return text
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         bias = self.bias.to(hidden_states.device, hidden_states.dtype)

@@ -198,7 +198,6 @@ class _Model:
                                                                parts["tokenizer"])
         self.proc = PaddedTextAttention(cfg.dit.text_len)
         _install(self.transformer, "attn2", self.proc)
-        self.text_len = cfg.dit.text_len
         if cfg.steer_start:
             from .steer import steer_start
 
@@ -207,12 +206,8 @@ class _Model:
     def predict(self, x: torch.Tensor, sigma: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """The flow prediction ``v`` (on the model's device) for latents ``x`` at noise
         levels ``sigma`` ``(B,)`` in [0, 1] (on any device)."""
-        from .data import encode_text
-
         x, sigma = x.to(self.device), sigma.to(self.device)
-
-        text, lengths = encode_text(self.tokenizer, self.text_encoder, prompts, text_len=self.text_len, short=True)
-        self.proc.set_lengths(lengths, text.shape[1])
+        text = self.proc.encode(self.tokenizer, self.text_encoder, prompts)
         return self.transformer(x, sigma * 1000, text, return_dict=False)[0]
 
 

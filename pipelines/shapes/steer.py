@@ -460,12 +460,11 @@ class TrainModel:
 
     Args:
         data: the stage's ``LatentSet``; every motion of ``MOTIONS`` must have clips.
-        text_len: the pipeline's text rows (``DitTrain.text_len``).
     """
 
-    def __init__(self, transformer, text_encoder, tokenizer, proc, data, text_len: int, device: torch.device):
+    def __init__(self, transformer, text_encoder, tokenizer, proc, data, device: torch.device):
         self.transformer, self.text_encoder, self.tokenizer = transformer, text_encoder, tokenizer
-        self.proc, self.data, self.text_len, self.device = proc, data, text_len, device
+        self.proc, self.data, self.device = proc, data, device
         by_motion = {m: [i for i, c in enumerate(data.captions) if c.motion == m] for m in MOTIONS}
         missing = [m for m, idx in by_motion.items() if not idx]
         if missing:
@@ -483,8 +482,5 @@ class TrainModel:
 
     def predict(self, x: torch.Tensor, sigma: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """The flow prediction for latents ``x`` at noise levels ``sigma`` ``(B,)`` in [0, 1]."""
-        from .data import encode_text
-
-        text, lengths = encode_text(self.tokenizer, self.text_encoder, prompts, text_len=self.text_len, short=True)
-        self.proc.set_lengths(lengths, text.shape[1])
+        text = self.proc.encode(self.tokenizer, self.text_encoder, prompts)
         return self.transformer(x.to(self.device), (sigma * 1000).to(self.device), text, return_dict=False)[0]

@@ -41,7 +41,6 @@ from .data import (
     caption_texts,
     clip_batch,
     encode_clips,
-    encode_text,
     fast_vae_norms,
     latent_stats,
     pixel_foreground,
@@ -585,7 +584,7 @@ def train_t2v(transformer, text_encoder, tokenizer, data: LatentSet, cfg: TrainC
     if steering:
         from .steer import TrainModel
 
-        view = TrainModel(transformer, text_encoder, tokenizer, proc, data, d.text_len, device)  # checks the clips
+        view = TrainModel(transformer, text_encoder, tokenizer, proc, data, device)  # checks the clips
     try:
         with _bar(total, "training transformer", progress) as bar:
             bar.update(first)
@@ -606,8 +605,7 @@ def train_t2v(transformer, text_encoder, tokenizer, data: LatentSet, cfg: TrainC
                 sigma = shifted_sigmas(torch.rand(x0.shape[0], generator=gen), shift)
                 s = sigma.view(-1, 1, 1, 1, 1)
                 xt = ((1 - s) * x0 + s * noise).to(device)
-                text, lengths = encode_text(tokenizer, text_encoder, prompts, text_len=d.text_len, short=True)
-                proc.set_lengths(lengths, text.shape[1])
+                text = proc.encode(tokenizer, text_encoder, prompts)
                 pred = transformer(xt, (sigma * 1000).to(device), text, return_dict=False)[0]
                 positions = None if fg_w is None else (1.0 + (fg_w - 1.0) * fg.float()).to(device)
                 loss = flow_loss(pred, noise.to(device), x0.to(device), positions=positions,
@@ -774,8 +772,7 @@ def train_causal(transformer, text_encoder, tokenizer, data: LatentSet, cfg: Tra
                 xt = ((1 - s) * x0 + s * noise).to(device)
                 t_tok = (sig_frames * 1000).repeat_interleave(tpf, dim=1).to(device)  # (B, F*T)
                 with torch.no_grad():
-                    text, lengths = encode_text(tokenizer, text_encoder, prompts, text_len=cfg.dit.text_len, short=True)
-                text_proc.set_lengths(lengths, text.shape[1])
+                    text = text_proc.encode(tokenizer, text_encoder, prompts)
                 pred = transformer(xt, t_tok, text, return_dict=False)[0]
                 # clean frames (t = 0) are context only: no loss on them
                 loss = flow_loss(pred, noise.to(device), x0.to(device), weight=(sig_frames > 0).float().to(device))
