@@ -184,9 +184,12 @@ def keep_config(conf: triton.Config, head_dim: int, elem_bytes: int = 2, smem_li
 
 
 def _prune(configs, named_args, **kwargs):
-    q = named_args["Q"]
+    # the autotuner hands the positional arguments as ``named_args`` and the meta-parameters
+    # (passed by keyword at launch, HEAD_DIM among them) as ``kwargs``: read both
+    args = {**named_args, **kwargs}
+    q = args["Q"]
     limit = shared_memory_limit(q.device)
-    kept = [c for c in configs if keep_config(c, named_args["HEAD_DIM"], q.element_size(), limit)]
+    kept = [c for c in configs if keep_config(c, args["HEAD_DIM"], q.element_size(), limit)]
     return kept or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
 
 

@@ -152,3 +152,41 @@ def test_int8_kernels_use_int8_tensor_cores():
             assert rep["s8_mma"] == rep["mma"] and rep["rint_constant"] >= 1, rep
         else:
             assert 0 < rep["s8_mma"] < rep["mma"], rep
+
+
+_TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "i32": "int32", "i64": "int64",
+                 "u8": "uint8", "i8": "int8"}
+
+
+def test_autotune_pruning_reads_meta_parameters_given_by_keyword():
+    """Each autotuned kernel's early pruning, called the way Triton's autotuner calls it:
+    the launch's positional arguments by name, its meta-parameters (``HEAD_DIM``, ...) as
+    keywords. The AOT cases above call ``keep_config`` directly and never go through this
+    door; on a GPU the cache kernel's pruning once read ``HEAD_DIM`` from the positional
+    arguments only and every launch failed with ``KeyError: 'HEAD_DIM'``."""
+    import importlib
+
+    import torch
+
+    checked = set()
+    for name, (module, make) in KERNELS.items():
+        m = importlib.import_module(f"gen.kernels.{module}")
+        if not hasattr(m, "_prune"):
+            continue
+        tile_keys = set(m.HOPPER_CONFIGS[0].kwargs)
+        for case in make(90, False):
+            if not tile_keys <= set(case.constexprs):
+                continue  # another kernel of the module (not the autotuned one)
+            named = {}
+            for arg, value in case.runtime.items():
+                if isinstance(value, str) and value.startswith("*"):
+                    named[arg] = torch.empty(1, dtype=getattr(torch, _TORCH_DTYPES[value[1:]]), device="meta")
+                else:
+                    named[arg] = value
+            meta = {k: v for k, v in case.constexprs.items() if k not in tile_keys}
+            kept = m._prune(m.HOPPER_CONFIGS, named, **meta)
+            assert kept, f"{name} ({case.label}): pruning kept no config"
+            assert m._prune(m.HOPPER_CONFIGS, {**named, **meta}) == kept, (
+                f"{name} ({case.label}): pruning depends on how the meta-parameters are passed")
+            checked.add(name)
+    assert len(checked) >= 4, f"expected the four autotuned attention kernels, checked {sorted(checked)}"

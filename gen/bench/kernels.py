@@ -205,6 +205,7 @@ def run_kernel_bench(
     progress=None,
     plans: list[tuple[str, object]] | None = None,
     quant: tuple[str, ...] = ("int8", "int8-pv"),
+    flex: bool = True,
 ) -> KernelBenchResult:
     """Run the kernel benchmark and return its rows (see the module docstring).
 
@@ -233,6 +234,8 @@ def run_kernel_bench(
             plain plan, on CUDA only (the interpreter's time means nothing): rows
             ``<backend> int8`` / ``<backend> int8-pv`` beside the plain kernel and SDPA,
             ``rel_err`` against the unquantized fp64 reference (the quantization error).
+        flex: also time compiled ``flex_attention`` on each plan (CUDA only). Its first
+            compile takes tens of seconds; off, the run lists it in ``meta["skipped"]``.
     """
     from gen.attention import BlockPlan, block_sparse_attention
     from gen.attention import reference as ref_mod
@@ -345,6 +348,10 @@ def run_kernel_bench(
         if dev.type == "cuda" and quant:
             _time_quant(result, label, plan, q, k, v, backends, best_sdpa, flops_dense, dev, reps, ref_out, say,
                         plan_times.get(label), quant)
+        if not flex:
+            if "flex: not asked for" not in result.meta["skipped"]:
+                result.meta["skipped"].append("flex: not asked for")
+            continue
         try:
             say(f"timing flex_attention on {label}")
             t, out = baselines.time_flex(q, k, v, plan, lambda fn: _time_ms(fn, dev, reps))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import typer
@@ -65,6 +66,7 @@ def bench_kernels(
     method: str = typer.Option(None, help="also time these methods' preset plans, comma-separated (e.g. radial,gna)"),
     model: str = typer.Option(None, help="model whose native shape and presets --method uses (default wan2.1-t2v-1.3b; tiny-wan with --quick)"),
     list_shapes: bool = typer.Option(False, "--list", help="list the named shapes and exit"),
+    baselines: str = typer.Option("flex,int8", help="extra rows beside SDPA and gen's kernel, comma-separated: flex (compiled flex_attention on the same plans), int8 (PARO's INT8 kernel, int8 and int8-pv); 'none' for neither (CUDA only)"),
     verbose: bool = opt.verbose("debug logs (backend choice, …)"),
 ) -> None:
     """Time block-sparse attention against dense torch SDPA at a model's native shape.
@@ -105,14 +107,25 @@ def bench_kernels(
     if not on_cuda and not quick:
         log.warning("full-size shape on the CPU: this is slow and says nothing about GPU speed; try --quick")
 
+    extras = {b.strip() for b in baselines.split(",") if b.strip()} - {"none"}
+    if unknown := sorted(extras - {"flex", "int8"}):
+        raise ValueError(f"unknown baseline {unknown[0]!r} in --baselines; choose from flex, int8 (or none).")
     command = command_line(ctx)
+    t0 = time.perf_counter()
+
+    def progress(msg: str) -> None:
+        # the spinner for a terminal, a timed log line for a log file (where the time goes)
+        status.update(msg)
+        log.info("%6.1f s  %s", time.perf_counter() - t0, msg)
+
     with console.status("benchmarking…") as status:
         plans = []
         if method:
             the_shape, plans = _method_plans(method, model or ("tiny-wan" if quick else "wan2.1-t2v-1.3b"))
         result = run_kernel_bench(
             the_shape, densities, dtype=dtype, device=device, backends=backends, block_m=block_m, block_n=block_n,
-            reps=reps, seed=seed, check=check, command=command, progress=lambda m: status.update(m), plans=plans,
+            reps=reps, seed=seed, check=check, command=command, progress=progress, plans=plans,
+            quant=("int8", "int8-pv") if "int8" in extras else (), flex="flex" in extras,
         )
 
     m = result.meta
