@@ -40,6 +40,7 @@ import math
 import os
 import shlex
 import sys
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -150,11 +151,13 @@ def run_cache_attention_bench(
     reps: int = 3,
     seed: int = 0,
     command: str | None = None,
+    progress=None,
 ) -> CacheBenchResult:
     """Time the cache-attention kernel against SDPA on ``cases`` (default :data:`CASES`;
     :data:`QUICK_CASES` with ``quick``). ``dtype``: bf16 on CUDA, fp32 on the CPU by default.
     The kernel on the CPU needs ``TRITON_INTERPRET=1`` set before triton is imported; without
-    it its row says why it did not run."""
+    it its row says why it did not run. ``progress``: optional callable(str) told what runs
+    next (``main`` prints it with the elapsed time, so a log shows where the time went)."""
     dev = bench_device(device, prefer_cuda=not quick)
     dtype = bench_dtype(dtype, dev)
     cases = cases or (QUICK_CASES if quick else CASES)
@@ -162,14 +165,16 @@ def run_cache_attention_bench(
                                               cases=[asdict(c) for c in cases],
                                               interpreter=os.environ.get("TRITON_INTERPRET", "")))
     g = torch.Generator().manual_seed(seed)
+    say = progress or (lambda msg: None)
     for case in cases:
-        result.rows.extend(_run_case(case, dev, DTYPES[dtype], reps, g))
+        result.rows.extend(_run_case(case, dev, DTYPES[dtype], reps, g, say))
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     return result
 
 
-def _run_case(case: CacheCase, dev: torch.device, tdt: torch.dtype, reps: int, g: torch.Generator) -> list[CacheBenchRow]:
+def _run_case(case: CacheCase, dev: torch.device, tdt: torch.dtype, reps: int, g: torch.Generator,
+              say=lambda msg: None) -> list[CacheBenchRow]:
     """The rows of one case: the kernel, each SDPA backend, and gather + RoPE + SDPA."""
     from gen.attention.cache_reference import apply_interleaved_rope, cache_attention_reference
     from gen.kernels.cache_attention import cache_attention
@@ -190,6 +195,7 @@ def _run_case(case: CacheCase, dev: torch.device, tdt: torch.dtype, reps: int, g
         case.name, impl, case.q_len, case.kv_len, t, None if t is None else flops / t / 1e9, **extra)
 
     # fp32 reference on the same inputs, in query chunks (the score matrix is Sq x Skv)
+    say(f"{case.name}: fp32 reference")
     step = max(1, min(case.q_len, 2**30 // (h * case.kv_len)))
     kf, vf = k.float(), v.float()
     ref = torch.cat([cache_attention_reference(q[:, i:i + step].float(), kf, vf, slots, **kw)
@@ -208,6 +214,7 @@ def _run_case(case: CacheCase, dev: torch.device, tdt: torch.dtype, reps: int, g
     best, best_ctx = math.inf, None
     sdpa_rows = []
     for name, ctx in _sdpa_backends(dev):
+        say(f"{case.name}: {name}")
         try:
             with ctx():
                 out = sdpa(qt, kt, vt)
@@ -225,6 +232,7 @@ def _run_case(case: CacheCase, dev: torch.device, tdt: torch.dtype, reps: int, g
         return best / t if t and math.isfinite(best) else None
 
     interp = dev.type != "cuda"
+    say(f"{case.name}: triton" + ("" if interp else " (the first call of a process autotunes)"))
     try:
         out = cache_attention(q, k, v, slots, **kw)
         t = _time_ms(lambda: cache_attention(q, k, v, slots, **kw), dev, 1 if interp else reps)
@@ -243,6 +251,7 @@ def _run_case(case: CacheCase, dev: torch.device, tdt: torch.dtype, reps: int, g
             with best_ctx():
                 return sdpa(qt, kg, vg)
 
+        say(f"{case.name}: gather + RoPE + SDPA")
         out = full()
         t = _time_ms(full, dev, reps)
         rows.append(row_of("torch gather+rope+sdpa", t, speedup=speed(t), rel_err=_rel_err(out.transpose(1, 2), ref),
@@ -263,9 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (see gen.cli.main)
     command = "python -m gen.bench.cache_attention " + shlex.join(sys.argv[1:] if argv is None else argv)
+    t0 = time.perf_counter()
+    say = lambda msg: print(f"{time.perf_counter() - t0:7.1f} s  {msg}", file=sys.stderr, flush=True)
     try:
         result = run_cache_attention_bench(quick=args.quick, device=args.device, dtype=args.dtype,
-                                           reps=args.reps, seed=args.seed, command=command.strip())
+                                           reps=args.reps, seed=args.seed, command=command.strip(), progress=say)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -14,35 +14,42 @@ Usage::
 
 Steps, in order, each in its own subprocess with its own timeout (a crash or a hang is
 recorded and the next step still runs; stdout/stderr go to ``logs/<step>.log`` in the
-output folder and their tails into the report):
+output folder and their tails into the report). The order is what settles the most
+first, since a bare machine autotunes every kernel from scratch and the whole check
+rarely fits one call (the first H200 run, 2026-12-04, is in BENCHMARKS.md):
 
-1. ``tests``: the GPU-marked tests (``pytest.mark.gpu``) with the compiled kernels at
-   real shapes in bf16/fp16: ``TRITON_INTERPRET=0 python -m pytest -q -m gpu
-   tests/<files>``. The tests folder is looked up beside the ``gen`` package (an editable
-   install or a checkout); without one the step is skipped and says so.
-2. ``bench-wan``, ``bench-hunyuan``: ``gen bench kernels`` at Wan 2.1 1.3B 480p and
-   HunyuanVideo 720p (129 frames), plans dense, 0.5, 0.25 and 0.1, against every torch
-   SDPA backend and compiled ``flex_attention`` on the same block mask, in the same run
-   (``--json``, read back). Goals: dense plan >= 0.9x the best dense SDPA; density 0.25
-   >= 3.4x faster than it; density 0.1 >= 8x.
-   ``bench-rectified``: the same at Wan 2.1 1.3B 480p with ``--method rectified``: the
-   plan of the method's estimation on the bench's inputs, its attention time, and the
-   estimation time apart (``plan_ms``; goal: <= 5 % of the attention it plans).
+1. ``bench-wan``: ``gen bench kernels`` at Wan 2.1 1.3B 480p, plans dense, 0.5, 0.25
+   and 0.1, against every torch SDPA backend (``--json``, read back). Goals: dense plan
+   >= 0.9x the best dense SDPA; density 0.25 >= 3.4x faster than it; density 0.1 >= 8x.
+2. ``long-sink``: ``gen long``'s sink schedule (LongLive) at 832x480 on a random-weight
+   Wan 2.1 1.3B transformer and VAE (``python -m gen.bench.long``): steady-state frames
+   per second, denoising only and with VAE decode, and peak GPU memory. Goal: >= 24 FPS
+   with decode on an H100 (LongLive reports 20.7).
 3. ``cache-attention``: the long-video runner's cache-attention kernel at Wan 1.3B 480p
    (``python -m gen.bench.cache_attention``): Triton (RoPE at read) vs SDPA on the same
    gathered keys, error against the fp32 PyTorch reference.
-4. ``long-sink``, ``long-rolling``: ``gen long``'s sink (LongLive) and rolling (Rolling
-   Forcing) schedules at 832x480 on a random-weight Wan 2.1 1.3B transformer and VAE
-   (``python -m gen.bench.long``): steady-state frames per second, denoising only and
-   with VAE decode, and peak GPU memory. Goal: >= 24 FPS with decode on an H100
-   (LongLive reports 20.7).
+4. ``tests``: the GPU-marked tests (``pytest.mark.gpu``) in bf16, compiled kernels at
+   real shapes against the fp64 reference: ``TRITON_INTERPRET=0 python -m pytest -q -m
+   gpu -k "not fp16" tests/<files>`` (``--timeout`` a test when pytest-timeout is
+   installed). The tests folder is looked up beside the ``gen`` package (an editable
+   install or a checkout); without one the step is skipped and says so.
+5. ``long-rolling``: the same as 2 with the rolling schedule (Rolling Forcing).
+6. ``bench-hunyuan``: as 1 at HunyuanVideo 720p (129 frames), plans dense, 0.25, 0.1.
+7. ``bench-rectified``: rectified at Wan 2.1 1.3B 480p: the plan of the method's
+   estimation on the bench's inputs, its attention time, and the estimation time apart
+   (``plan_ms``; goal: <= 5 % of the attention it plans).
+8. ``bench-baselines``: compiled ``flex_attention`` on the same block masks and PARO's
+   INT8 kernel beside gen's at Wan 480p (flex compiles first: tens of seconds).
 
 Then one markdown report: device, versions, date, commit, each step's command, status
 (ok / failed / timed out / skipped, with the reason), its table, and the goals met or
 not. A figure comes only from a step's own output; a step that did not run says so.
 
-Timeouts: the budget (default 480 s) is shared out by the steps' estimates; time a step
-does not use passes to the steps after it. Without CUDA, ``run_gpu_check`` refuses
+Timeouts: each step may run 1.5x its estimate (:data:`STRETCH`; the estimates are the
+H200's measured times) within what is left of the budget (default 540 s: one call of
+the lent machine's 10 minutes, with time to set up); time a step does not use passes to
+the steps after it, and a step that finds too little left is skipped and says so. A step
+killed at its timeout after writing its results file keeps its figures. Without CUDA, ``run_gpu_check`` refuses
 (:class:`NoGPUError`) unless asked for a dry run or the quick CPU run. ``quick``
 forces the CPU (``CUDA_VISIBLE_DEVICES=""``, ``TRITON_INTERPRET=1``): tiny shapes,
 ``gen bench kernels --quick`` with the PyTorch backend, the tiny-wan model at 64x64 for
@@ -110,6 +117,9 @@ class Step:
         for a in self.quick_argv if quick else self.argv:
             if a == "{gpu_tests}":
                 args.extend(gpu_tests or [])
+            elif a == "{pytest_timeout}":
+                if importlib.util.find_spec("pytest_timeout") is not None:
+                    args.extend(["--timeout", str(TEST_TIMEOUT_S)])
             else:
                 args.append(a.replace("{python}", sys.executable).replace("{out}", str(out_dir)))
         return args
@@ -118,9 +128,10 @@ class Step:
         return self.quick_estimate_s if quick else self.estimate_s
 
 
-def _bench_kernels(shape: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    out = f"{{out}}/bench_kernels_{shape}.json"
-    common = ("--density", _DENS, "--no-check", "--json", out)
+def _bench_kernels(shape: str, *, densities: str = _DENS, baselines: str = "none",
+                   name: str | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    out = f"{{out}}/bench_kernels_{name or shape}.json"
+    common = ("--density", densities, "--no-check", "--baselines", baselines, "--json", out)
     full = ("{python}", "-m", "gen", "bench", "kernels", "--shape", shape, *common)
     quick = ("{python}", "-m", "gen", "bench", "kernels", "--quick", "--device", "cpu", "--backend", "torch",
              "--reps", "1", *common)
@@ -137,32 +148,46 @@ def _long(schedule: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return full, quick
 
 
-_TESTS = ("{python}", "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "--durations=5", "{gpu_tests}")
+# bf16 only: fp16 runs the same code with another IO type (the sweep of both is
+# `pytest -m gpu` by hand); "{pytest_timeout}" becomes --timeout when pytest-timeout is there
+_TESTS = ("{python}", "-m", "pytest", "-q", "-m", "gpu", "-k", "not fp16", "-p", "no:cacheprovider", "-rf",
+          "--durations=10", "{pytest_timeout}", "{gpu_tests}")
 _WAN, _HUN = "wan2.1-1.3b-480p", "hunyuan-720p-129f"
+#: seconds one GPU test may take (each autotunes its kernel from scratch on a bare machine
+#: and computes an fp64 reference at full length: about 6 s each on an H200, 2026-12-04)
+TEST_TIMEOUT_S = 120
 
+# Estimates are what each step took on an H200 with torch 2.11 and Triton 3.6 on a bare
+# machine (every kernel autotuned from scratch), 2026-12-04, where it finished, plus margin;
+# a step may run 1.5x its estimate. Order: what settles the most first.
 STEPS: list[Step] = [
-    Step("tests", "GPU-marked correctness tests (compiled kernels, real shapes, bf16/fp16)",
-         _TESTS, _TESTS, 130, 6),
-    Step("bench-wan", f"gen bench kernels at {_WAN} vs SDPA and flex_attention",
-         *_bench_kernels(_WAN), 70, 6, output=f"bench_kernels_{_WAN}.json"),
-    Step("bench-hunyuan", f"gen bench kernels at {_HUN} vs SDPA and flex_attention",
-         *_bench_kernels(_HUN), 90, 6, output=f"bench_kernels_{_HUN}.json"),
-    Step("bench-rectified", "rectified at Wan 2.1 1.3B 480p: estimation time apart from attention",
-         ("{python}", "-m", "gen", "bench", "kernels", "--shape", _WAN, "--method", "rectified", "--model",
-          "wan2.1-t2v-1.3b", "--density", "1", "--no-check", "--json", "{out}/bench_kernels_rectified.json"),
-         ("{python}", "-m", "gen", "bench", "kernels", "--quick", "--device", "cpu", "--backend", "torch",
-          "--method", "rectified", "--density", "1", "--reps", "1", "--no-check", "--json",
-          "{out}/bench_kernels_rectified.json"),
-         40, 6, output="bench_kernels_rectified.json"),
+    Step("bench-wan", f"gen bench kernels at {_WAN} vs every SDPA backend",
+         *_bench_kernels(_WAN), 60, 6, output=f"bench_kernels_{_WAN}.json"),  # 56 s
+    Step("long-sink", "gen long FPS and peak memory, sink schedule (LongLive), random-weight Wan 1.3B 832x480",
+         *_long("sink"), 70, 12, output="long_sink.json"),  # wrote its results, then did not exit in 65 s
     Step("cache-attention", "cache attention (Triton, RoPE at read) vs SDPA at Wan 1.3B 480p",
          ("{python}", "-m", "gen.bench.cache_attention", "--json", "{out}/cache_attention.json"),
          ("{python}", "-m", "gen.bench.cache_attention", "--quick", "--device", "cpu", "--json",
           "{out}/cache_attention.json"),
-         70, 8, output="cache_attention.json"),
-    Step("long-sink", "gen long FPS and peak memory, sink schedule (LongLive), random-weight Wan 1.3B 832x480",
-         *_long("sink"), 55, 12, output="long_sink.json"),
+         60, 8, output="cache_attention.json"),  # not finished in 40 s
+    Step("tests", "GPU-marked correctness tests, bf16 (compiled kernels, real shapes, fp64 reference)",
+         _TESTS, _TESTS, 200, 6),  # about 6 s a test; 21 of 58 (both dtypes) passed in two calls
     Step("long-rolling", "gen long FPS and peak memory, rolling schedule (Rolling Forcing), random-weight Wan 1.3B 832x480",
-         *_long("rolling"), 65, 12, output="long_rolling.json"),
+         *_long("rolling"), 50, 12, output="long_rolling.json"),  # 44 s
+    Step("bench-hunyuan", f"gen bench kernels at {_HUN} vs every SDPA backend",
+         *_bench_kernels(_HUN, densities="1,0.25,0.1"), 120, 6,
+         output=f"bench_kernels_{_HUN}.json"),  # SDPA rows 17 s, first autotune > 32 s
+    Step("bench-rectified", "rectified at Wan 2.1 1.3B 480p: estimation time apart from attention",
+         ("{python}", "-m", "gen", "bench", "kernels", "--shape", _WAN, "--method", "rectified", "--model",
+          "wan2.1-t2v-1.3b", "--density", "1", "--no-check", "--baselines", "none", "--json",
+          "{out}/bench_kernels_rectified.json"),
+         ("{python}", "-m", "gen", "bench", "kernels", "--quick", "--device", "cpu", "--backend", "torch",
+          "--method", "rectified", "--density", "1", "--reps", "1", "--no-check", "--baselines", "none", "--json",
+          "{out}/bench_kernels_rectified.json"),
+         60, 6, output="bench_kernels_rectified.json"),
+    Step("bench-baselines", f"flex_attention and PARO's INT8 kernel beside gen's at {_WAN}",
+         *_bench_kernels(_WAN, densities="1,0.25,0.1", baselines="flex,int8", name="baselines"), 120, 6,
+         output="bench_kernels_baselines.json"),  # flex compiles first (tens of seconds)
 ]
 """The steps, in the order they run (see the module docstring)."""
 
@@ -337,18 +362,26 @@ def _run(argv: list[str], *, cwd: Path, env: dict, timeout: float, log: Path) ->
     return status, rc, wall, _tail(text)
 
 
+#: a step may run this many times its estimate (first autotunes vary), within the budget left
+STRETCH = 1.5
+
+
+def _timeout(step: Step, remaining: float, quick: bool) -> float:
+    return max(0.0, min(remaining, STRETCH * step.estimate(quick)))
+
+
 def _timeouts(steps: list[Step], budget_s: float, quick: bool) -> list[float]:
-    """Planned timeouts when every step uses its whole share (the plan a dry run shows)."""
+    """Planned timeouts when every step uses its whole allowance (the plan a dry run shows;
+    a step that ends sooner leaves its time to the later ones)."""
     out, remaining = [], budget_s
-    for i, s in enumerate(steps):
-        rest = sum(x.estimate(quick) for x in steps[i:]) or 1.0
-        share = remaining * s.estimate(quick) / rest
-        out.append(share)
-        remaining -= share
+    for s in steps:
+        t = _timeout(s, remaining, quick)
+        out.append(t)
+        remaining -= t
     return out
 
 
-def plan_steps(out_dir: Path | str = "gpu-check", *, quick: bool = False, budget_s: float = 480.0) -> list[dict]:
+def plan_steps(out_dir: Path | str = "gpu-check", *, quick: bool = False, budget_s: float = 540.0) -> list[dict]:
     """Each step as ``{"name", "title", "command", "estimate_s", "timeout_s"}``: what a run
     would do (``timeout_s`` as planned before any step ran; unused time moves on)."""
     out_dir = Path(out_dir)
@@ -516,7 +549,8 @@ def _read_rectified(res: StepResult) -> None:
                  f"{_f(share and 100 * share, '.1f')} % | {_f(res.figures['speedup'], '.2f')} |")
 
 
-_READERS = {"bench-wan": _read_kernels, "bench-hunyuan": _read_kernels, "cache-attention": _read_cache,
+_READERS = {"bench-wan": _read_kernels, "bench-hunyuan": _read_kernels, "bench-baselines": _read_kernels,
+            "cache-attention": _read_cache,
             "long-sink": _read_long, "long-rolling": _read_long, "bench-rectified": _read_rectified}
 
 
@@ -676,7 +710,7 @@ def _markdown(env: dict, mode: str, budget_s: float, wall_s: float, results: lis
     return "\n".join(lines) + "\n"
 
 
-def run_gpu_check(out_dir: Path, *, dry_run: bool = False, budget_s: float = 480.0, quick: bool = False,
+def run_gpu_check(out_dir: Path, *, dry_run: bool = False, budget_s: float = 540.0, quick: bool = False,
                   steps: list[Step] | None = None) -> Path:
     """Run the prepared GPU check (module docstring) and return the markdown report's path.
 
@@ -733,8 +767,7 @@ def run_gpu_check(out_dir: Path, *, dry_run: bool = False, budget_s: float = 480
             res.status, res.timeout_s = "would run (dry run)", planned[i]
             continue
         remaining = budget_s - (time.perf_counter() - start)
-        rest = sum(s.estimate(quick) for s in steps[i:]) or 1.0
-        timeout = remaining * step.estimate(quick) / rest
+        timeout = _timeout(step, remaining, quick)
         if timeout < 1.0:
             res.status, res.reason = "skipped", f"time budget spent ({remaining:.0f} s left of {budget_s:.0f} s)"
             continue
@@ -754,7 +787,9 @@ def run_gpu_check(out_dir: Path, *, dry_run: bool = False, budget_s: float = 480
                           f"killed by signal {-rc}" if rc is not None else (tail.strip().splitlines() or ["?"])[-1])
         if step.name == "tests":
             _read_tests(res)
-        elif step.output and status == "ok":
+        elif step.output and (status == "ok" or status == "timed out" and (out_dir / step.output).is_file()):
+            if status == "timed out":  # it wrote its results, then did not exit in time: keep them
+                res.reason += ", after writing its results"
             if _read_json(res, out_dir / step.output):
                 try:
                     _READERS.get(step.name, lambda r: None)(res)
@@ -781,7 +816,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="list the steps and commands; run nothing")
     ap.add_argument("--quick", action="store_true", help="tiny sizes on the CPU (plumbing check)")
     ap.add_argument("--out", default="gpu-check", help="output folder (default: ./gpu-check)")
-    ap.add_argument("--budget-s", type=float, default=480.0, help="total seconds for the steps")
+    ap.add_argument("--budget-s", type=float, default=540.0, help="total seconds for the steps")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.dry_run:

@@ -70,7 +70,7 @@ def check_kernels(
 def check_gpu(
     out: Path = typer.Option(Path("gpu-check"), help="folder for the report (gpu_check.md, gpu_check.json) and logs"),
     dry_run: bool = typer.Option(False, "--dry-run", help="say what would run, run nothing heavy (any machine)"),
-    budget_s: float = typer.Option(480.0, help="time budget for all steps, seconds"),
+    budget_s: float = typer.Option(540.0, help="time budget for all steps, seconds"),
     quick: bool = typer.Option(False, "--quick", help="tiny sizes, to check the plumbing on a CPU"),
 ) -> None:
     """The prepared GPU check: GPU correctness tests at real shapes, kernel speed against
