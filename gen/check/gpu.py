@@ -701,8 +701,11 @@ def _markdown(env: dict, mode: str, budget_s: float, wall_s: float, results: lis
                   + (f"; {r.wall_s:.1f} s" if r.wall_s is not None else "")]
         if r.table:
             lines += ["", r.table]
-        elif r.status.startswith("would run"):
+        elif r.status.startswith("would run") and (r.timeout_s or 0) >= 1:
             lines += ["", f"Would run with a timeout of {r.timeout_s:.0f} s (estimate {r.estimate_s:.0f} s)."]
+        elif r.status.startswith("would run"):
+            lines += ["", f"Would run only with time the earlier steps leave (estimate {r.estimate_s:.0f} s; if "
+                          "each earlier step used its whole allowance, the budget would be spent)."]
         elif r.status != "ok":
             lines += ["", "No figures: the step did not produce them."]
         if r.output_tail:
