@@ -96,3 +96,20 @@ def test_e2e_rejects_bad_input():
     assert res.exit_code == 2 and "unknown attention method" in res.output
     res = runner.invoke(app, ["bench", "e2e", "--quick", "--dtype", "fp8"])
     assert res.exit_code == 2 and "dtype must be one of" in res.output
+
+
+def test_e2e_says_when_a_method_never_ran_sparse(monkeypatch):
+    """A method whose dense steps cover the whole timed run is dense attention under its
+    name: its row says so instead of passing for the method (radial's preset keeps 12 of
+    Wan's steps dense; a 4-step run on an H200 timed it as the stock path)."""
+    import gen.bench.e2e as e2e
+    from gen.bench.common import MethodChoice
+
+    monkeypatch.setattr(e2e, "resolve_methods", lambda text, spec, plan=None: [
+        MethodChoice("radial", "radial", {"dense_steps": 5}, ""),
+        MethodChoice("radial-sparse", "radial", {"dense_steps": 0}, "")])
+    res = e2e.run_e2e_bench("tiny-wan", "radial", steps=2, warmup=False, random_weights=True)
+    rows = {r.method: r for r in res.rows}
+    assert rows["radial"].sparse_calls == 0 and rows["radial"].run_density == 1.0
+    assert rows["radial"].note.startswith("never ran sparse")
+    assert rows["radial-sparse"].sparse_calls > 0 and "never ran sparse" not in rows["radial-sparse"].note

@@ -382,6 +382,10 @@ def _run_method(choice, spec, target, runner, dev: torch.device, warmup: bool, t
         row.attention_s = timer.seconds()
         row.attention_calls = timer.calls
         row.density, row.run_density, row.sparse_calls, row.dense_calls = _densities(handle.summary())
+        if row.sparse_calls == 0 and row.dense_calls and row.density is not None and row.density < 1.0:
+            # e.g. radial's preset keeps its first 12 steps dense: a 4-step run times dense attention
+            row.note = "never ran sparse: its dense steps/layers cover the whole run (time more --steps)"
+            logger.warning("%s: %s", choice.label, row.note)
     finally:
         timer.remove()
         handle.restore()
