@@ -34,7 +34,7 @@ def test_dry_run_lists_every_step(tmp_path):
         assert steps[s.name]["status"] == "would run (dry run)"
         assert steps[s.name]["wall_s"] is None and steps[s.name]["data"] is None
     assert text.count("would run (dry run)") >= len(STEPS)
-    assert sum(p["timeout_s"] for p in plan.values()) <= 540.0 + 1e-6
+    assert gpu.BUDGET_S == 540.0 and sum(p["timeout_s"] for p in plan.values()) <= 540.0 + 1e-6
     for p in plan.values():  # a step may run 1.5x its measured estimate, never more
         assert p["timeout_s"] <= gpu.STRETCH * p["estimate_s"] + 1e-6
     # what each step runs

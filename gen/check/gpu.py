@@ -46,10 +46,11 @@ Then one markdown report: device, versions, date, commit, each step's command, s
 not. A figure comes only from a step's own output; a step that did not run says so.
 
 Timeouts: each step may run 1.5x its estimate (:data:`STRETCH`; the estimates are the
-H200's measured times) within what is left of the budget (default 540 s: one call of
-the lent machine's 10 minutes, with time to set up); time a step does not use passes to
-the steps after it, and a step that finds too little left is skipped and says so. A step
-killed at its timeout after writing its results file keeps its figures. Without CUDA, ``run_gpu_check`` refuses
+H200's measured times) within what is left of the budget (:data:`BUDGET_S`, 540 s: one
+call of the lent machine's 10 minutes, with time to set up); time a step does not use
+passes to the steps after it, and a step that finds too little left is skipped and says
+so. A step killed at its timeout after writing its results file keeps its figures.
+Without CUDA, ``run_gpu_check`` refuses
 (:class:`NoGPUError`) unless asked for a dry run or the quick CPU run. ``quick``
 forces the CPU (``CUDA_VISIBLE_DEVICES=""``, ``TRITON_INTERPRET=1``): tiny shapes,
 ``gen bench kernels --quick`` with the PyTorch backend, the tiny-wan model at 64x64 for
@@ -364,6 +365,8 @@ def _run(argv: list[str], *, cwd: Path, env: dict, timeout: float, log: Path) ->
 
 #: a step may run this many times its estimate (first autotunes vary), within the budget left
 STRETCH = 1.5
+#: default seconds for all steps: one 10-minute call of a lent machine, with time to set up
+BUDGET_S = 540.0
 
 
 def _timeout(step: Step, remaining: float, quick: bool) -> float:
@@ -381,7 +384,7 @@ def _timeouts(steps: list[Step], budget_s: float, quick: bool) -> list[float]:
     return out
 
 
-def plan_steps(out_dir: Path | str = "gpu-check", *, quick: bool = False, budget_s: float = 540.0) -> list[dict]:
+def plan_steps(out_dir: Path | str = "gpu-check", *, quick: bool = False, budget_s: float = BUDGET_S) -> list[dict]:
     """Each step as ``{"name", "title", "command", "estimate_s", "timeout_s"}``: what a run
     would do (``timeout_s`` as planned before any step ran; unused time moves on)."""
     out_dir = Path(out_dir)
@@ -713,7 +716,7 @@ def _markdown(env: dict, mode: str, budget_s: float, wall_s: float, results: lis
     return "\n".join(lines) + "\n"
 
 
-def run_gpu_check(out_dir: Path, *, dry_run: bool = False, budget_s: float = 540.0, quick: bool = False,
+def run_gpu_check(out_dir: Path, *, dry_run: bool = False, budget_s: float = BUDGET_S, quick: bool = False,
                   steps: list[Step] | None = None) -> Path:
     """Run the prepared GPU check (module docstring) and return the markdown report's path.
 
@@ -819,7 +822,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="list the steps and commands; run nothing")
     ap.add_argument("--quick", action="store_true", help="tiny sizes on the CPU (plumbing check)")
     ap.add_argument("--out", default="gpu-check", help="output folder (default: ./gpu-check)")
-    ap.add_argument("--budget-s", type=float, default=540.0, help="total seconds for the steps")
+    ap.add_argument("--budget-s", type=float, default=BUDGET_S, help="total seconds for the steps")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.dry_run:

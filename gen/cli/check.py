@@ -8,6 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from gen.check.gpu import BUDGET_S
 from gen.cli import options as opt
 from gen.cli.app import app, group
 from gen.cli.common import console, print_written, progress_bar
@@ -70,7 +71,7 @@ def check_kernels(
 def check_gpu(
     out: Path = typer.Option(Path("gpu-check"), help="folder for the report (gpu_check.md, gpu_check.json) and logs"),
     dry_run: bool = typer.Option(False, "--dry-run", help="say what would run, run nothing heavy (any machine)"),
-    budget_s: float = typer.Option(540.0, help="time budget for all steps, seconds"),
+    budget_s: float = typer.Option(BUDGET_S, help="time budget for all steps, seconds"),
     quick: bool = typer.Option(False, "--quick", help="tiny sizes, to check the plumbing on a CPU"),
 ) -> None:
     """The prepared GPU check: GPU correctness tests at real shapes, kernel speed against
