@@ -241,3 +241,61 @@ def test_video_local_heads_refuse_a_transformer_without_room():
                                   out_channels=4, text_dim=8, freq_dim=8, ffn_dim=16, num_layers=1)
     with pytest.raises(ValueError, match="video_local_heads needs"):
         _local_video_init(small, 1.0)
+
+
+def test_first_frame_context_gives_the_first_frame_clean(seed):
+    """``DitTrain.first_frame_context``: the chosen share of a batch gets its first latent
+    frame at level 0 (per-token timestep 0, loss weight 0), every other frame keeps the
+    sample's level; the weighted loss is the plain error over the frames left noised; in
+    ``train_t2v`` the clip phase (only) calls the transformer with those per-token levels."""
+    import dataclasses
+
+    import numpy as np
+
+    from gen.pipelines.shapes.config import DitTrain, TrainConfig
+    from gen.pipelines.shapes.data import LatentSet
+    from gen.pipelines.shapes.grammar import sample_caption
+    from gen.pipelines.shapes.train import (
+        _first_frame_context,
+        build_components,
+        flow_loss,
+        train_t2v,
+    )
+
+    gen = torch.Generator().manual_seed(seed)
+    b, t, h, w = 200, 5, 8, 6
+    sigma = torch.rand(b, generator=gen) * 0.98 + 0.01
+    s, timestep, weight = _first_frame_context(sigma, torch.Size((b, 16, t, h, w)), 0.5, gen, (1, 2, 2))
+    tokens = (h // 2) * (w // 2)
+    assert s.shape == (b, 1, t, 1, 1) and timestep.shape == (b, t * tokens) and weight.shape == (b, t)
+    given = s[:, 0, 0, 0, 0] == 0
+    assert 40 < int(given.sum()) < 160  # a binomial(200, 0.5) draw: outside has probability < 1e-16
+    levels = torch.where(given[:, None], torch.cat([torch.zeros(b, 1), sigma[:, None].repeat(1, t - 1)], 1),
+                         sigma[:, None].repeat(1, t))
+    assert torch.equal(s[:, 0, :, 0, 0], levels)
+    assert torch.equal(timestep, (levels * 1000).repeat_interleave(tokens, 1))
+    assert torch.equal(weight, (~given[:, None] | (torch.arange(t) > 0)[None]).float())
+    none = _first_frame_context(sigma, torch.Size((b, 16, t, h, w)), 0.0, gen, (1, 2, 2))
+    assert torch.equal(none[0][:, 0, :, 0, 0], sigma[:, None].repeat(1, t))
+
+    pred, noise, x0 = (torch.randn(b, 16, t, h, w, generator=gen, dtype=torch.float64) for _ in range(3))
+    err = (pred - (noise - x0)) ** 2
+    keep = weight.bool()[:, None, :, None, None].expand_as(err)
+    assert torch.allclose(flow_loss(pred, noise, x0, weight.double()), err[keep].mean())
+
+    cfg = TrainConfig(dit=DitTrain(clips=4, image_steps=1, image_batch=2, steps=3, batch=2, warmup=1, text_len=32,
+                                   first_frame_context=1.0))
+    parts = build_components(seed % 1000, cfg.dit)
+    tr = parts["transformer"]
+    seen = []
+    tr.register_forward_pre_hook(lambda m, args: seen.append(args[1].detach().clone()))
+    rng = np.random.default_rng(seed)
+    data = LatentSet(torch.randn(4, 16, 3, 4, 4, generator=gen), [sample_caption(rng) for _ in range(4)])
+    train_t2v(tr, parts["text_encoder"], parts["tokenizer"], data, cfg, device=torch.device("cpu"), progress=False)
+    assert seen[0].ndim == 1  # the first-frame phase: one level per sample
+    for ts in seen[1:]:
+        assert ts.shape == (2, 3 * 4) and bool((ts[:, :4] == 0).all()) and bool((ts[:, 4:] > 0).all())
+
+    both = TrainConfig(dit=dataclasses.replace(cfg.dit, frame_difference=1.0))
+    with pytest.raises(ValueError, match="cannot be combined"):
+        train_t2v(tr, parts["text_encoder"], parts["tokenizer"], data, both, device=torch.device("cpu"), progress=False)

@@ -188,6 +188,14 @@ class DitTrain:
             into caption-blind looks (the shapes README, "Both axes, every motion word").
             Experimental: off by default. It needs clips of every motion of
             ``steer.MOTIONS``.
+        first_frame_context: fraction of the clip phase's samples whose first latent frame is
+            given clean (per-token timestep 0, no loss on it) while the later frames are
+            noised, as Wan 2.2's text-image-to-video training does (None: every frame at
+            one level, the plain text-to-video objective). With the first frame given, where
+            the shape is in the later frames depends on the motion word alone, a first-order
+            term of the loss where at one shared level it is a correlation between noisy
+            frames. Experimental, off by default: 1500 clip steps at 0.5 did not make the
+            transformer read the motion word (the shapes README, "A clean first frame").
         text_len: text rows the embeddings are padded to (the pipeline's
             ``max_sequence_length``: training attends exactly as a plain ``pipe(prompt)``).
     """
@@ -213,6 +221,7 @@ class DitTrain:
     null_padding: float | None = 1.7
     video_local_heads: float | None = None
     steer_start: float | None = None
+    first_frame_context: float | None = None
     text_len: int = 512
 
 
@@ -287,7 +296,8 @@ class TrainConfig:
 
 _SECTIONS = ("vae", "dit", "causal")
 # Fields that are fractions of the data (in [0, 1]); counts must be >= 1 where named here.
-_FRACTIONS = {"centred", "drop_caption", "drop_motion", "image_drop_motion", "drop_background", "sink_windows"}
+_FRACTIONS = {"centred", "drop_caption", "drop_motion", "image_drop_motion", "drop_background", "sink_windows",
+              "first_frame_context"}
 _AT_LEAST_ONE = {"image_batch", "batch", "clips", "frames", "window_frames", "chunk_frames", "rolling_chunks",
                  "stats_clips", "size", "text_len"}
 

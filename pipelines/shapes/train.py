@@ -540,6 +540,32 @@ def _begin_steering(view, cfg: TrainConfig, ema: _Ema, *, fresh: bool) -> bool:
     return True
 
 
+def _first_frame_context(sigma: torch.Tensor, shape: torch.Size, fraction: float, gen: torch.Generator,
+                         patch: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-frame levels for ``DitTrain.first_frame_context``: a ``fraction`` of the batch gets
+    its first latent frame clean (level 0, loss weight 0), the other frames at ``sigma``.
+
+    Args:
+        sigma: ``(B,)`` the batch's noise levels in [0, 1].
+        shape: the latents' shape ``(B, C, T, H, W)``.
+        fraction: the share of samples given their first frame.
+        gen: the random generator (draws ``B`` numbers).
+        patch: the transformer's ``patch_size`` ``(p_t, p_h, p_w)``.
+
+    Returns:
+        ``s (B, 1, T, 1, 1)`` the levels to noise with, ``timestep (B, T * tokens per frame)``
+        in the scheduler's units (Wan's per-token timesteps) and the loss weight ``(B, T)``.
+    """
+    b, _, t, h, w = shape
+    levels = sigma[:, None].repeat(1, t)
+    given = torch.rand(b, generator=gen) < fraction
+    levels[given, 0] = 0.0
+    weight = torch.ones(b, t)
+    weight[given, 0] = 0.0
+    tokens = (h // patch[1]) * (w // patch[2])
+    return levels[:, None, :, None, None], (levels * 1000).repeat_interleave(tokens, dim=1), weight
+
+
 def train_t2v(transformer, text_encoder, tokenizer, data: LatentSet, cfg: TrainConfig, *, device: torch.device,
               progress: bool = True, callback: Callable[[int, dict], None] | None = None,
               checkpoint: StageCheckpoint | None = None) -> Log:
@@ -564,6 +590,9 @@ def train_t2v(transformer, text_encoder, tokenizer, data: LatentSet, cfg: TrainC
     fg_w = d.foreground_weight
     if fg_w is not None and data.foreground is None:
         raise ValueError("foreground_weight needs the clips' foreground: encode_clips(..., foreground=True).")
+    if d.first_frame_context and d.frame_difference:
+        raise ValueError("dit.first_frame_context and dit.frame_difference cannot be combined: the frame-difference "
+                         "term would count the error on the given first frame. Set one of them to none.")
     images = LatentSet(data.latents[:, :, :1].contiguous(), data.captions,
                        None if data.foreground is None else data.foreground[:, :, :1].contiguous())
     sets = {"frames": _Batches(images, d.image_batch, _fork(cfg.seed, "t2v/order/frames")),
@@ -603,13 +632,16 @@ def train_t2v(transformer, text_encoder, tokenizer, data: LatentSet, cfg: TrainC
                 noise = torch.randn(x0.shape, generator=gen)
                 shift = d.shift if phase == "frames" or d.clip_shift is None else d.clip_shift
                 sigma = shifted_sigmas(torch.rand(x0.shape[0], generator=gen), shift)
-                s = sigma.view(-1, 1, 1, 1, 1)
+                s, timestep, weight = sigma.view(-1, 1, 1, 1, 1), sigma * 1000, None
+                if phase == "clips" and d.first_frame_context:
+                    s, timestep, weight = _first_frame_context(sigma, x0.shape, d.first_frame_context, gen,
+                                                               transformer.config.patch_size)
                 xt = ((1 - s) * x0 + s * noise).to(device)
                 text = proc.encode(tokenizer, text_encoder, prompts)
-                pred = transformer(xt, (sigma * 1000).to(device), text, return_dict=False)[0]
+                pred = transformer(xt, timestep.to(device), text, return_dict=False)[0]
                 positions = None if fg_w is None else (1.0 + (fg_w - 1.0) * fg.float()).to(device)
-                loss = flow_loss(pred, noise.to(device), x0.to(device), positions=positions,
-                                 frame_difference=d.frame_difference, sigmas=sigma)
+                loss = flow_loss(pred, noise.to(device), x0.to(device), None if weight is None else weight.to(device),
+                                 positions=positions, frame_difference=d.frame_difference, sigmas=sigma)
                 acc.append(_step(opt, loss, params, ema))
                 bar.update(1)
                 done = step + 1
