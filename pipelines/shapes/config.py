@@ -195,7 +195,10 @@ class DitTrain:
             the shape is in the later frames depends on the motion word alone, a first-order
             term of the loss where at one shared level it is a correlation between noisy
             frames. Experimental, off by default: 1500 clip steps at 0.5 did not make the
-            transformer read the motion word (the shapes README, "A clean first frame").
+            transformer read the motion word; with ``steer_start`` on a fresh first-frame
+            phase the word's teacher-forced use grew with the steps (41% more ``x0`` error
+            under the opposite word at 6000) while the samples' motion stayed at 25-33%
+            (the shapes README, "A clean first frame").
         text_len: text rows the embeddings are padded to (the pipeline's
             ``max_sequence_length``: training attends exactly as a plain ``pipe(prompt)``).
     """
