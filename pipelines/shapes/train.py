@@ -540,6 +540,13 @@ def _begin_steering(view, cfg: TrainConfig, ema: _Ema, *, fresh: bool) -> bool:
     return True
 
 
+def _token_timesteps(levels: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
+    """Wan's per-token timesteps ``(B, T * tokens_per_frame)`` in the scheduler's units
+    (level x 1000) from per-latent-frame levels ``(B, T)`` in [0, 1] (tokens frame-major,
+    as the transformer flattens its patches)."""
+    return (levels * 1000).repeat_interleave(tokens_per_frame, dim=1)
+
+
 def _first_frame_context(sigma: torch.Tensor, shape: torch.Size, fraction: float, gen: torch.Generator,
                          patch: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-frame levels for ``DitTrain.first_frame_context``: a ``fraction`` of the batch gets
@@ -563,7 +570,7 @@ def _first_frame_context(sigma: torch.Tensor, shape: torch.Size, fraction: float
     weight = torch.ones(b, t)
     weight[given, 0] = 0.0
     tokens = (h // patch[1]) * (w // patch[2])
-    return levels[:, None, :, None, None], (levels * 1000).repeat_interleave(tokens, dim=1), weight
+    return levels[:, None, :, None, None], _token_timesteps(levels, tokens), weight
 
 
 def train_t2v(transformer, text_encoder, tokenizer, data: LatentSet, cfg: TrainConfig, *, device: torch.device,
@@ -802,7 +809,7 @@ def train_causal(transformer, text_encoder, tokenizer, data: LatentSet, cfg: Tra
                 proc.mask = (blk[:, None, :] <= blk[:, :, None])[:, None].to(device)
                 s = sig_frames[:, None, :, None, None]
                 xt = ((1 - s) * x0 + s * noise).to(device)
-                t_tok = (sig_frames * 1000).repeat_interleave(tpf, dim=1).to(device)  # (B, F*T)
+                t_tok = _token_timesteps(sig_frames, tpf).to(device)  # (B, F*T)
                 with torch.no_grad():
                     text = text_proc.encode(tokenizer, text_encoder, prompts)
                 pred = transformer(xt, t_tok, text, return_dict=False)[0]
